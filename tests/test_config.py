@@ -1,0 +1,104 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from trainer.cli import app
+from trainer.config import ConfigError, load_config
+from trainer.models import check_model
+from tests.conftest import tiny_config
+
+runner = CliRunner()
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def error_of(path, sets=()):
+    with pytest.raises(ConfigError) as e:
+        load_config(path, sets, checks=[check_model])
+    return str(e.value)
+
+
+def test_valid_config_loads_and_reads_1e_minus_3_as_a_number(tmp_path, folder_data):
+    cfg = load_config(write(tmp_path, tiny_config(folder_data, stages="[{epochs: 1, lr: 1e-3}]")))
+    assert cfg.train.stages[0].lr == pytest.approx(1e-3)
+    assert isinstance(cfg.train.stages[0].lr, float)
+
+
+def test_unknown_key_names_file_line_key_and_hint(tmp_path, folder_data):
+    text = tiny_config(folder_data).replace("bs: 8", "bs: 8, valid_pc: 0.3").replace("layout: folder", "layout: csv")
+    p = write(tmp_path, text)
+    msg = error_of(p)
+    assert f"{p}:3: data.valid_pc: unknown key; did you mean 'valid_pct'?" in msg
+
+
+def test_nested_unknown_key_in_a_stage(tmp_path, folder_data):
+    p = write(tmp_path, tiny_config(folder_data, stages="\n    - {epochs: 1, shedule: sgdr}"))
+    assert f"{p}:7: train.stages.0.shedule: unknown key; did you mean 'schedule'?" in error_of(p)
+
+
+def test_wrong_type_and_out_of_range(tmp_path, folder_data):
+    p = write(tmp_path, tiny_config(folder_data, stages="\n    - {epochs: two, lr: -1}"))
+    msg = error_of(p)
+    assert "train.stages.0.epochs" in msg and "valid integer" in msg
+    assert "train.stages.0.lr: Input should be greater than 0" in msg
+
+
+def test_unknown_arch_hint(tmp_path, folder_data):
+    p = write(tmp_path, tiny_config(folder_data, arch="bnresnett"))
+    msg = error_of(p)
+    assert f"{p}:4: model.arch: unknown architecture 'bnresnett'; did you mean 'bnresnet'?" in msg
+
+
+def test_option_the_arch_does_not_take(tmp_path, folder_data):
+    p = write(tmp_path, tiny_config(folder_data).replace("arch: convnet2", "arch: convnet2, n_hidden: 5"))
+    assert "model.n_hidden: 'convnet2' does not take this option" in error_of(p)
+
+
+def test_missing_data_path(tmp_path):
+    p = write(tmp_path, tiny_config(tmp_path / "nope"))
+    assert "data.path:" in error_of(p) and "does not exist" in error_of(p)
+
+
+def test_empty_stage_list_and_bad_literal(tmp_path, folder_data):
+    p = write(tmp_path, tiny_config(folder_data, stages="[]"))
+    assert "train.stages: List should have at least 1 item" in error_of(p)
+    p = write(tmp_path, tiny_config(folder_data).replace("layout: folder", "layout: foldr"))
+    assert "did you mean 'folder'?" in error_of(p)
+
+
+def test_overrides_apply_and_errors_name_the_flag(tmp_path, folder_data):
+    p = write(tmp_path, tiny_config(folder_data))
+    cfg = load_config(p, ["data.bs=64", "train.stages.0.epochs=1", "train.stages.0.lr=[1e-3, 1e-2]"])
+    assert cfg.data.bs == 64 and cfg.train.stages[0].epochs == 1 and cfg.train.stages[0].lr == [1e-3, 1e-2]
+    msg = error_of(p, ["data.bss=3"])
+    assert "--set data.bss=3: data.bss: unknown key; did you mean 'bs'?" in msg
+    assert "no such list item" in error_of(p, ["train.stages.5.lr=1"])
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    assert "not valid YAML" in error_of(write(tmp_path, "a: [1, 2"))
+    assert "must be a mapping" in error_of(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_cli_check_prints_resolved_config_and_errors_exit_2(tmp_path, folder_data):
+    p = write(tmp_path, tiny_config(folder_data))
+    res = runner.invoke(app, ["check", str(p)])
+    assert res.exit_code == 0, res.output
+    assert "pct_start: 0.25" in res.output and "seed: 0" in res.output
+    bad = write(tmp_path, tiny_config(folder_data).replace("seed: 0", "sed: 0"), "bad.yaml")
+    res = runner.invoke(app, ["check", str(bad)])
+    assert res.exit_code == 2
+    assert "sed: unknown key; did you mean 'seed'?" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_schema_is_json():
+    res = runner.invoke(app, ["schema"])
+    assert res.exit_code == 0
+    schema = json.loads(res.output)
+    assert "train" in schema["properties"]

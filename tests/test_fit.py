@@ -1,0 +1,82 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from trainer import checkpoint
+from trainer.cli import app
+from trainer.rundir import read_table
+from tests.conftest import CLASSES, tiny_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, folder_data):
+    tmp = tmp_path_factory.mktemp("fit")
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(tiny_config(folder_data, stages="[{name: all, epochs: 3, lr: 2.0e-2}]"))
+    out = tmp / "run"
+    res = runner.invoke(app, ["fit", str(cfg), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_fit_writes_a_complete_run_directory(trained_run):
+    for name in ["config.yaml", "metrics.csv", "classes.json", "stats.json", "log.txt",
+                 "checkpoints/last.pt", "checkpoints/best.pt"]:
+        assert (trained_run / name).is_file(), name
+    rows = read_table(trained_run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert list(rows[0]) == ["stage", "epoch", "train_loss", "valid_loss", "accuracy", "lr", "seconds"]
+    assert float(rows[-1]["accuracy"]) > 0.6  # the shapes are easy
+    assert "seed: 0" in (trained_run / "config.yaml").read_text()
+
+
+def test_checkpoints_load_with_weights_only(trained_run):
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "stage", "epoch", "rng"} <= set(state)
+    best = checkpoint.load(trained_run / "checkpoints" / "best.pt")
+    assert math.isfinite(best["best_valid_loss"])
+
+
+def test_predict_writes_probabilities_per_class(trained_run, folder_data, tmp_path):
+    out = tmp_path / "pred.csv"
+    res = runner.invoke(app, ["predict", str(trained_run), "--data", str(folder_data / "test"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out)
+    assert list(df.columns) == ["id", "label", *CLASSES]
+    assert len(df) == 4
+    assert df[CLASSES].sum(axis=1).round(4).eq(1).all()
+    res = runner.invoke(app, ["predict", str(trained_run), "--data", str(folder_data / "test"),
+                              "--out", str(out), "--labels"])
+    assert list(pd.read_csv(out).columns) == ["id", "label"]
+
+
+def test_same_seed_same_metrics(tmp_path, folder_data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tiny_config(folder_data, stages="[{epochs: 1, lr: 1.0e-2}]"))
+    for name in ("a", "b"):
+        assert runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / name)]).exit_code == 0
+    a, b = (read_table(tmp_path / n / "metrics.csv") for n in ("a", "b"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_csv_layout_fit(tmp_path, csv_data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tiny_config(csv_data, layout="csv", data_extra=", suffix: .jpg, valid_pct: 0.3",
+                               stages="[{epochs: 1, lr: 1.0e-2}]"))
+    res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / "r"), "--smoke"])
+    assert res.exit_code == 0, res.output
+    assert "smoke run passed" in res.output
+
+
+def test_summary_table(tmp_path, folder_data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tiny_config(folder_data, arch="bnresnet"))
+    res = runner.invoke(app, ["summary", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "BnLayer" in res.output and "trainable" in res.output

@@ -1,0 +1,167 @@
+"""Callbacks: the schedule, the recorder, freezing, clipping, the non-finite guard, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from trainer import checkpoint
+from trainer.loop import Callback, CancelFit, Learner, SkipStep
+from trainer.models.layers import is_norm
+from trainer.optim import set_momentum
+from trainer.rundir import RunDir
+from trainer.schedule import Schedule
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN or infinite; the message says where."""
+
+
+class ScheduleLR(Callback):
+    """Sets every group's lr to its peak times the schedule's factor at this point of training."""
+
+    order = -10
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def before_batch(self, learn: Learner) -> None:
+        pos = learn.state.progress
+        factor = self.schedule.lr(pos)
+        for g in learn.opt.param_groups:
+            g["lr"] = g["peak_lr"] * factor
+        if self.schedule.mom is not None:
+            set_momentum(learn.opt, self.schedule.mom(pos))
+
+
+def current_lr(opt: torch.optim.Optimizer) -> float:
+    """The last layer group's lr: the one people quote (the head's)."""
+    return opt.param_groups[-1]["lr"]
+
+
+def current_mom(opt: torch.optim.Optimizer) -> float:
+    g = opt.param_groups[-1]
+    return g["betas"][0] if "betas" in g else g.get("momentum", 0.0)
+
+
+class Recorder(Callback):
+    """Per-step lr, momentum and loss; per-epoch rows of metrics.csv."""
+
+    order = 10
+
+    def __init__(self, run: RunDir | None, stage: str, epoch_offset: int = 0, step_offset: int = 0):
+        self.run, self.stage = run, stage
+        self.epoch_offset, self.step_offset = epoch_offset, step_offset
+        self.steps: list[dict] = []
+
+    def before_batch(self, learn: Learner) -> None:
+        self._lr, self._mom = current_lr(learn.opt), current_mom(learn.opt)
+
+    def after_batch(self, learn: Learner) -> None:
+        s = learn.state
+        self.steps.append({"stage": self.stage, "step": self.step_offset + s.step - 1,
+                           "lr": self._lr, "mom": self._mom, "loss": s.loss})
+
+    def after_epoch(self, learn: Learner) -> None:
+        s = learn.state
+        row = {"stage": self.stage, "epoch": self.epoch_offset + s.epoch + 1, "train_loss": s.train_loss,
+               **{k: v for k, v in s.valid.items()}, "lr": self._lr if hasattr(self, "_lr") else math.nan,
+               "seconds": round(time.perf_counter() - s.epoch_start, 2)}
+        learn.last_row = row
+        if self.run is not None:
+            self.run.add_metrics(row)
+
+
+class FreezeNorms(Callback):
+    """Keeps batch-norm layers of frozen groups (or all, with bn_freeze) in eval mode, so their
+    running statistics stay exactly as they were (train_bn: true lets them update)."""
+
+    order = -5
+
+    def __init__(self, frozen: list[torch.nn.Module], train_bn: bool = False, bn_freeze: bool = False,
+                 model: torch.nn.Module | None = None):
+        self.modules = []
+        if bn_freeze and model is not None:
+            self.modules = [m for m in model.modules() if is_norm(m)]
+        elif not train_bn:
+            self.modules = [m for g in frozen for m in g.modules() if is_norm(m)]
+
+    def before_epoch(self, learn: Learner) -> None:
+        for m in self.modules:
+            m.eval()
+
+
+class GradClip(Callback):
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def after_backward(self, learn: Learner) -> None:
+        params = [p for g in learn.opt.param_groups for p in g["params"]]
+        learn.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm).item()
+
+
+class NonFiniteGuard(Callback):
+    """Stops at a NaN/inf loss or gradient (naming the step, lr and last good loss), or skips it."""
+
+    order = 5
+
+    def __init__(self, mode: str = "stop"):
+        self.mode, self.last_finite = mode, math.nan
+
+    def _bad(self, learn: Learner, what: str) -> None:
+        s = learn.state
+        if self.mode == "skip":
+            raise SkipStep()
+        raise TrainingDiverged(f"{what} is not finite at epoch {s.epoch + 1}, batch {s.batch + 1} "
+                               f"(step {s.step}), lr {current_lr(learn.opt):.3g}; last finite loss "
+                               f"{self.last_finite:.4g}. Try a lower lr, train.clip, or train.on_nan: skip")
+
+    def after_loss(self, learn: Learner) -> None:
+        if not math.isfinite(learn.state.loss):
+            self._bad(learn, "the loss")
+
+    def after_backward(self, learn: Learner) -> None:
+        norms = [p.grad.detach().norm() for g in learn.opt.param_groups for p in g["params"] if p.grad is not None]
+        if norms and not torch.isfinite(torch.stack(norms).sum()):
+            if learn.scaler.is_enabled():
+                return  # fp16: the scaler skips this step and lowers its scale itself
+            self._bad(learn, "the gradient norm")
+        self.last_finite = learn.state.loss
+
+
+class Checkpointer(Callback):
+    """last.pt at every epoch end (and every N batches); best.pt only for a better, finite loss."""
+
+    order = 20
+
+    def __init__(self, run: RunDir, snapshot: Callable[[Learner, bool], dict], every: int | None = None,
+                 best_so_far: float = math.inf):
+        self.run, self.snapshot, self.every, self.best = run, snapshot, every, best_so_far
+
+    def after_batch(self, learn: Learner) -> None:
+        s = learn.state
+        if self.every and (s.batch + 1) % self.every == 0 and s.batch + 1 < s.n_batches:
+            checkpoint.save(self.snapshot(learn, False), self.run.checkpoints / "last.pt")
+
+    def after_epoch(self, learn: Learner) -> None:
+        state = self.snapshot(learn, True)
+        checkpoint.save(state, self.run.checkpoints / "last.pt")
+        loss = learn.state.valid.get("valid_loss", math.nan)
+        if math.isfinite(loss) and loss < self.best:
+            self.best = loss
+            state["best_valid_loss"] = loss
+            checkpoint.save(state, self.run.checkpoints / "best.pt")
+
+
+class StopAfter(Callback):
+    """Ends the fit after n batches (smoke runs and tests)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def after_batch(self, learn: Learner) -> None:
+        if learn.state.step >= self.n:
+            raise CancelFit()

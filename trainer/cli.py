@@ -1,0 +1,117 @@
+"""The command line: each command parses, calls one procedure, prints. No training code here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trainer.config import Config, ConfigError, dump_config, load_config
+from trainer.data.items import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train image classifiers and character-level language models from a YAML config.")
+console = Console()
+
+CONFIG = typer.Argument(..., help="YAML config file.")
+SETS = typer.Option(None, "--set", help="Override a key, e.g. --set data.bs=64 (repeatable).")
+
+
+def fail(message: str, code: int = 2):
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load(config: Path, sets: Optional[List[str]]) -> Config:
+    from trainer.models import check_model
+
+    try:
+        return load_config(config, sets or [], checks=[check_model])
+    except ConfigError as e:
+        fail(str(e))
+
+
+def guarded(fn):
+    """Known user errors become one clear line and exit code 2, never a traceback."""
+    from trainer.stages import StageError
+
+    try:
+        return fn()
+    except (DataError, StageError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    except RuntimeError as e:
+        fail(str(e), 1)
+
+
+@app.command()
+def fit(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
+        out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>/<time>)."),
+        smoke: bool = typer.Option(False, help="Every stage on a few batches: does the pipeline work?")):
+    """Train: run every stage of the config and write a run directory."""
+    from trainer import pipeline
+
+    cfg = load(config, sets)
+    result = guarded(lambda: pipeline.fit(cfg, out, smoke, console))
+    console.print(f"run directory: {result.run_dir}", highlight=False)
+    if smoke:
+        console.print("smoke run passed", highlight=False)
+
+
+@app.command()
+def check(config: Path = CONFIG, sets: Optional[List[str]] = SETS):
+    """Validate a config and print it resolved (every default filled in)."""
+    cfg = load(config, sets)
+    console.print(dump_config(cfg), end="", highlight=False, markup=False)
+
+
+@app.command()
+def schema():
+    """Print the config's JSON schema (for editor completion and validation)."""
+    print(json.dumps(Config.model_json_schema(), indent=1))
+
+
+@app.command()
+def summary(config: Path = CONFIG, sets: Optional[List[str]] = SETS):
+    """A per-layer table: layer, output shape, parameters, trainable (like learn.summary())."""
+    from trainer.summary import summarize
+
+    cfg = load(config, sets)
+    rows, total, trainable = guarded(lambda: summarize(cfg))
+    table = Table("layer", "output shape", "parameters", "trainable")
+    for r in rows:
+        table.add_row(r["layer"], str(r["shape"]), f"{r['params']:,}", str(r["trainable"]))
+    console.print(table)
+    console.print(f"total parameters: {total:,}  trainable: {trainable:,}", highlight=False)
+
+
+@app.command()
+def predict(run_dir: Path = typer.Argument(..., help="A run directory."),
+            data: Path = typer.Option(..., help="Folder of images (or one image)."),
+            out: Optional[Path] = typer.Option(None, help="CSV file (default RUN_DIR/predictions.csv)."),
+            labels: bool = typer.Option(False, "--labels", help="Only id and label(s), no probabilities."),
+            checkpoint: str = typer.Option("best", help="best or last.")):
+    """Predict a folder of images: id, predicted label, one probability column per class."""
+    from trainer.predict import load_run, predict_folder, predictions_table
+
+    def work():
+        run = load_run(run_dir, checkpoint)
+        files, probs = predict_folder(run, data)
+        return predictions_table(files, probs, run.classes, run.multi_label, labels_only=labels)
+
+    df = guarded(work)
+    target = out or run_dir / "predictions.csv"
+    df.to_csv(target, index=False)
+    console.print(f"wrote {len(df)} predictions to {target}", highlight=False)
+
+
+def main() -> None:
+    app(prog_name="trainer")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""YAML + --set overrides -> a validated Config, or one clear error per problem.
+
+Errors name the file, the line, the key path and a hint, because a config typo found after
+an hour of training is the most expensive typo there is.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from trainer.config.schema import Config
+from trainer.registry import did_you_mean
+
+
+class ConfigError(Exception):
+    """Raised with a ready-to-print message; the CLI exits 2 on it."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-3 as a float (YAML 1.1 wants a dot: 1.0e-3)."""
+
+
+_FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$""")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def parse_yaml(text: str, source: str = "<string>"):
+    """Returns (data, node) where node keeps line numbers for error messages."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if node is None:
+        return {}, None
+    data = _Loader(text).construct_document(node)
+    return data, node
+
+
+def _node_at(node, loc: Iterable) -> tuple[Any, bool]:
+    """Walks the YAML node tree along a pydantic loc; returns the deepest node found."""
+    exact = True
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            hit = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not hit:
+                if isinstance(part, str) and part in ("folder", "csv", "text"):
+                    continue  # pydantic inserts the union's tag into the loc
+                return node, False
+            key, value = hit[0]
+            node = value if not isinstance(part, str) or value is not None else key
+            if isinstance(value, yaml.ScalarNode):
+                node = key
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            exact = False
+            break
+    return node, exact
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drops pydantic's type tags from a loc: union members, 'list[...]', 'function-after'."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (
+        p in ("folder", "csv", "text", "LrSpread") or "[" in p
+        or p.startswith(("function-", "literal", "constrained-"))
+        or p in ("float", "int", "str", "bool", "tuple", "list", "dict"))))
+
+
+def _model_for(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the last key of loc (for 'did you mean')."""
+    from trainer.config import schema
+
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if model is Config and part == "data":
+            return None
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = {"train": schema.Train, "model": schema.ModelConfig, "transforms": schema.Transforms,
+                 "tta": schema.Tta, "stages": schema.Stage, "fine_tune": schema.FineTune}.get(part, ann)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _data_fields(layout: str | None) -> list[str]:
+    from trainer.config import schema
+
+    cls = {"folder": schema.FolderData, "csv": schema.CsvData, "text": schema.TextData}.get(layout or "")
+    return list(cls.model_fields) if cls else []
+
+
+def _hint(err: dict, loc: tuple, data: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        if loc[:1] == ("data",):
+            layout = data.get("data", {}).get("layout") if isinstance(data.get("data"), dict) else None
+            return did_you_mean(loc[-1], _data_fields(layout))
+        model = _model_for(loc)
+        return did_you_mean(loc[-1], model.model_fields) if model else ""
+    if err["type"] == "union_tag_invalid":
+        return did_you_mean(err["ctx"]["tag"], re.findall(r"'([^']+)'", err["ctx"]["expected_tags"]))
+    if err["type"] == "literal_error":
+        expected = re.findall(r"'([^']+)'", err.get("msg", ""))
+        return did_you_mean(err.get("input"), expected)
+    return ""
+
+
+def _message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "union_tag_invalid":
+        return f"unknown value '{err['ctx']['tag']}' (expected {err['ctx']['expected_tags']})"
+    if err["type"] == "missing":
+        return "required key is missing"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def format_errors(errors: list[dict], data: dict, node, source: str, origins: dict) -> str:
+    lines, seen = [], set()
+    for err in errors:
+        loc = _clean_loc(tuple(err["loc"]))
+        if err["type"] == "union_tag_invalid":
+            loc = loc + (err["ctx"]["discriminator"].strip("'"),)
+        if loc in seen:
+            continue  # a union reports once per member; its first complaint is the useful one
+        seen.add(loc)
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        where = source
+        origin = next((o for p, o in origins.items() if key == p or key.startswith(p + ".")), None)
+        if origin:
+            where = origin
+        elif node is not None:
+            found, _ = _node_at(node, loc)
+            where = f"{source}:{found.start_mark.line + 1}"
+        hint = _hint(err, loc, data)
+        lines.append(f"{where}: {key}: {_message(err)}" + (f"; {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+def apply_override(data: dict, assignment: str) -> str:
+    """Applies `a.b.0.c=value` in place (value parsed as YAML); returns the dotted key."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. --set data.bs=64")
+    key, raw = assignment.split("=", 1)
+    value, _ = parse_yaml(raw or "null", f"--set {assignment}")
+    parts = key.strip().split(".")
+    target: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(target, list):
+            if not part.isdigit() or int(part) >= len(target):
+                raise ConfigError(f"--set {assignment}: {'.'.join(parts[:i + 1])}: no such list item")
+            target = target[int(part)]
+        else:
+            target = target.setdefault(part, [] if nxt.isdigit() else {})
+    last = parts[-1]
+    if isinstance(target, list):
+        if not last.isdigit() or int(last) >= len(target):
+            raise ConfigError(f"--set {assignment}: {key}: no such list item")
+        target[int(last)] = value
+    elif isinstance(target, dict):
+        target[last] = value
+    else:
+        raise ConfigError(f"--set {assignment}: {'.'.join(parts[:-1])} is not a mapping")
+    return key.strip()
+
+
+Check = Callable[[Config], list[tuple[str, str]]]
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), text: str | None = None,
+                checks: Iterable[Check] = ()) -> Config:
+    """Reads, overrides and validates a config. `checks` add domain rules (e.g. the arch registry)
+    from layers below this one, returning (dotted key, message) pairs."""
+    source = str(path) if path is not None else "<string>"
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except (UnicodeDecodeError, IsADirectoryError) as e:
+            raise ConfigError(f"{source}: cannot read the config: {e}") from None
+    data, node = parse_yaml(text, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: the config must be a mapping of keys (name, data, model, train)")
+    data = copy.deepcopy(data)
+    origins = {}
+    for assignment in overrides:
+        origins[apply_override(data, assignment)] = f"--set {assignment}"
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e.errors(), data, node, source, origins)) from None
+    problems = [p for check in (_check_paths, *checks) for p in check(cfg)]
+    if problems:
+        errs = [{"loc": tuple(int(p) if p.isdigit() else p for p in key.split(".")), "type": kind,
+                 "msg": msg, "input": None} for key, msg, kind in _with_kind(problems)]
+        raise ConfigError(format_errors(errs, data, node, source, origins))
+    return cfg
+
+
+def _check_paths(cfg: Config) -> list[tuple[str, str]]:
+    if not Path(cfg.data.path).exists():
+        return [("data.path", f"'{cfg.data.path}' does not exist (prepare it with "
+                              "`python scripts/get_data.py`, or fix the path)")]
+    return []
+
+
+def _with_kind(problems):
+    for item in problems:
+        yield (item[0], item[1], "semantic") if len(item) == 2 else item
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (every default filled in), saved with each run."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

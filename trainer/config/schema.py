@@ -1,0 +1,189 @@
+"""The typed config: what a YAML file may say, with defaults and ranges.
+
+Every model forbids unknown keys so a typo fails before any work starts.
+Config files hold only what differs from these defaults (the nanoGPT habit).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PosFloat = Annotated[float, Field(gt=0)]
+PosInt = Annotated[int, Field(ge=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LrSpread(Strict):
+    """`{max: 1e-2, ratio: 3}` gives [max/9, max/3, max] over three layer groups."""
+
+    max: PosFloat
+    ratio: PosFloat = 3.0
+
+
+LrSpec = Union[PosFloat, list[PosFloat], LrSpread, Literal["auto"]]
+
+
+class FineTune(Strict):
+    """fastai's fine_tune: a frozen 1cycle, then unfrozen at [lr/100 .. lr]."""
+
+    freeze_epochs: PosInt = 1
+    ratio: PosFloat = 100.0
+
+
+class Stage(Strict):
+    name: str = "train"
+    epochs: PosInt | None = None
+    schedule: Literal["one_cycle", "sgdr", "constant", "warmup_cosine"] = "one_cycle"
+    lr: LrSpec = 3e-3
+    wd: Annotated[float, Field(ge=0)] | list[Annotated[float, Field(ge=0)]] | None = None
+    # 1cycle
+    pct_start: Annotated[float, Field(ge=0, le=1)] = 0.25
+    div: PosFloat = 25.0
+    div_final: PosFloat = 1e4
+    moms: tuple[float, float, float] = (0.95, 0.85, 0.95)
+    # SGDR: n_cycles of cycle_len epochs, each cycle_mult times longer than the last
+    n_cycles: PosInt | None = None
+    cycle_len: PosInt = 1
+    cycle_mult: PosInt = 1
+    save_cycles: bool = False
+    # warmup + cosine
+    warmup_pct: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # freezing; unset means "as the previous stage left it"
+    freeze: Literal["body", "none"] | None = None
+    freeze_to: Annotated[int, Field(ge=0)] | None = None
+    unfreeze: bool = False
+    train_bn: bool = False
+    bn_freeze: bool = False
+    # data per stage (progressive resizing, bigger batches later)
+    size: PosInt | None = None
+    bs: PosInt | None = None
+    precompute: bool = False
+    fine_tune: FineTune | None = None
+
+    @model_validator(mode="after")
+    def _epochs_or_cycles(self):
+        if self.schedule == "sgdr":
+            if self.n_cycles is None and self.epochs is None:
+                raise ValueError("an sgdr stage needs n_cycles (or epochs)")
+        elif self.epochs is None:
+            raise ValueError("a stage needs epochs")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        if self.schedule == "sgdr" and self.n_cycles is not None:
+            return sum(self.cycle_len * self.cycle_mult**k for k in range(self.n_cycles))
+        return int(self.epochs)
+
+
+class Train(Strict):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: PosFloat = 1e-5
+    wd: Annotated[float, Field(ge=0)] = 0.01
+    loss: Literal["auto", "cross_entropy", "bce"] = "auto"
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    clip: PosFloat | None = None
+    checkpoint_every: Literal["epoch"] | PosInt = "epoch"
+    on_nan: Literal["stop", "skip"] = "stop"
+    stages: Annotated[list[Stage], Field(min_length=1)]
+
+
+class Transforms(Strict):
+    preset: Literal["none", "side_on", "top_down", "pad_crop"] = "none"
+    max_zoom: Annotated[float, Field(ge=1)] = 1.0
+    max_rotate: Annotated[float, Field(ge=0, le=180)] = 10.0
+    max_lighting: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    p_flip: Annotated[float, Field(ge=0, le=1)] = 0.5
+    p_affine: Annotated[float, Field(ge=0, le=1)] = 0.75
+    p_lighting: Annotated[float, Field(ge=0, le=1)] = 0.75
+    pad: Annotated[int, Field(ge=0)] | None = None
+
+
+class Tta(Strict):
+    n: Annotated[int, Field(ge=0)] = 4
+    beta: Annotated[float, Field(ge=0, le=1)] = 0.25
+
+
+class ImageData(Strict):
+    path: str
+    bs: PosInt = 64
+    train: str = "train"
+    test: str | None = None
+    size: PosInt | None = None
+    channels: Literal[1, 3] = 3
+    stats: Literal["auto", "imagenet", "none"] | tuple[list[float], list[float]] | None = None
+    cache_size: PosInt | None = None
+    cache_dir: str | None = None
+    on_bad_image: Literal["error", "skip"] = "error"
+    valid_bs: PosInt | None = None
+
+
+class FolderData(ImageData):
+    layout: Literal["folder"]
+    valid: str = "valid"
+
+
+class CsvData(ImageData):
+    layout: Literal["csv"]
+    labels: str = "labels.csv"
+    suffix: str = ""
+    valid_pct: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    valid_ids: str | None = None
+    label_delim: str = " "
+
+
+class TextData(Strict):
+    layout: Literal["text"]
+    path: str
+    valid_path: str | None = None
+    valid_pct: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    bs: PosInt = 64
+    bptt: Annotated[int, Field(ge=5)] = 70
+
+
+DataConfig = Annotated[Union[FolderData, CsvData, TextData], Field(discriminator="layout")]
+
+
+class ModelConfig(Strict):
+    arch: str
+    layers: list[PosInt] | None = None
+    ps: Annotated[float, Field(ge=0, lt=1)] | None = None
+    pretrained: bool | str = False
+    n_fac: PosInt | None = None
+    n_hidden: PosInt | None = None
+    n_layers: PosInt | None = None
+    dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+
+    def arch_kwargs(self) -> dict:
+        """The options set for the architecture's factory (unset ones keep its defaults)."""
+        return {k: v for k, v in self.model_dump(exclude={"arch"}).items()
+                if v is not None and not (k == "pretrained" and v is False)}
+
+
+class Config(Strict):
+    name: str = "run"
+    seed: int | None = None
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    compile: bool = False
+    deterministic: bool = False
+    channels_last: bool = False
+    data: DataConfig
+    model: ModelConfig
+    train: Train
+    transforms: Transforms = Transforms()
+    tta: Tta = Tta()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v.startswith("."):
+            raise ValueError("name must be a plain word (it names the run folder)")
+        return v

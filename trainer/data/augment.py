@@ -1,0 +1,120 @@
+"""Augmentation on whole batches: one random affine matrix per image, one grid_sample per batch.
+
+Flips, the 8 dihedral symmetries, rotation, zoom and pad+crop are all affine maps, so a batch is
+augmented by composing matrices and sampling once (on the GPU when the batch is there), with no
+per-image Python. With align_corners=False, identity, flips and integer shifts sample exact pixel
+centres, so those views reproduce the input exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    flip: bool = False          # horizontal flips (side-on photos)
+    dihedral: bool = False      # all 8 flips/rotations by 90 degrees (top-down images)
+    max_rotate: float = 0.0     # degrees
+    max_zoom: float = 1.0
+    pad: int = 0                # pixels of reflection padding for random crops (CIFAR)
+    max_lighting: float = 0.0
+    p_flip: float = 0.5
+    p_affine: float = 0.75
+    p_lighting: float = 0.75
+
+    @property
+    def is_identity(self) -> bool:
+        return not (self.flip or self.dihedral or self.max_rotate or self.max_zoom > 1
+                    or self.pad or self.max_lighting)
+
+
+def preset(name: str, max_zoom: float = 1.0, max_rotate: float = 10.0, max_lighting: float = 0.2,
+           p_flip: float = 0.5, p_affine: float = 0.75, p_lighting: float = 0.75,
+           pad: int | None = None, size: int = 32) -> AugmentSpec:
+    common = dict(max_zoom=max_zoom, p_flip=p_flip, p_affine=p_affine, p_lighting=p_lighting)
+    if name == "side_on":
+        return AugmentSpec(flip=True, max_rotate=max_rotate, max_lighting=max_lighting, **common)
+    if name == "top_down":
+        return AugmentSpec(dihedral=True, max_rotate=max_rotate, max_lighting=max_lighting, **common)
+    if name == "pad_crop":
+        return AugmentSpec(flip=True, pad=pad if pad is not None else max(1, size // 8), **common)
+    return AugmentSpec(max_zoom=max_zoom, p_affine=p_affine)
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def _coin(n: int, p: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) < p
+
+
+def random_affine(spec: AugmentSpec, n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """(n, 2, 3) matrices mapping output to input coordinates in [-1, 1]."""
+    theta = torch.eye(3).repeat(n, 1, 1)
+    if spec.dihedral:
+        k = torch.randint(0, 8, (n,), generator=g)
+        angle = (k % 4).float() * (math.pi / 2)
+        rot = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], 1).view(n, 2, 2)
+        theta[:, :2, :2] = rot.round()
+        theta[k >= 4, :, 0] *= -1
+    if spec.flip:
+        theta[_coin(n, spec.p_flip, g), :, 0] *= -1
+    affine = _coin(n, spec.p_affine, g)
+    if spec.max_rotate:
+        a = _uniform(n, -spec.max_rotate, spec.max_rotate, g) * math.pi / 180 * affine
+        rot = torch.eye(3).repeat(n, 1, 1)
+        rot[:, 0, 0], rot[:, 0, 1], rot[:, 1, 0], rot[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+        theta = rot @ theta
+    if spec.max_zoom > 1:
+        zoom = torch.where(affine, _uniform(n, 1.0, spec.max_zoom, g), torch.ones(n))
+        room = 1 - 1 / zoom  # stay inside the image when zoomed in
+        shift = torch.stack([_uniform(n, -1, 1, g) * room, _uniform(n, -1, 1, g) * room], 1)
+        z = torch.eye(3).repeat(n, 1, 1)
+        z[:, 0, 0], z[:, 1, 1], z[:, :2, 2] = 1 / zoom, 1 / zoom, shift
+        theta = z @ theta
+    if spec.pad:
+        pix = torch.randint(-spec.pad, spec.pad + 1, (n, 2), generator=g).float()
+        t = torch.eye(3).repeat(n, 1, 1)
+        t[:, :2, 2] = pix * 2 / size
+        theta = t @ theta
+    return theta[:, :2, :]
+
+
+def lighting(x: torch.Tensor, spec: AugmentSpec, g: torch.Generator) -> torch.Tensor:
+    """Random brightness and contrast per image, on [0, 1] pixels."""
+    n = x.shape[0]
+    on = _coin(n, spec.p_lighting, g).float()
+    b = _uniform(n, -spec.max_lighting, spec.max_lighting, g) * on
+    c = 1 + _uniform(n, -spec.max_lighting, spec.max_lighting, g) * on
+    shape = (n,) + (1,) * (x.dim() - 1)
+    return ((x - 0.5) * c.view(shape).to(x) + 0.5 + b.view(shape).to(x)).clamp_(0, 1)
+
+
+def apply_affine(x: torch.Tensor, theta: torch.Tensor, out_size: int) -> torch.Tensor:
+    grid = F.affine_grid(theta.to(x), [x.shape[0], x.shape[1], out_size, out_size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def augment_batch(x: torch.Tensor, spec: AugmentSpec, out_size: int, g: torch.Generator) -> torch.Tensor:
+    """x: float pixels in [0, 1], (N, C, H, W). The generator makes the batch reproducible."""
+    if x.shape[-1] > 2 * out_size:
+        x = resize(x, out_size)  # antialias big reductions before sampling
+    if spec.is_identity:
+        return resize(x, out_size)
+    theta = random_affine(spec, x.shape[0], x.shape[-1], g)
+    x = apply_affine(x, theta, out_size)
+    if spec.max_lighting:
+        x = lighting(x, spec, g)
+    return x

@@ -1,0 +1,110 @@
+"""Decode every image once into one uint8 array (N, C, S, S), cached on disk.
+
+Decoding JPEGs one at a time in every epoch is what makes most training loops slow on a small
+machine (airbench's lesson): here each file is read once, resized once, and later epochs index
+a memory-mapped array. The cache is keyed by the files (path, size, mtime) and the target size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from trainer.data.items import DataError
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("TRAINER_CACHE") or Path.home() / ".cache" / "trainer"
+    return Path(root)
+
+
+def _to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Grayscale, palette, RGBA, CMYK and 16-bit images all become L or RGB (never an error)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent -> white, not black
+        img = Image.alpha_composite(canvas, img)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def _fit(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` and centre-crop to a square."""
+    if img.size == (size, size):
+        return img
+    return ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
+
+
+def read_image(path: Path, size: int | None, channels: int) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = _to_mode(ImageOps.exif_transpose(img) or img, channels)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {str(e)[:120]})") from None
+    if size is not None:
+        img = _fit(img, size)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def native_size(path: Path) -> int:
+    try:
+        with Image.open(path) as img:
+            return min(img.size)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+
+
+def _key(files: list[Path], size: int, channels: int) -> str:
+    h = hashlib.sha1(f"v1|{size}|{channels}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def decode_all(files: list[Path], size: int, channels: int, skip_bad: bool = False,
+               cache_dir: str | None = None, log=print) -> tuple[np.ndarray, list[int]]:
+    """Returns (array of the good images, indices of the bad ones); reads from the cache when it can."""
+    root = cache_root(cache_dir)
+    key = _key(files, size, channels)
+    arr_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
+    if arr_path.exists() and meta_path.exists():
+        bad = json.loads(meta_path.read_text())["bad"]
+        return np.load(arr_path, mmap_mode="r"), bad
+    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+    bad: list[int] = []
+
+    def work(i: int):
+        try:
+            out[i] = read_image(files[i], size, channels)
+        except DataError:
+            if not skip_bad:
+                raise
+            bad.append(i)
+
+    log(f"decoding {len(files)} images at {size}px (once; cached in {root})")
+    # PIL releases the GIL while decoding, so threads use every core without copying arrays.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(work, range(len(files))))
+    bad.sort()
+    if bad:
+        out = np.delete(out, bad, axis=0)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = arr_path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, out)
+    os.replace(tmp, arr_path)
+    meta_path.write_text(json.dumps({"bad": bad, "n": len(files), "size": size}))
+    return np.load(arr_path, mmap_mode="r"), bad

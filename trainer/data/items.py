@@ -1,0 +1,143 @@
+"""Dataset layouts -> lists of image files with labels (no pixels are read here).
+
+Folder per class (`train/<class>/*`, a validation folder, an optional unlabeled test folder) and
+a labels CSV (`id,label`, a seeded random validation split or a file of validation ids;
+space-separated tags make it multi-label).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class DataError(Exception):
+    """A problem with the user's data; the CLI prints it and exits 2."""
+
+
+@dataclass
+class ImageItems:
+    classes: list[str]
+    train_files: list[Path]
+    train_labels: list  # class index, or a list of indices when multi_label
+    valid_files: list[Path]
+    valid_labels: list
+    multi_label: bool = False
+    test_files: list[Path] = field(default_factory=list)
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _class_folders(root: Path, part: str) -> dict[str, list[Path]]:
+    folder = root / part
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found (expected {part}/<class>/<image files>)")
+    found = {d.name: image_files(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    if not found:
+        raise DataError(f"{folder}: no class folders inside (expected {part}/<class>/<image files>)")
+    return found
+
+
+def folder_items(root: Path, train: str = "train", valid: str = "valid", test: str | None = None) -> ImageItems:
+    root = Path(root)
+    train_sets = _class_folders(root, train)
+    empty = [c for c, files in train_sets.items() if not files]
+    if empty:
+        raise DataError(f"{root / train}: class folder(s) with no images: {', '.join(empty)}")
+    classes = sorted(train_sets)
+    valid_sets = _class_folders(root, valid)
+    unknown = sorted(set(valid_sets) - set(classes))
+    if unknown:
+        raise DataError(f"{root / valid}: class(es) not in {train}/: {', '.join(unknown)}")
+    items = ImageItems(classes, [], [], [], [])
+    for i, c in enumerate(classes):
+        items.train_files += train_sets[c]
+        items.train_labels += [i] * len(train_sets[c])
+        items.valid_files += valid_sets.get(c, [])
+        items.valid_labels += [i] * len(valid_sets.get(c, []))
+    if not items.valid_files:
+        raise DataError(f"{root / valid}: no validation images")
+    if test:
+        items.test_files = image_files(root / test)
+    return items
+
+
+def _safe_id(raw: str, csv_path: Path) -> str:
+    ident = str(raw).strip()
+    if not ident or ident.startswith(("/", "\\")) or ".." in Path(ident).parts or ":" in ident:
+        raise DataError(f"{csv_path}: refused id {ident!r}: ids must be plain names inside the image folder")
+    return ident
+
+
+def read_labels_csv(csv_path: Path, delim: str = " ") -> tuple[list[str], list[list[str]]]:
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataError(f"{csv_path}: labels file not found") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{csv_path}: cannot read the labels CSV: {str(e).splitlines()[0]}") from None
+    if df.shape[1] < 2 or len(df) == 0:
+        raise DataError(f"{csv_path}: expected a header `id,label` and at least one row")
+    ids = [_safe_id(v, csv_path) for v in df.iloc[:, 0]]
+    dup = pd.Series(ids)[pd.Series(ids).duplicated()].unique()
+    if len(dup):
+        raise DataError(f"{csv_path}: duplicate id(s): {', '.join(map(str, dup[:5]))}")
+    tags = [[t for t in str(v).split(delim) if t] for v in df.iloc[:, 1]]
+    missing = [ids[i] for i, t in enumerate(tags) if not t]
+    if missing:
+        raise DataError(f"{csv_path}: empty label for id(s): {', '.join(missing[:5])}")
+    return ids, tags
+
+
+def split_ids(n: int, valid_pct: float, seed: int) -> np.ndarray:
+    """A boolean mask of validation rows, the same for the same seed (fastai's random split)."""
+    rng = np.random.default_rng(seed)
+    n_valid = max(1, int(round(n * valid_pct)))
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.permutation(n)[:n_valid]] = True
+    return mask
+
+
+def csv_items(root: Path, labels: str = "labels.csv", folder: str = "train", suffix: str = "",
+              valid_pct: float = 0.2, valid_ids: str | None = None, seed: int = 0,
+              delim: str = " ", test: str | None = None) -> ImageItems:
+    root = Path(root)
+    csv_path = root / labels
+    ids, tags = read_labels_csv(csv_path, delim)
+    files = [root / folder / f"{i}{suffix}" for i in ids]
+    absent = [str(f) for f in files if not f.is_file()]
+    if absent:
+        raise DataError(f"{csv_path}: {len(absent)} listed file(s) not found, e.g. {absent[0]} "
+                        f"(check data.suffix, now {suffix!r}, and data.train, now {folder!r})")
+    if valid_ids:
+        wanted = set(Path(root / valid_ids).read_text().split())
+        mask = np.array([i in wanted for i in ids])
+    else:
+        mask = split_ids(len(ids), valid_pct, seed)
+    multi = any(len(t) > 1 for t in tags)
+    train_classes = sorted({t for k, ts in enumerate(tags) if not mask[k] for t in ts})
+    only_valid = sorted({t for k, ts in enumerate(tags) if mask[k] for t in ts} - set(train_classes))
+    if only_valid:
+        raise DataError(f"{csv_path}: class(es) only in the validation split: {', '.join(only_valid[:5])} "
+                        "(add training examples, or change data.valid_pct / the seed)")
+    index = {c: i for i, c in enumerate(train_classes)}
+    labels_idx = [[index[t] for t in ts] if multi else index[ts[0]] for ts in tags]
+    items = ImageItems(train_classes, [], [], [], [], multi_label=multi)
+    for k, (f, y) in enumerate(zip(files, labels_idx)):
+        (items.valid_files if mask[k] else items.train_files).append(f)
+        (items.valid_labels if mask[k] else items.train_labels).append(y)
+    if test:
+        items.test_files = image_files(root / test)
+    return items
+
+
+def save_classes(items: ImageItems, path: Path) -> None:
+    path.write_text(json.dumps({"classes": items.classes, "multi_label": items.multi_label}, indent=1))

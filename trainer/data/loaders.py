@@ -1,0 +1,91 @@
+"""Batches from an in-memory uint8 image tensor: index, convert, augment, normalise.
+
+Order and augmentation are functions of (seed, epoch, batch index) alone, so a resumed run sees
+exactly the batches the interrupted one would have, with no loader state to save.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from trainer.data.augment import AugmentSpec, augment_batch, resize
+
+
+def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + salt) % 2**63)
+
+
+@dataclass
+class ImageBatches:
+    images: torch.Tensor            # (N, C, S, S) uint8, on the CPU or already on the device
+    labels: torch.Tensor            # (N,) int64, or (N, n_classes) float for multi-label
+    bs: int
+    size: int
+    mean: torch.Tensor              # (C,) in [0, 1] units
+    std: torch.Tensor
+    shuffle: bool = False
+    augment: AugmentSpec | None = None
+    seed: int = 0
+    drop_last: bool = False
+    device: torch.device = torch.device("cpu")
+    channels_last: bool = False
+    epoch: int = 0
+    limit: int | None = None        # at most this many batches (smoke runs)
+    indices: torch.Tensor | None = None  # a subset (a rank's shard, a slice of validation)
+
+    def __post_init__(self):
+        self._mean = self.mean.view(1, -1, 1, 1).to(self.device)
+        self._std = self.std.view(1, -1, 1, 1).to(self.device)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.labels)
+
+    def __len__(self) -> int:
+        n = self.n_items // self.bs if self.drop_last else math.ceil(self.n_items / self.bs)
+        return min(n, self.limit) if self.limit is not None else n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def with_(self, **changes) -> "ImageBatches":
+        return replace(self, **changes)
+
+    def order(self) -> torch.Tensor:
+        idx = self.indices if self.indices is not None else torch.arange(len(self.labels))
+        if self.shuffle:
+            idx = idx[torch.randperm(len(idx), generator=epoch_generator(self.seed, self.epoch))]
+        return idx
+
+    def batch(self, rows: torch.Tensor, g: torch.Generator | None = None, spec: AugmentSpec | None = None):
+        """Turns rows of the uint8 tensor into a normalised float batch on the device."""
+        if self.images.device.type == "cpu":
+            rows, _ = rows.sort()  # sequential reads are kinder to a memory-mapped cache
+        x = self.images[rows.to(self.images.device)]
+        y = self.labels[rows.to(self.labels.device)]
+        non_blocking = self.device.type == "cuda"
+        x = x.to(self.device, non_blocking=non_blocking).float().div_(255)
+        spec = spec if spec is not None else self.augment
+        if spec is not None and g is not None:
+            x = augment_batch(x, spec, self.size, g)
+        else:
+            x = resize(x, self.size)
+        x = (x - self._mean) / self._std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=non_blocking)
+
+    def iterate(self, start: int = 0):
+        """Yields (batch index, x, y) from batch `start` on (resume skips what was done)."""
+        order = self.order()
+        for i in range(start, len(self)):
+            rows = order[i * self.bs:(i + 1) * self.bs]
+            g = epoch_generator(self.seed, self.epoch, salt=i + 1) if self.augment else None
+            yield (i, *self.batch(rows, g))
+
+    def __iter__(self):
+        for _, x, y in self.iterate():
+            yield x, y

@@ -1,0 +1,157 @@
+"""One plain training loop with a handful of events; every feature is a callback.
+
+Events, in order: before_fit, before_epoch, before_batch, after_loss, after_backward,
+after_batch, before_validate, after_epoch, after_fit. A callback may raise CancelFit to stop
+cleanly (lr_find, a signal, a NaN guard). The loop never sees YAML, paths or the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from trainer.metrics import Task
+from trainer.runtime import Precision
+
+
+class CancelFit(Exception):
+    """Stop training after the current step; after_fit still runs."""
+
+
+class SkipStep(Exception):
+    """Skip the optimizer step of this batch (a callback decided the gradient is bad)."""
+
+
+class Callback:
+    order = 0
+
+    def __call__(self, event: str, learner: "Learner") -> None:
+        fn = getattr(self, event, None)
+        if fn is not None:
+            fn(learner)
+
+
+@dataclass
+class FitState:
+    epoch: int = 0
+    n_epochs: int = 0
+    batch: int = 0              # index within the epoch
+    n_batches: int = 0
+    step: int = 0               # optimizer steps in this fit
+    total_steps: int = 0
+    loss: float = math.nan
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    skipped_steps: int = 0
+    epoch_start: float = 0.0
+    valid: dict = field(default_factory=dict)
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+    @property
+    def train_loss(self) -> float:
+        return self.epoch_loss_sum / max(1, self.epoch_loss_count)
+
+
+class Learner:
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, task: Task, train_dl, valid_dl,
+                 callbacks: Iterable[Callback] = (), precision: Precision | None = None,
+                 device: torch.device = torch.device("cpu")):
+        self.model, self.opt, self.task = model, opt, task
+        self.train_dl, self.valid_dl = train_dl, valid_dl
+        self.callbacks = sorted(callbacks, key=lambda c: c.order)
+        self.precision = precision or Precision(device.type, None)
+        self.scaler = self.precision.scaler()
+        self.device = device
+        self.state = FitState()
+        self.xb = self.yb = self.out = self.loss_t = None
+
+    def event(self, name: str) -> None:
+        for cb in self.callbacks:
+            cb(name, self)
+
+    def add(self, cb: Callback) -> None:
+        self.callbacks = sorted([*self.callbacks, cb], key=lambda c: c.order)
+
+    def fit(self, n_epochs: int, start_epoch: int = 0, start_batch: int = 0) -> FitState:
+        s = self.state
+        s.n_epochs, s.n_batches = n_epochs, len(self.train_dl)
+        s.total_steps = n_epochs * s.n_batches
+        s.step = start_epoch * s.n_batches + start_batch
+        try:
+            self.event("before_fit")
+            for epoch in range(start_epoch, n_epochs):
+                self._one_epoch(epoch, start_batch if epoch == start_epoch else 0)
+        except CancelFit:
+            pass
+        finally:
+            self.event("after_fit")
+        return s
+
+    def _one_epoch(self, epoch: int, start_batch: int) -> None:
+        s = self.state
+        s.epoch, s.epoch_start = epoch, time.perf_counter()
+        if start_batch == 0:
+            s.epoch_loss_sum, s.epoch_loss_count = 0.0, 0
+        self.train_dl.set_epoch(epoch)
+        self.model.train()
+        self.event("before_epoch")
+        for i, xb, yb in self.train_dl.iterate(start_batch):
+            s.batch = i
+            self._one_batch(xb, yb)
+        self.event("before_validate")
+        s.valid = self.validate() if self.valid_dl is not None else {}
+        self.event("after_epoch")
+
+    def _one_batch(self, xb, yb) -> None:
+        s = self.state
+        self.xb, self.yb = xb, yb
+        self.event("before_batch")
+        with self.precision.autocast():
+            self.out = self.model(self.xb)
+            self.loss_t = self.task.loss_fn(self.out, self.yb)
+        s.loss = self.loss_t.item()
+        try:
+            self.event("after_loss")
+            self.scaler.scale(self.loss_t).backward()
+            self.scaler.unscale_(self.opt)
+            self.event("after_backward")
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            s.epoch_loss_sum += s.loss
+            s.epoch_loss_count += 1
+        except SkipStep:
+            s.skipped_steps += 1
+            self.scaler.update()
+        finally:
+            self.opt.zero_grad(set_to_none=True)
+        s.step += 1
+        self.event("after_batch")
+
+    @torch.no_grad()
+    def outputs(self, dl) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw model outputs and targets over a loader, in its order (on the CPU)."""
+        was = self.model.training
+        self.model.eval()
+        self.event("before_outputs")
+        outs, ys = [], []
+        try:
+            for xb, yb in dl:
+                with self.precision.autocast():
+                    outs.append(self.model(xb).float().cpu())
+                ys.append(yb.cpu())
+        finally:
+            self.model.train(was)
+        return torch.cat(outs), torch.cat(ys)
+
+    def validate(self, dl=None) -> dict:
+        out, y = self.outputs(dl if dl is not None else self.valid_dl)
+        loss = self.task.loss_fn(out, y).item()
+        return {"valid_loss": loss, **self.task.metrics(out, y)}

@@ -1,0 +1,46 @@
+"""Models: one registry for the course archs, char RNNs and torchvision backbones (create_model)."""
+
+from __future__ import annotations
+
+import inspect
+
+from trainer.config.schema import Config, ModelConfig
+from trainer.models import backbones, course  # noqa: F401  (registers the course archs)
+from trainer.models.registry import MODELS, Built
+from trainer.registry import did_you_mean
+
+
+def arch_names() -> list[str]:
+    return MODELS.names() + backbones.torchvision_names()
+
+
+def _factory(arch: str):
+    if arch in MODELS:
+        return MODELS.get(arch)
+    if arch in backbones.torchvision_names():
+        return lambda **kw: backbones.torchvision_model(arch, **kw)
+    MODELS.get(arch)  # raises with a hint
+
+
+def create_model(cfg: ModelConfig, n_out: int, in_channels: int = 3, size: int = 32) -> Built:
+    return _factory(cfg.arch)(n_out=n_out, in_channels=in_channels, size=size, **cfg.arch_kwargs())
+
+
+def check_model(cfg: Config) -> list[tuple[str, str]]:
+    """Config check: the arch exists and takes the options the config sets (used before any work)."""
+    arch = cfg.model.arch
+    if arch not in MODELS and arch not in backbones.torchvision_names():
+        hint = did_you_mean(arch, arch_names())
+        return [("model.arch", f"unknown architecture '{arch}'" + (f"; {hint}" if hint else "")
+                 + f" (registry: {', '.join(MODELS.names())}, or any torchvision model name)")]
+    if arch in MODELS:
+        params = inspect.signature(MODELS.get(arch)).parameters
+        bad = [k for k in cfg.model.arch_kwargs() if k not in params]
+        if bad:
+            return [(f"model.{k}", f"'{arch}' does not take this option (it takes: "
+                     f"{', '.join(p for p in params if p not in ('n_out', 'in_channels', 'size', '_'))})")
+                    for k in bad]
+    return []
+
+
+__all__ = ["MODELS", "Built", "arch_names", "check_model", "create_model"]

@@ -1,0 +1,62 @@
+"""Building blocks from the course: BnLayer (hand-written batch norm), concat pooling, the head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BnLayer(nn.Module):
+    """Conv -> ReLU -> the course's hand-written batch norm: learned per-channel add `a` and
+    multiply `m`. Unlike the course version it keeps running statistics and uses them in eval
+    mode, so predictions do not depend on what else is in the batch."""
+
+    def __init__(self, ni: int, nf: int, stride: int = 2, kernel_size: int = 3, momentum: float = 0.1):
+        super().__init__()
+        self.conv = nn.Conv2d(ni, nf, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+        self.a = nn.Parameter(torch.zeros(nf, 1, 1))
+        self.m = nn.Parameter(torch.ones(nf, 1, 1))
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(nf, 1, 1))
+        self.register_buffer("running_var", torch.ones(nf, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        if self.training:
+            mean = x.mean(dim=(0, 2, 3), keepdim=True)[0]
+            var = x.var(dim=(0, 2, 3), keepdim=True, unbiased=False)[0]
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().float(), self.momentum)
+                self.running_var.lerp_(var.detach().float(), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) / (var + 1e-5).sqrt() * self.m + self.a
+
+
+class ResnetLayer(BnLayer):
+    """A BnLayer with an identity shortcut (stride 1, same width)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+class AdaptiveConcatPool2d(nn.Module):
+    """Average and max pooling side by side: the head sees both summaries (fastai's default)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.adaptive_max_pool2d(x, 1), F.adaptive_avg_pool2d(x, 1)], 1)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Batch-norm-like layers: anything that keeps running statistics."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or isinstance(module, BnLayer)
+
+
+def head(n_features: int, n_out: int, ps: float = 0.5, hidden: int = 512) -> nn.Sequential:
+    """fastai's head for a pretrained body: concat pool, BN, dropout, linear, ReLU, BN, dropout, linear."""
+    return nn.Sequential(
+        AdaptiveConcatPool2d(), nn.Flatten(),
+        nn.BatchNorm1d(2 * n_features), nn.Dropout(ps / 2), nn.Linear(2 * n_features, hidden), nn.ReLU(inplace=True),
+        nn.BatchNorm1d(hidden), nn.Dropout(ps), nn.Linear(hidden, n_out),
+    )

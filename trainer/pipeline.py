@@ -1,0 +1,134 @@
+"""The spine: config -> data -> model -> stages -> run directory. Read it top to bottom."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer import callbacks as cbs
+from trainer.config import Config, dump_config
+from trainer.data.bundle import build_bundle
+from trainer.loop import Learner
+from trainer.metrics import make_task
+from trainer.models import Built, create_model
+from trainer.optim import create_optimizer, param_groups
+from trainer.progress import ProgressReport
+from trainer.rundir import RunDir, new_run_dir
+from trainer.runtime import pick_device, pick_precision, random_seed, rng_state, seed_everything, set_deterministic
+from trainer.stages import apply_freeze, expand_stages, freeze_points, per_group, stage_schedule
+
+SMOKE_BATCHES = 2
+
+
+@dataclass
+class Session:
+    """Everything a stage needs, built once per run."""
+
+    cfg: Config
+    run: RunDir
+    bundle: object
+    built: Built
+    device: torch.device
+    precision: object
+    task: object
+    smoke: bool = False
+    log: object = print
+    console: object = None
+    extra_callbacks: list = field(default_factory=list)
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    metrics: list[dict]
+    final: dict
+
+
+def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, console=None) -> Session:
+    seed = cfg.seed if cfg.seed is not None else random_seed()
+    cfg = cfg.model_copy(update={"seed": seed})  # a random seed is still recorded
+    seed_everything(seed)
+    set_deterministic(cfg.deterministic)
+    device = pick_device(cfg.device)
+    if smoke and out is None:
+        out = tempfile.mkdtemp(prefix=f"trainer-smoke-{cfg.name}-")
+    run = RunDir(new_run_dir(cfg.name, out))
+    run.write_text("config.yaml", dump_config(cfg))
+
+    def log(line: str) -> None:
+        run.log(line)
+
+    bundle = build_bundle(cfg, seed, device, smoke, log=lambda m: (log(m), print(m, flush=True)),
+                          pretrained=bool(cfg.model.pretrained))
+    for name, data in bundle.files_to_save().items():
+        run.write_json(name, data)
+    sizes = [s.size for s in cfg.train.stages if s.size]
+    built = create_model(cfg.model, bundle.n_out, bundle.in_channels, sizes[0] if sizes else bundle_size(bundle))
+    built.model.to(device)
+    if cfg.channels_last:
+        built.model.to(memory_format=torch.channels_last)
+    task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
+    task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
+                     cfg.train.label_smoothing)
+    log(f"run {run.path}: seed {seed}, device {device}, {sum(p.numel() for p in built.model.parameters()):,} parameters")
+    return Session(cfg, run, bundle, built, device, pick_precision(cfg.amp, device), task, smoke, log, console)
+
+
+def bundle_size(bundle) -> int:
+    images = getattr(bundle, "images", None)
+    return images.size if images is not None else 0
+
+
+def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_offset: int = 0) -> Learner:
+    cfg, groups = sess.cfg, sess.built.groups
+    n = len(groups)
+    frozen = apply_freeze(groups, freeze_to)
+    lrs = per_group(stage.lr, n, "lr", stage.name)
+    wds = per_group(stage.wd if stage.wd is not None else cfg.train.wd, n, "wd", stage.name)
+    opt = create_optimizer(cfg.train.optimizer, param_groups(groups, lrs, wds), cfg.train.momentum,
+                           cfg.train.betas, cfg.train.eps)
+    train_dl, valid_dl = sess.bundle.loaders(stage.bs or cfg.data.bs, stage.size)
+    if sess.smoke:
+        train_dl.limit = valid_dl.limit = SMOKE_BATCHES
+    callbacks = [cbs.ScheduleLR(stage_schedule(stage)), cbs.Recorder(sess.run, stage.name, epoch_offset),
+                 cbs.FreezeNorms(frozen, stage.train_bn, stage.bn_freeze, sess.built.model),
+                 cbs.NonFiniteGuard(cfg.train.on_nan),
+                 ProgressReport(sess.console, log=sess.log)]
+    if cfg.train.clip:
+        callbacks.append(cbs.GradClip(cfg.train.clip))
+    learner = Learner(sess.built.model, opt, sess.task, train_dl, valid_dl, callbacks + sess.extra_callbacks,
+                      sess.precision, sess.device)
+    every = cfg.train.checkpoint_every if isinstance(cfg.train.checkpoint_every, int) else None
+    learner.add(cbs.Checkpointer(sess.run, lambda lr_, end: snapshot(lr_, stage_index, end), every,
+                                 best_so_far=sess.__dict__.get("best", math.inf)))
+    return learner
+
+
+def snapshot(learn: Learner, stage_index: int, epoch_end: bool) -> dict:
+    """A checkpoint: tensors and plain data only, so weights_only loading can read it."""
+    s = learn.state
+    return {"model": learn.model.state_dict(), "optimizer": learn.opt.state_dict(),
+            "scaler": learn.scaler.state_dict(), "stage": stage_index,
+            "epoch": s.epoch + 1 if epoch_end else s.epoch, "batch": 0 if epoch_end else s.batch + 1,
+            "rng": rng_state(), "train_loss_sum": s.epoch_loss_sum, "train_loss_count": s.epoch_loss_count}
+
+
+def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console=None) -> FitResult:
+    sess = prepare(cfg, out, smoke, console)
+    stages = expand_stages(sess.cfg.train.stages)
+    points = freeze_points(stages, len(sess.built.groups))
+    epoch_offset = 0
+    for k, (stage, freeze_to) in enumerate(zip(stages, points)):
+        sess.log(f"stage {k + 1}/{len(stages)} '{stage.name}': {stage.total_epochs} epoch(s), "
+                 f"{stage.schedule}, first trainable group {freeze_to}")
+        learner = make_learner(sess, stage, k, freeze_to, epoch_offset)
+        learner.fit(stage.total_epochs)
+        sess.best = next(c.best for c in learner.callbacks if isinstance(c, cbs.Checkpointer))
+        epoch_offset += stage.total_epochs
+    final = sess.run.metrics[-1] if sess.run.metrics else {}
+    sess.log(f"done: {final}")
+    return FitResult(sess.run.path, sess.run.metrics, final)

@@ -1,0 +1,98 @@
+"""Loading a finished run and predicting on new images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from trainer import checkpoint
+from trainer.config import Config
+from trainer.data.decode import read_image
+from trainer.data.items import DataError, image_files
+from trainer.data.loaders import ImageBatches
+from trainer.metrics import make_task
+from trainer.models import Built, create_model
+from trainer.runtime import pick_device
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    cfg: Config
+    built: Built
+    classes: list[str]
+    multi_label: bool
+    stats: dict
+    device: torch.device
+
+    @property
+    def size(self) -> int:
+        sizes = [s.size for s in self.cfg.train.stages if s.size]
+        return sizes[-1] if sizes else self.stats["size"]
+
+    def task(self):
+        return make_task("multi_label" if self.multi_label else "single_label")
+
+
+def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> LoadedRun:
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path}: not a run directory (no config.yaml)")
+    cfg = Config.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
+    meta = json.loads((path / "classes.json").read_text())
+    stats = json.loads((path / "stats.json").read_text())
+    ckpt = path / "checkpoints" / f"{which}.pt"
+    if not ckpt.is_file():
+        ckpt = path / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint in checkpoints/ (did the run finish an epoch?)")
+    model_cfg = cfg.model.model_copy(update={"pretrained": False})  # weights come from the checkpoint
+    built = create_model(model_cfg, len(meta["classes"]), stats["channels"], stats["size"])
+    built.model.load_state_dict(checkpoint.load(ckpt)["model"])
+    dev = pick_device(device)
+    built.model.to(dev).eval()
+    return LoadedRun(path, cfg, built, meta["classes"], meta["multi_label"], stats, dev)
+
+
+def load_folder(files: list[Path], size: int, channels: int) -> torch.Tensor:
+    if not files:
+        raise DataError("no image files found to predict on")
+    return torch.from_numpy(np.stack([read_image(f, size, channels) for f in files]))
+
+
+def batches_for(run: LoadedRun, images: torch.Tensor, bs: int = 128) -> ImageBatches:
+    return ImageBatches(images, torch.zeros(len(images), dtype=torch.long), bs, run.size,
+                        torch.tensor(run.stats["mean"]), torch.tensor(run.stats["std"]), device=run.device)
+
+
+@torch.no_grad()
+def predict_probs(run: LoadedRun, dl: ImageBatches) -> torch.Tensor:
+    task = run.task()
+    outs = [task.activation(run.built.model(x)).cpu() for x, _ in dl]
+    return torch.cat(outs)
+
+
+def predict_folder(run: LoadedRun, folder: str | Path, bs: int = 128) -> tuple[list[Path], torch.Tensor]:
+    folder = Path(folder)
+    files = image_files(folder) if folder.is_dir() else [folder]
+    images = load_folder(files, run.stats["size"], run.stats["channels"])
+    return files, predict_probs(run, batches_for(run, images, bs))
+
+
+def predictions_table(files: list[Path], probs: torch.Tensor, classes: list[str], multi_label: bool,
+                      threshold: float = 0.5, labels_only: bool = False) -> pd.DataFrame:
+    df = pd.DataFrame({"id": [f.stem for f in files]})
+    if multi_label:
+        df["tags"] = [" ".join(c for c, p in zip(classes, row) if p > threshold) for row in probs.tolist()]
+    else:
+        df["label"] = [classes[i] for i in probs.argmax(1).tolist()]
+    if not labels_only:
+        for j, c in enumerate(classes):
+            df[c] = probs[:, j].numpy()
+    return df

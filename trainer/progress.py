@@ -1,0 +1,74 @@
+"""Progress: a rich bar per epoch and an epoch table on a terminal; plain lines otherwise,
+so CI logs stay readable."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from trainer.loop import Callback, Learner
+
+SHOWN = ["stage", "epoch", "train_loss", "valid_loss", "accuracy", "fbeta", "bpc", "lr", "seconds"]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}" if abs(v) < 1e-2 else f"{v:.4f}"
+    return str(v)
+
+
+class ProgressReport(Callback):
+    order = 30
+
+    def __init__(self, console: Console | None = None, log=None, interactive: bool | None = None):
+        self.console = console or Console(stderr=False)
+        self.interactive = self.console.is_terminal if interactive is None else interactive
+        self.log = log
+        self.bar: Progress | None = None
+        self.table: Table | None = None
+
+    def before_epoch(self, learn: Learner) -> None:
+        if not self.interactive:
+            return
+        s = learn.state
+        self.bar = Progress(TextColumn(f"epoch {s.epoch + 1}/{s.n_epochs}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
+                            console=self.console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=s.n_batches, completed=s.batch, loss="-")
+
+    def after_batch(self, learn: Learner) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, loss=f"{learn.state.loss:.4f}")
+
+    def before_validate(self, learn: Learner) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def after_epoch(self, learn: Learner) -> None:
+        row = getattr(learn, "last_row", None) or {}
+        cols = [c for c in SHOWN if c in row]
+        line = "  ".join(f"{c} {_fmt(row[c])}" for c in cols)
+        if self.log:
+            self.log(line)
+        if not self.interactive:
+            print(line, flush=True)
+            return
+        table = Table(*cols, box=None, show_header=self.table is None)
+        table.add_row(*(_fmt(row[c]) for c in cols))
+        self.table = table
+        self.console.print(table)
+
+    def after_fit(self, learn: Learner) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def is_terminal() -> bool:
+    return sys.stdout.isatty()
