@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-os.environ.setdefault("TRAINER_CACHE", str(Path(__file__).parent / ".cache-never-used"))
+# Decoded-image caches go to a fresh temporary folder, never the user's ~/.cache.
+os.environ["TRAINER_CACHE"] = tempfile.mkdtemp(prefix="trainer-test-cache-")
 
 CLASSES = ["circle", "square", "stripe"]
 
@@ -59,11 +61,6 @@ def make_csv_dataset(root: Path, n: int = 30, size: int = 16, seed: int = 0, mul
         rows.append(f"img{i},{label}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture(scope="session")

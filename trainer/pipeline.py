@@ -12,6 +12,7 @@ import torch
 from trainer import callbacks as cbs
 from trainer.config import Config, dump_config
 from trainer.data.bundle import build_bundle
+from trainer.data.images import resolve_stats
 from trainer.loop import Learner
 from trainer.metrics import make_task
 from trainer.models import Built, create_model
@@ -62,12 +63,13 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     def log(line: str) -> None:
         run.log(line)
 
-    bundle = build_bundle(cfg, seed, device, smoke, log=lambda m: (log(m), print(m, flush=True)),
-                          pretrained=bool(cfg.model.pretrained))
-    for name, data in bundle.files_to_save().items():
-        run.write_json(name, data)
+    bundle = build_bundle(cfg, seed, device, smoke, log=lambda m: (log(m), print(m, flush=True)))
     sizes = [s.size for s in cfg.train.stages if s.size]
     built = create_model(cfg.model, bundle.n_out, bundle.in_channels, sizes[0] if sizes else bundle_size(bundle))
+    if getattr(bundle, "mean", None) is not None and cfg.data.stats is None and built.pretrained and built.stats:
+        bundle.mean, bundle.std = resolve_stats(built.stats, bundle.images.train_x, True)
+    for name, data in bundle.files_to_save().items():
+        run.write_json(name, data)
     built.model.to(device)
     if cfg.channels_last:
         built.model.to(memory_format=torch.channels_last)

