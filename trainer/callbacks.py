@@ -94,6 +94,21 @@ class FreezeNorms(Callback):
             m.eval()
 
 
+class ResetState(Callback):
+    """Stateful models (the char RNNs) start every epoch, validation and prediction from a zero
+    hidden state; models without `reset()` are left alone."""
+
+    order = -20
+
+    def _reset(self, learn: Learner) -> None:
+        model = getattr(learn.model, "module", learn.model)  # DDP wraps the model
+        reset = getattr(model, "reset", None)
+        if callable(reset):
+            reset()
+
+    before_epoch = before_outputs = _reset
+
+
 class GradClip(Callback):
     def __init__(self, max_norm: float):
         self.max_norm = max_norm

@@ -109,6 +109,23 @@ def predict(run_dir: Path = typer.Argument(..., help="A run directory."),
     console.print(f"wrote {len(df)} predictions to {target}", highlight=False)
 
 
+@app.command()
+def generate(run_dir: Path = typer.Argument(..., help="A language-model run directory."),
+             prime: str = typer.Option(..., help="Text to start from, e.g. \"for thos\"."),
+             chars: int = typer.Option(400, min=0, help="How many characters to generate."),
+             temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature; 0 is greedy."),
+             seed: Optional[int] = typer.Option(None, help="Seed for the sampling (default: random)."),
+             checkpoint: str = typer.Option("best", help="best or last.")):
+    """Generate text from a character-level language model: the prime, then --chars more."""
+    from trainer.generate import generate as sample, load_text_run
+
+    def work():
+        run = load_text_run(run_dir, checkpoint)
+        return sample(run.model, run.vocab, prime, chars, temperature, seed, run.device)
+
+    typer.echo(guarded(work))
+
+
 def main() -> None:
     app(prog_name="trainer")
 

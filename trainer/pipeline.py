@@ -98,7 +98,7 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
         train_dl.limit = valid_dl.limit = SMOKE_BATCHES
     callbacks = [cbs.ScheduleLR(stage_schedule(stage)), cbs.Recorder(sess.run, stage.name, epoch_offset),
                  cbs.FreezeNorms(frozen, stage.train_bn, stage.bn_freeze, sess.built.model),
-                 cbs.NonFiniteGuard(cfg.train.on_nan),
+                 cbs.NonFiniteGuard(cfg.train.on_nan), cbs.ResetState(),
                  ProgressReport(sess.console, log=sess.log)]
     if cfg.train.clip:
         callbacks.append(cbs.GradClip(cfg.train.clip))
@@ -119,8 +119,10 @@ def snapshot(learn: Learner, stage_index: int, epoch_end: bool) -> dict:
             "rng": rng_state(), "train_loss_sum": s.epoch_loss_sum, "train_loss_count": s.epoch_loss_count}
 
 
-def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console=None) -> FitResult:
+def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console=None,
+        callbacks=()) -> FitResult:
     sess = prepare(cfg, out, smoke, console)
+    sess.extra_callbacks.extend(callbacks)  # scripts add their own (time budgets, timers)
     stages = expand_stages(sess.cfg.train.stages)
     points = freeze_points(stages, len(sess.built.groups))
     epoch_offset = 0

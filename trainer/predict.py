@@ -40,18 +40,28 @@ class LoadedRun:
         return make_task("multi_label" if self.multi_label else "single_label")
 
 
-def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> LoadedRun:
-    path = Path(run_dir)
+def read_run_config(path: Path) -> Config:
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path}: not a run directory (no config.yaml)")
-    cfg = Config.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
+    return Config.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
+
+
+def find_checkpoint(path: Path, which: str = "best") -> Path:
+    """checkpoints/<which>.pt, else last.pt."""
+    for ckpt in (path / "checkpoints" / f"{which}.pt", path / "checkpoints" / "last.pt"):
+        if ckpt.is_file():
+            return ckpt
+    raise FileNotFoundError(f"{path}: no checkpoint in checkpoints/ (did the run finish an epoch?)")
+
+
+def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> LoadedRun:
+    path = Path(run_dir)
+    cfg = read_run_config(path)
+    if cfg.data.layout == "text":
+        raise ValueError(f"{path}: a language-model run; use `trainer generate {path} --prime ...`")
     meta = json.loads((path / "classes.json").read_text())
     stats = json.loads((path / "stats.json").read_text())
-    ckpt = path / "checkpoints" / f"{which}.pt"
-    if not ckpt.is_file():
-        ckpt = path / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint in checkpoints/ (did the run finish an epoch?)")
+    ckpt = find_checkpoint(path, which)
     model_cfg = cfg.model.model_copy(update={"pretrained": False})  # weights come from the checkpoint
     built = create_model(model_cfg, len(meta["classes"]), stats["channels"], stats["size"])
     built.model.load_state_dict(checkpoint.load(ckpt)["model"])

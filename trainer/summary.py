@@ -15,7 +15,10 @@ def summarize(cfg: Config, n_out: int | None = None, size: int | None = None) ->
     from trainer.data.decode import native_size
 
     if cfg.data.layout == "text":
-        raise ValueError("summary: language models are summarised after training (trainer fit)")
+        from trainer.data.text import vocab_size
+
+        built = create_model(cfg.model, n_out or vocab_size(cfg), 0, 0)
+        return layer_rows(built.model, torch.zeros(cfg.data.bptt, 2, dtype=torch.long))  # (seq, bs)
     items = list_items(cfg.data, cfg.seed or 0)
     n_out = n_out or len(items.classes)
     sizes = [s.size for s in cfg.train.stages if s.size]
@@ -32,9 +35,12 @@ def layer_rows(model: nn.Module, x: torch.Tensor) -> tuple[list[dict], int, int]
             continue  # containers add nothing; a layer with its own weights (BnLayer) is shown
 
         def hook(mod, inp, out, name=name):
+            if any(r["name"] == name for r in rows):
+                return  # a cell unrolled over a sequence runs once per step; show it once
             params = sum(p.numel() for p in mod.parameters(recurse=False))
             trainable = any(p.requires_grad for p in mod.parameters(recurse=False))
-            rows.append({"layer": f"{name} ({type(mod).__name__})", "shape": list(out.shape[1:]),
+            out = out[0] if isinstance(out, tuple) else out  # recurrent layers return (output, state)
+            rows.append({"name": name, "layer": f"{name} ({type(mod).__name__})", "shape": list(out.shape[1:]),
                          "params": params, "trainable": trainable if params else "-"})
 
         hooks.append(m.register_forward_hook(hook))

@@ -213,6 +213,9 @@ def _check_paths(cfg: Config) -> list[tuple[str, str]]:
     if not Path(cfg.data.path).exists():
         return [("data.path", f"'{cfg.data.path}' does not exist (prepare it with "
                               "`python scripts/get_data.py`, or fix the path)")]
+    valid_path = getattr(cfg.data, "valid_path", None)
+    if valid_path and not Path(valid_path).is_file():
+        return [("data.valid_path", f"'{valid_path}' is not a file")]
     return []
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 
 from trainer.config.schema import Config, ModelConfig
-from trainer.models import backbones, course, efficientnet_lite  # noqa: F401  (registers the course archs)
+from trainer.models import backbones, course, efficientnet_lite, rnn  # noqa: F401  (registers the archs)
 from trainer.models.registry import MODELS, Built
 from trainer.registry import did_you_mean
 
