@@ -80,3 +80,22 @@ def test_summary_table(tmp_path, folder_data):
     res = runner.invoke(app, ["summary", str(cfg)])
     assert res.exit_code == 0, res.output
     assert "BnLayer" in res.output and "trainable" in res.output
+
+
+def test_progress_is_a_table_on_a_terminal_and_plain_lines_otherwise(tmp_path, folder_data, capsys):
+    import io
+
+    from rich.console import Console
+
+    from trainer import pipeline
+    from trainer.config import load_config
+
+    cfg = load_config(text=tiny_config(folder_data, stages="[{epochs: 2, lr: 1.0e-2}]"))
+    buf = io.StringIO()
+    pipeline.fit(cfg, tmp_path / "tty", console=Console(file=buf, force_terminal=True, width=120))
+    lines = [ln for ln in buf.getvalue().splitlines() if "0." in ln]
+    assert len(lines) == 2 and "epoch" in buf.getvalue() and "valid_loss" in buf.getvalue()
+    capsys.readouterr()
+    pipeline.fit(cfg, tmp_path / "plain", console=Console(file=io.StringIO(), force_terminal=False))
+    out = capsys.readouterr().out
+    assert out.count("train_loss") == 2 and "\x1b[" not in out
