@@ -32,12 +32,14 @@ def random_seed() -> int:
 
 
 def set_deterministic(on: bool) -> None:
+    """deterministic: true picks deterministic kernels (cuDNN, cuBLAS, scatter/index ops), warning
+    where an op has none; false (the default) lets cuDNN benchmark for speed. Always set both
+    ways, so one run in a process cannot leave its setting to the next."""
     if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on and torch.cuda.is_available()
 
 
 def rng_state() -> dict:

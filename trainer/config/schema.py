@@ -15,7 +15,8 @@ PosInt = Annotated[int, Field(ge=1)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a sensible setting (an infinite lr passes `gt=0`)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LrSpread(Strict):
@@ -123,6 +124,13 @@ class ImageData(Strict):
     cache_dir: str | None = None
     on_bad_image: Literal["error", "skip"] = "error"
     valid_bs: PosInt | None = None
+
+    @field_validator("stats")
+    @classmethod
+    def _positive_std(cls, v):
+        if isinstance(v, tuple) and (len(v[0]) != len(v[1]) or not v[0] or any(s <= 0 for s in v[1])):
+            raise ValueError("stats: give [mean per channel] and [std per channel], same lengths, every std > 0")
+        return v
 
 
 class FolderData(ImageData):
