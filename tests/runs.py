@@ -69,3 +69,21 @@ def assert_same_run(reference: Path, run: Path) -> None:
     for name in ("last.pt", "best.pt"):
         assert_same_state(checkpoint.load(reference / "checkpoints" / name),
                           checkpoint.load(run / "checkpoints" / name), name)
+
+
+class SendSignal(Callback):
+    """Sends a signal to this process at the n-th occurrence of an event, as a user or a job
+    scheduler would; order 0 runs before the Checkpointer and SaveOnSignal see the step."""
+
+    order = 0
+
+    def __init__(self, signum: int, n: int, event: str = "after_batch"):
+        self.signum, self.n, self.event, self.count = signum, n, event, 0
+
+    def __call__(self, event: str, learner) -> None:
+        if event == self.event:
+            self.count += 1
+            if self.count == self.n:
+                import os
+
+                os.kill(os.getpid(), self.signum)

@@ -1,7 +1,10 @@
 """Exact resume, in-process: a crash at many moments, then --resume, gives the uninterrupted run."""
 
+import functools
 import json
 import os
+import shlex
+import signal
 
 import pytest
 import torch
@@ -11,7 +14,9 @@ from trainer import checkpoint, pipeline
 from trainer.cli import app
 from trainer.config import load_config
 from trainer.resume import read_status
-from tests.runs import Crash, CrashAt, assert_same_run, metrics_without_seconds, resumable_config
+from trainer.signals import Interrupted
+from tests.runs import (Crash, CrashAt, SendSignal, assert_same_run, metrics_without_seconds,
+                        resumable_config)
 
 runner = CliRunner()
 
@@ -147,3 +152,33 @@ def test_resume_refusals(cfg_path, tmp_path):
 
 def test_status_file_tracks_the_run(reference):
     assert json.loads((reference / "status.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("signum, code, at", [(signal.SIGINT, 130, 6), (signal.SIGTERM, 143, 3)])
+def test_a_signal_saves_at_the_step_boundary_and_prints_the_resume_command(
+        cfg_path, reference, tmp_path, monkeypatch, signum, code, at):
+    out = tmp_path / "run"
+    monkeypatch.setattr(pipeline, "fit", functools.partial(pipeline.fit, callbacks=[SendSignal(signum, at)]))
+    res = runner.invoke(app, ["fit", str(cfg_path), "--set", "train.checkpoint_every=epoch", "--out", str(out)])
+    assert res.exit_code == code, res.output
+    assert f"interrupted by {signal.Signals(signum).name}: saved checkpoints/last.pt at stage" in res.output
+    command = f"trainer fit {cfg_path} --set train.checkpoint_every=epoch --resume {out}"
+    assert f"resume with: {command}" in res.output
+    assert read_status(out) == "interrupted"
+    state = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert state["epoch"] * 4 + state["batch"] + 4 * state["stage"] == at  # exactly after step `at`
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    res = runner.invoke(app, shlex.split(command)[1:])
+    assert res.exit_code == 0, res.output
+    assert_same_run(reference, out)
+
+
+def test_a_signal_during_validation_stops_after_the_epoch_checkpoint(cfg_path, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as e:
+        pipeline.fit(load_config(cfg_path), out, callbacks=[SendSignal(signal.SIGINT, 2, "before_validate")])
+    assert "(end of the epoch)" in str(e.value) and e.value.exit_code == 130
+    state = checkpoint.load(out / "checkpoints" / "last.pt")
+    assert (state["stage"], state["epoch"], state["batch"]) == (1, 1, 0)
+    assert len(metrics_without_seconds(out)) == 2

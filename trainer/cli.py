@@ -45,7 +45,7 @@ def guarded(fn):
         return fn()
     except (DataError, StageError, FileNotFoundError, ValueError) as e:
         fail(str(e))
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # a diverged run, a full disk: the run failed, say why
         fail(str(e), 1)
 
 
