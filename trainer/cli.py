@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trainer.config import Config, ConfigError, dump_config, load_config
@@ -24,7 +25,8 @@ SETS = typer.Option(None, "--set", help="Override a key, e.g. --set data.bs=64 (
 
 
 def fail(message: str, code: int = 2):
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message quoting the user's input ("[1, 2]", a path) is text, not rich markup
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -231,6 +231,8 @@ def _check_paths(cfg: Config) -> list[tuple[str, str]]:
     if not Path(cfg.data.path).exists():
         return [("data.path", f"'{cfg.data.path}' does not exist (prepare it with "
                               "`python scripts/get_data.py`, or fix the path)")]
+    if cfg.data.layout != "text" and not Path(cfg.data.path).is_dir():
+        return [("data.path", f"'{cfg.data.path}' is a file; the {cfg.data.layout} layout needs the dataset's folder")]
     return []
 
 

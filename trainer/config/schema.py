@@ -129,7 +129,7 @@ class ImageData(Strict):
     @classmethod
     def _positive_std(cls, v):
         if isinstance(v, tuple) and (len(v[0]) != len(v[1]) or not v[0] or any(s <= 0 for s in v[1])):
-            raise ValueError("stats: give [mean per channel] and [std per channel], same lengths, every std > 0")
+            raise ValueError("give [mean per channel] and [std per channel] of the same length, every std > 0")
         return v
 
 
