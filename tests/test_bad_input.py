@@ -439,6 +439,34 @@ def config_stage_that_does_not_fit_the_model(tmp):
     return fit(tmp, folder(tmp), stages="[{epochs: 1, lr: 1.0e-2, freeze_to: 7}]")
 
 
+@case(2, "model 'convnet' cannot take 3x8x8 inputs", "change the stage's size")
+def config_image_too_small_for_the_model(tmp):
+    return fit(tmp, folder(tmp), arch="convnet", stages="[{epochs: 1, lr: 1.0e-2, size: 8}]")
+
+
+@case(2, "model 'simplenet' cannot take 3x16x16 inputs")
+def config_simplenet_with_two_sizes(tmp):
+    return fit(tmp, folder(tmp), arch="simplenet",
+               stages="[{epochs: 1, lr: 1.0e-2, size: 8}, {epochs: 1, lr: 1.0e-3, size: 16}]")
+
+
+@case(2, "train.loss: bce needs multi-label data")
+def config_loss_that_does_not_fit_the_labels(tmp):
+    return fit(tmp, folder(tmp), stages="[{epochs: 1, lr: 1.0e-2}]\n  loss: bce")
+
+
+@case(2, "seed: Input should be less than 9223372036854775808")
+def config_seed_out_of_range(tmp):
+    return cfg_case(tmp, lambda t: t.replace("seed: 0", "seed: 99999999999999999999"))
+
+
+@case(2, "device: cuda was asked for, but no CUDA GPU is available")
+def config_cuda_on_a_machine_without_one(tmp):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    return fit(tmp, folder(tmp), "--set", "device=cuda")
+
+
 @case(2, "could not determine a constructor for the tag", "python/object/apply:os.system")
 def config_python_tag(tmp):
     marker = tmp / "pwned"

@@ -15,8 +15,8 @@ from trainer.config import Config, dump_config
 from trainer.data.bundle import build_bundle
 from trainer.data.images import resolve_stats
 from trainer.loop import Learner
-from trainer.metrics import make_task
-from trainer.models import Built, create_model
+from trainer.metrics import check_loss, make_task
+from trainer.models import Built, check_input, create_model
 from trainer.optim import create_optimizer, param_groups
 from trainer.progress import ProgressReport
 from trainer.rundir import RunDir, new_run_dir
@@ -75,6 +75,7 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     built.model.to(device)
     if cfg.channels_last:
         built.model.to(memory_format=torch.channels_last)
+    check_loss(cfg.train.loss, bundle.task_kind)
     task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
     task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
                      cfg.train.label_smoothing)
@@ -96,6 +97,8 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
     opt = create_optimizer(cfg.train.optimizer, param_groups(groups, lrs, wds), cfg.train.momentum,
                            cfg.train.betas, cfg.train.eps)
     train_dl, valid_dl = sess.bundle.loaders(stage.bs or cfg.data.bs, stage.size)
+    if getattr(sess.bundle, "images", None) is not None:
+        check_input(sess.built.model, cfg.model.arch, sess.bundle.in_channels, train_dl.size, sess.device)
     if sess.smoke:
         train_dl.limit = valid_dl.limit = SMOKE_BATCHES
     callbacks = [cbs.ScheduleLR(stage_schedule(stage)), cbs.Recorder(sess.run, stage.name, epoch_offset),

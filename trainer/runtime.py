@@ -17,7 +17,9 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but no CUDA GPU is available")
+        raise ValueError("device: cuda was asked for, but no CUDA GPU is available")  # the CLI exits 2
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device: mps was asked for, but this machine has no Apple GPU")
     return torch.device(name)
 
 
@@ -103,5 +105,5 @@ def pick_precision(amp: str, device: torch.device) -> Precision:
     if amp == "auto":
         return Precision(kind, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     if amp == "fp16" and kind == "cpu":
-        raise RuntimeError("amp: fp16 needs a CUDA GPU; use bf16 or off on the CPU")
+        raise ValueError("amp: fp16 needs a CUDA GPU; use bf16 or off on the CPU")
     return Precision(kind, torch.bfloat16 if amp == "bf16" else torch.float16)

@@ -41,8 +41,9 @@ def parse_yaml(text: str, source: str = "<string>"):
         data = _Loader(text).construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        line = mark.line + 1 if mark else text[:getattr(e, "position", 0)].count("\n") + 1
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]  # a ReaderError has no problem
+        raise ConfigError(f"{source}:{line}: not valid YAML: {problem}") from None
     return data, node
 
 

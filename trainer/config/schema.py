@@ -177,7 +177,7 @@ class ModelConfig(Strict):
 
 class Config(Strict):
     name: str = "run"
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None  # unset: a random seed, recorded in the run
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     compile: bool = False
