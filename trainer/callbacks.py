@@ -70,9 +70,18 @@ class Recorder(Callback):
         row = {"stage": self.stage, "epoch": self.epoch_offset + s.epoch + 1, "train_loss": s.train_loss,
                **{k: v for k, v in s.valid.items()}, "lr": self._lr if hasattr(self, "_lr") else math.nan,
                "seconds": round(time.perf_counter() - s.epoch_start, 2)}
+        if s.skipped_steps:
+            row["skipped_steps"] = s.skipped_steps  # train.on_nan: skip (steps skipped in this stage)
         learn.last_row = row
         if self.run is not None:
             self.run.add_metrics(row)
+
+    # A resumed run continues the per-step record where the checkpoint left it.
+    def state_dict(self) -> dict:
+        return {"steps": checkpoint.pack_rows(self.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = checkpoint.unpack_rows(state["steps"])
 
 
 class FreezeNorms(Callback):
@@ -131,7 +140,7 @@ class NonFiniteGuard(Callback):
         if self.mode == "skip":
             raise SkipStep()
         raise TrainingDiverged(f"{what} is not finite at epoch {s.epoch + 1}, batch {s.batch + 1} "
-                               f"(step {s.step}), lr {current_lr(learn.opt):.3g}; last finite loss "
+                               f"(step {s.step + 1} of {s.total_steps}), lr {current_lr(learn.opt):.3g}; last finite loss "
                                f"{self.last_finite:.4g}. Try a lower lr, train.clip, or train.on_nan: skip")
 
     def after_loss(self, learn: Learner) -> None:
@@ -146,9 +155,17 @@ class NonFiniteGuard(Callback):
             self._bad(learn, "the gradient norm")
         self.last_finite = learn.state.loss
 
+    def state_dict(self) -> dict:
+        return {"last_finite": self.last_finite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_finite = state["last_finite"]
+
 
 class Checkpointer(Callback):
-    """last.pt at every epoch end (and every N batches); best.pt only for a better, finite loss."""
+    """last.pt at every epoch end (and every N batches); best.pt only for a better, finite loss.
+    Weights holding a NaN or an infinity are never written: the run stops instead, and the last
+    good last.pt and best.pt stay as they were."""
 
     order = 20
 
@@ -159,16 +176,40 @@ class Checkpointer(Callback):
     def after_batch(self, learn: Learner) -> None:
         s = learn.state
         if self.every and (s.batch + 1) % self.every == 0 and s.batch + 1 < s.n_batches:
-            checkpoint.save(self.snapshot(learn, False), self.run.checkpoints / "last.pt")
+            self.save_last(learn)
 
     def after_epoch(self, learn: Learner) -> None:
-        state = self.snapshot(learn, True)
-        checkpoint.save(state, self.run.checkpoints / "last.pt")
         loss = learn.state.valid.get("valid_loss", math.nan)
-        if math.isfinite(loss) and loss < self.best:
-            self.best = loss
-            state["best_valid_loss"] = loss
-            checkpoint.save(state, self.run.checkpoints / "best.pt")
+        better = math.isfinite(loss) and loss < self.best
+        if better:
+            self.best = loss  # first, so that last.pt records the best loss it has seen
+        state = self._checked(learn, True)
+        if better:
+            # best.pt before last.pt: a crash between them redoes this epoch and rewrites the same best
+            checkpoint.save({**state, "best_valid_loss": loss}, self.run.checkpoints / "best.pt")
+        checkpoint.save(state, self.run.checkpoints / "last.pt")
+
+    def save_last(self, learn: Learner, epoch_end: bool = False) -> dict:
+        """last.pt now (a signal asks for it at a step boundary)."""
+        state = self._checked(learn, epoch_end)
+        checkpoint.save(state, self.run.checkpoints / "last.pt")
+        return state
+
+    def _checked(self, learn: Learner, epoch_end: bool) -> dict:
+        state = self.snapshot(learn, epoch_end)
+        bad = checkpoint.non_finite(state["model"])
+        if bad:
+            s = learn.state
+            raise TrainingDiverged(f"the weights are not finite ({', '.join(bad[:3])}) after epoch {s.epoch + 1}, "
+                                   f"batch {s.batch + 1} (step {s.step} of {s.total_steps}), lr {current_lr(learn.opt):.3g}; "
+                                   "not saved: checkpoints/ keep the last good state. Try a lower lr or train.clip")
+        return state
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = min(self.best, state["best"])
 
 
 class StopAfter(Callback):

@@ -26,6 +26,26 @@ def atomic_write_bytes(path: Path, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes the rename itself durable (a power cut after it cannot bring the old file back)."""
+    with contextlib.suppress(OSError):  # some filesystems and Windows cannot open a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Temporary files a killed process left behind (a kill -9 skips the cleanup above)."""
+    stale = sorted(Path(folder).glob(".*.tmp"))
+    for f in stale:
+        with contextlib.suppress(OSError):
+            f.unlink()
+    return stale
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -46,3 +66,29 @@ def load(path: Path, map_location="cpu") -> dict:
         raise ValueError(f"{path}: refused to load the checkpoint (not plain tensors and data, "
                          f"or corrupt): {str(e).splitlines()[0]}") from None
 
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """Names of floating-point tensors holding a NaN or an infinity."""
+    return [k for k, t in tensors.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def pack_rows(rows: list[dict]) -> dict:
+    """Rows of numbers as columns of float64/int64 tensors (compact, exact, weights_only-safe);
+    columns that are not all numbers stay lists."""
+    cols: dict = {}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        values = [r.get(key) for r in rows]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            cols[key] = torch.tensor(values, dtype=torch.int64)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            cols[key] = torch.tensor(values, dtype=torch.float64)
+        else:
+            cols[key] = values
+    return {"n": len(rows), "columns": cols}
+
+
+def unpack_rows(packed: dict) -> list[dict]:
+    cols = {k: v.tolist() if torch.is_tensor(v) else list(v) for k, v in packed["columns"].items()}
+    return [{k: cols[k][i] for k in cols} for i in range(packed["n"])]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from trainer.config import Config, ConfigError, dump_config, load_config
@@ -23,7 +25,8 @@ SETS = typer.Option(None, "--set", help="Override a key, e.g. --set data.bs=64 (
 
 
 def fail(message: str, code: int = 2):
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message quoting the user's input ("[1, 2]", a path) is text, not rich markup
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -44,19 +47,33 @@ def guarded(fn):
         return fn()
     except (DataError, StageError, FileNotFoundError, ValueError) as e:
         fail(str(e))
-    except RuntimeError as e:
+    except (RuntimeError, OSError) as e:  # a diverged run, a full disk: the run failed, say why
         fail(str(e), 1)
 
 
 @app.command()
 def fit(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
         out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>/<time>)."),
-        smoke: bool = typer.Option(False, help="Every stage on a few batches: does the pipeline work?")):
+        smoke: bool = typer.Option(False, help="Every stage on a few batches: does the pipeline work?"),
+        resume: Optional[str] = typer.Option(None, help="RUN_DIR, or auto (the newest unfinished run of this "
+                                             "config): continue exactly from its last checkpoint.")):
     """Train: run every stage of the config and write a run directory."""
     from trainer import pipeline
+    from trainer.signals import Interrupted
 
     cfg = load(config, sets)
-    result = guarded(lambda: pipeline.fit(cfg, out, smoke, console))
+    if resume is not None and out is not None:
+        fail("--resume continues in the run's own directory; leave out --out")
+    try:
+        result = guarded(lambda: pipeline.fit(cfg, out, smoke, console, resume=resume))
+    except Interrupted as e:
+        command = shlex.join(["trainer", "fit", str(config), *[a for s in sets or [] for a in ("--set", s)],
+                              "--resume", str(e.run_dir)])
+        console.print(f"{e}\nresume with: {command}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted before training started: nothing to save", highlight=False)
+        raise typer.Exit(130)
     console.print(f"run directory: {result.run_dir}", highlight=False)
     if smoke:
         console.print("smoke run passed", highlight=False)
@@ -124,6 +141,23 @@ def generate(run_dir: Path = typer.Argument(..., help="A language-model run dire
         return sample(run.model, run.vocab, prime, chars, temperature, seed, run.device)
 
     typer.echo(guarded(work))
+
+
+@app.command("export")
+def export_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
+               format: str = typer.Option("safetensors", "--format", help="safetensors, onnx or torchscript."),
+               out: Optional[Path] = typer.Option(None, help="Output file (default RUN_DIR/export/model.<ext>)."),
+               checkpoint: str = typer.Option("best", help="best or last."),
+               verify: bool = typer.Option(True, help="Reload the export and compare its outputs.")):
+    """Export the trained model for deployment, with its classes and input statistics inside."""
+    from trainer.export import FORMATS, export_run
+
+    if format not in FORMATS:
+        fail(f"--format {format}: expected one of {', '.join(FORMATS)}")
+    result = guarded(lambda: export_run(run_dir, format, out, checkpoint, verify))
+    console.print(f"wrote {result.path} ({result.format}, {result.size_bytes / 1e6:.2f} MB)"
+                  + (f"; verified, max |difference| {result.max_diff:.2e}" if result.max_diff is not None else ""),
+                  highlight=False)
 
 
 def main() -> None:

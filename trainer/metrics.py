@@ -74,3 +74,13 @@ def make_task(kind: str, label_smoothing: float = 0.0) -> Task:
     if kind == "language_model":
         return Task(kind, FlatCrossEntropy(), lambda o: torch.softmax(o.float(), -1), _lm_metrics, "accuracy")
     raise ValueError(f"unknown task {kind}")
+
+
+def check_loss(loss: str, data_kind: str) -> None:
+    """train.loss must suit the labels: bce for several tags per image, cross_entropy for one."""
+    if (loss, data_kind) == ("bce", "single_label"):
+        raise ValueError("train.loss: bce needs multi-label data (several tags per row of a labels CSV); "
+                         "this dataset has one label per image: use cross_entropy or auto")
+    if (loss, data_kind) == ("cross_entropy", "multi_label"):
+        raise ValueError("train.loss: cross_entropy needs one label per image; this dataset has several "
+                         "tags per image: use bce or auto")

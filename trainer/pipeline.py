@@ -10,16 +10,18 @@ from pathlib import Path
 import torch
 
 from trainer import callbacks as cbs
+from trainer import resume as resuming
 from trainer.config import Config, dump_config
 from trainer.data.bundle import build_bundle
 from trainer.data.images import resolve_stats
 from trainer.loop import Learner
-from trainer.metrics import make_task
-from trainer.models import Built, create_model
+from trainer.metrics import check_loss, make_task
+from trainer.models import Built, check_input, create_model
 from trainer.optim import create_optimizer, param_groups
 from trainer.progress import ProgressReport
 from trainer.rundir import RunDir, new_run_dir
 from trainer.runtime import pick_device, pick_precision, random_seed, rng_state, seed_everything, set_deterministic
+from trainer.signals import SaveOnSignal, graceful_stop
 from trainer.stages import apply_freeze, expand_stages, freeze_points, per_group, stage_schedule
 
 SMOKE_BATCHES = 2
@@ -73,6 +75,7 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     built.model.to(device)
     if cfg.channels_last:
         built.model.to(memory_format=torch.channels_last)
+    check_loss(cfg.train.loss, bundle.task_kind)
     task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
     task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
                      cfg.train.label_smoothing)
@@ -94,6 +97,8 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
     opt = create_optimizer(cfg.train.optimizer, param_groups(groups, lrs, wds), cfg.train.momentum,
                            cfg.train.betas, cfg.train.eps)
     train_dl, valid_dl = sess.bundle.loaders(stage.bs or cfg.data.bs, stage.size)
+    if getattr(sess.bundle, "images", None) is not None:
+        check_input(sess.built.model, cfg.model.arch, sess.bundle.in_channels, train_dl.size, sess.device)
     if sess.smoke:
         train_dl.limit = valid_dl.limit = SMOKE_BATCHES
     callbacks = [cbs.ScheduleLR(stage_schedule(stage)), cbs.Recorder(sess.run, stage.name, epoch_offset),
@@ -105,34 +110,58 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
     learner = Learner(sess.built.model, opt, sess.task, train_dl, valid_dl, callbacks + sess.extra_callbacks,
                       sess.precision, sess.device)
     every = cfg.train.checkpoint_every if isinstance(cfg.train.checkpoint_every, int) else None
-    learner.add(cbs.Checkpointer(sess.run, lambda lr_, end: snapshot(lr_, stage_index, end), every,
+    learner.add(cbs.Checkpointer(sess.run, lambda lr_, end: snapshot(lr_, stage_index, end, sess.run), every,
                                  best_so_far=sess.__dict__.get("best", math.inf)))
     return learner
 
 
-def snapshot(learn: Learner, stage_index: int, epoch_end: bool) -> dict:
+def snapshot(learn: Learner, stage_index: int, epoch_end: bool, run: RunDir | None = None) -> dict:
     """A checkpoint: tensors and plain data only, so weights_only loading can read it."""
     s = learn.state
     return {"model": learn.model.state_dict(), "optimizer": learn.opt.state_dict(),
             "scaler": learn.scaler.state_dict(), "stage": stage_index,
             "epoch": s.epoch + 1 if epoch_end else s.epoch, "batch": 0 if epoch_end else s.batch + 1,
-            "rng": rng_state(), "train_loss_sum": s.epoch_loss_sum, "train_loss_count": s.epoch_loss_count}
+            "rng": rng_state(), "train_loss_sum": s.epoch_loss_sum, "train_loss_count": s.epoch_loss_count,
+            **resuming.loop_state(learn, run)}
 
 
 def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console=None,
-        callbacks=()) -> FitResult:
+        resume: str | Path | None = None, callbacks=()) -> FitResult:
+    """Runs every stage. resume: a run directory, or "auto" for the newest unfinished run of this
+    config's name, to continue exactly where its last checkpoint left off (trainer/resume.py)."""
+    point = None
+    if resume is not None:
+        if smoke:
+            raise resuming.ResumeError("--resume and --smoke do not go together (a smoke run is throwaway)")
+        out = resuming.resolve(resume, cfg.name)
+        cfg = resuming.reconcile(cfg, out)
+        point = resuming.load_point(out, [st.total_epochs for st in expand_stages(cfg.train.stages)])
     sess = prepare(cfg, out, smoke, console)
-    sess.extra_callbacks.extend(callbacks)  # scripts add their own (time budgets, timers)
+    sess.extra_callbacks += list(callbacks)
     stages = expand_stages(sess.cfg.train.stages)
     points = freeze_points(stages, len(sess.built.groups))
+    if point is not None:
+        resuming.start_session(sess, point, [st.name for st in stages])
     epoch_offset = 0
-    for k, (stage, freeze_to) in enumerate(zip(stages, points)):
-        sess.log(f"stage {k + 1}/{len(stages)} '{stage.name}': {stage.total_epochs} epoch(s), "
-                 f"{stage.schedule}, first trainable group {freeze_to}")
-        learner = make_learner(sess, stage, k, freeze_to, epoch_offset)
-        learner.fit(stage.total_epochs)
-        sess.best = next(c.best for c in learner.callbacks if isinstance(c, cbs.Checkpointer))
-        epoch_offset += stage.total_epochs
+    with resuming.run_status(sess.run), graceful_stop() as stop:
+        for k, (stage, freeze_to) in enumerate(zip(stages, points)):
+            if point is not None and k < point.stage:
+                epoch_offset += stage.total_epochs
+                continue
+            sess.log(f"stage {k + 1}/{len(stages)} '{stage.name}': {stage.total_epochs} epoch(s), "
+                     f"{stage.schedule}, first trainable group {freeze_to}")
+            learner = make_learner(sess, stage, k, freeze_to, epoch_offset)
+            learner.add(SaveOnSignal(stop, lambda lr_, k=k: _where(lr_, k, stages)))
+            start = resuming.restore(learner, point) if point is not None and k == point.stage else (0, 0)
+            learner.fit(stage.total_epochs, *start)
+            sess.best = next(c.best for c in learner.callbacks if isinstance(c, cbs.Checkpointer))
+            epoch_offset += stage.total_epochs
     final = sess.run.metrics[-1] if sess.run.metrics else {}
     sess.log(f"done: {final}")
     return FitResult(sess.run.path, sess.run.metrics, final)
+
+
+def _where(learn: Learner, k: int, stages) -> str:
+    s = learn.state
+    return (f"stage {k + 1}/{len(stages)} '{stages[k].name}', epoch {s.epoch + 1}/{s.n_epochs}, "
+            f"after batch {s.batch + 1}/{s.n_batches}")

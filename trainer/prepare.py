@@ -16,7 +16,7 @@ import gzip
 import hashlib
 import json
 import os
-import pickle
+import pickle  # only through _DataUnpickler below: arrays, never code
 import shutil
 import struct
 import sys
@@ -199,6 +199,19 @@ def build_fashion_mnist(paths: list[Path], out: Path) -> None:
         write_split(out / split, images, labels, FMNIST_CLASSES)
 
 
+class _DataUnpickler(pickle.Unpickler):
+    """The official CIFAR-10 batches are pickles of dicts of numpy arrays: allow exactly the numpy
+    reconstructors and refuse every other global, so a tampered archive cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused {module}.{name} in a CIFAR batch")
+
+
 def _cifar_pickle(paths: list[Path], out: Path) -> None:
     batches = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     with tarfile.open(paths[0]) as tar:
@@ -206,7 +219,7 @@ def _cifar_pickle(paths: list[Path], out: Path) -> None:
         for split, names in batches.items():
             # Unpickling is acceptable because the tarball's sha256 matched the official one
             # (or the user vouched for it with --no-verify).
-            dicts = [pickle.load(tar.extractfile(members[n]), encoding="bytes") for n in names]
+            dicts = [_DataUnpickler(tar.extractfile(members[n]), encoding="bytes").load() for n in names]
             images = np.concatenate([d[b"data"] for d in dicts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             labels = np.concatenate([d[b"labels"] for d in dicts]).astype(np.int64)
             log(f"  {split}: writing {len(images)} PNGs")

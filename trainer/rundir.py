@@ -86,5 +86,8 @@ class RunDir:
 
     def add_metrics(self, row: dict) -> None:
         self.metrics.append(row)
+        self.rewrite_metrics()
+
+    def rewrite_metrics(self) -> None:
         extra = [k for k in _columns(self.metrics) if k not in METRIC_COLUMNS]
         write_table(self.path / "metrics.csv", self.metrics, METRIC_COLUMNS + extra)

@@ -17,7 +17,9 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("cuda")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but no CUDA GPU is available")
+        raise ValueError("device: cuda was asked for, but no CUDA GPU is available")  # the CLI exits 2
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device: mps was asked for, but this machine has no Apple GPU")
     return torch.device(name)
 
 
@@ -32,12 +34,14 @@ def random_seed() -> int:
 
 
 def set_deterministic(on: bool) -> None:
+    """deterministic: true picks deterministic kernels (cuDNN, cuBLAS, scatter/index ops), warning
+    where an op has none; false (the default) lets cuDNN benchmark for speed. Always set both
+    ways, so one run in a process cannot leave its setting to the next."""
     if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on and torch.cuda.is_available()
 
 
 def rng_state() -> dict:
@@ -101,5 +105,5 @@ def pick_precision(amp: str, device: torch.device) -> Precision:
     if amp == "auto":
         return Precision(kind, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     if amp == "fp16" and kind == "cpu":
-        raise RuntimeError("amp: fp16 needs a CUDA GPU; use bf16 or off on the CPU")
+        raise ValueError("amp: fp16 needs a CUDA GPU; use bf16 or off on the CPU")
     return Precision(kind, torch.bfloat16 if amp == "bf16" else torch.float16)

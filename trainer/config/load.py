@@ -31,17 +31,36 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456
 
 
 def parse_yaml(text: str, source: str = "<string>"):
-    """Returns (data, node) where node keeps line numbers for error messages."""
+    """Returns (data, node) where node keeps line numbers for error messages. Safe loading only:
+    a tag such as !!python/object is an error, never a constructor call."""
     try:
         node = yaml.compose(text, Loader=_Loader)
+        if node is None:
+            return {}, None
+        _no_duplicate_keys(node, source)
+        data = _Loader(text).construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-    if node is None:
-        return {}, None
-    data = _Loader(text).construct_document(node)
+        line = mark.line + 1 if mark else text[:getattr(e, "position", 0)].count("\n") + 1
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]  # a ReaderError has no problem
+        raise ConfigError(f"{source}:{line}: not valid YAML: {problem}") from None
     return data, node
+
+
+def _no_duplicate_keys(node, source: str) -> None:
+    """YAML keeps the last of two equal keys without a word; a silently ignored lr is worse."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise ConfigError(f"{source}:{key.start_mark.line + 1}: duplicate key '{key.value}' "
+                                      f"(first on line {seen[key.value]})")
+                seen[key.value] = key.start_mark.line + 1
+            _no_duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _no_duplicate_keys(item, source)
 
 
 def _node_at(node, loc: Iterable):
@@ -212,6 +231,8 @@ def _check_paths(cfg: Config) -> list[tuple[str, str]]:
     valid_path = getattr(cfg.data, "valid_path", None)
     if valid_path and not Path(valid_path).is_file():
         return [("data.valid_path", f"'{valid_path}' is not a file")]
+    if cfg.data.layout != "text" and not Path(cfg.data.path).is_dir():
+        return [("data.path", f"'{cfg.data.path}' is a file; the {cfg.data.layout} layout needs the dataset's folder")]
     return []
 
 

@@ -15,7 +15,8 @@ PosInt = Annotated[int, Field(ge=1)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a sensible setting (an infinite lr passes `gt=0`)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LrSpread(Strict):
@@ -124,6 +125,13 @@ class ImageData(Strict):
     on_bad_image: Literal["error", "skip"] = "error"
     valid_bs: PosInt | None = None
 
+    @field_validator("stats")
+    @classmethod
+    def _positive_std(cls, v):
+        if isinstance(v, tuple) and (len(v[0]) != len(v[1]) or not v[0] or any(s <= 0 for s in v[1])):
+            raise ValueError("give [mean per channel] and [std per channel] of the same length, every std > 0")
+        return v
+
 
 class FolderData(ImageData):
     layout: Literal["folder"]
@@ -169,7 +177,7 @@ class ModelConfig(Strict):
 
 class Config(Strict):
     name: str = "run"
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None  # unset: a random seed, recorded in the run
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     compile: bool = False

@@ -75,6 +75,11 @@ def build_bundle(cfg: Config, seed: int, device: torch.device, smoke: bool = Fal
                  model_stats=None, pretrained: bool = False):
     data = cfg.data
     if data.layout == "text":
+        from trainer.data.corpus import read_corpus
+
+        for key, path in (("data.path", data.path), ("data.valid_path", data.valid_path)):
+            if path:
+                read_corpus(path, key, min_chars=data.bptt + 1)  # a clear error before any work
         from trainer.data.text import build_text_bundle
 
         return build_text_bundle(cfg, seed, device, smoke, log)

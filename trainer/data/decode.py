@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainer.checkpoint import atomic_write_text
 from trainer.data.items import DataError
 
 
@@ -82,8 +83,11 @@ def decode_all(files: list[Path], size: int, channels: int, skip_bad: bool = Fal
     key = _key(files, size, channels)
     arr_path, meta_path = root / f"{key}.npy", root / f"{key}.json"
     if arr_path.exists() and meta_path.exists():
-        bad = json.loads(meta_path.read_text())["bad"]
-        return np.load(arr_path, mmap_mode="r"), bad
+        try:
+            bad = json.loads(meta_path.read_text())["bad"]
+            return np.load(arr_path, mmap_mode="r"), bad
+        except (OSError, ValueError, KeyError):
+            log(f"the image cache {arr_path} is damaged; decoding again")
     out = np.empty((len(files), channels, size, size), dtype=np.uint8)
     bad: list[int] = []
 
@@ -106,5 +110,5 @@ def decode_all(files: list[Path], size: int, channels: int, skip_bad: bool = Fal
     tmp = arr_path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, out)
     os.replace(tmp, arr_path)
-    meta_path.write_text(json.dumps({"bad": bad, "n": len(files), "size": size}))
+    atomic_write_text(meta_path, json.dumps({"bad": bad, "n": len(files), "size": size}))
     return np.load(arr_path, mmap_mode="r"), bad

@@ -57,16 +57,25 @@ def _keep(values: list, bad: list[int]) -> list:
     return [v for i, v in enumerate(values) if i not in drop]
 
 
-def cache_size_for(cfg: FolderData | CsvData, stage_sizes: list[int], first_file: Path) -> int:
-    """Decode at the largest size any stage asks for (or cache_size), else the images' own size."""
+def cache_size_for(cfg: FolderData | CsvData, stage_sizes: list[int], files: list[Path]) -> int:
+    """Decode at the largest size any stage asks for (or cache_size), else the images' own size
+    (of the first readable file when bad images are skipped)."""
     wanted = [s for s in [cfg.cache_size, cfg.size, *stage_sizes] if s]
-    return max(wanted) if wanted else native_size(first_file)
+    if wanted:
+        return max(wanted)
+    for f in files:
+        try:
+            return native_size(f)
+        except DataError:
+            if cfg.on_bad_image != "skip":
+                raise
+    raise DataError(f"{cfg.path}: no readable images in the training set")
 
 
 def load_images(cfg: FolderData | CsvData, seed: int, stage_sizes: list[int] = (), log=print,
                 items: ImageItems | None = None) -> ImageSet:
     items = items or list_items(cfg, seed)
-    size = cache_size_for(cfg, list(stage_sizes), items.train_files[0])
+    size = cache_size_for(cfg, list(stage_sizes), items.train_files)
     skip = cfg.on_bad_image == "skip"
     tx, tbad = decode_all(items.train_files, size, cfg.channels, skip, cfg.cache_dir, log)
     vx, vbad = decode_all(items.valid_files, size, cfg.channels, skip, cfg.cache_dir, log)

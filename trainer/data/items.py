@@ -106,6 +106,19 @@ def split_ids(n: int, valid_pct: float, seed: int) -> np.ndarray:
     return mask
 
 
+def _valid_mask(ids: list[str], path: Path) -> np.ndarray:
+    try:
+        wanted = set(path.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read data.valid_ids ({type(e).__name__}: {e})") from None
+    mask = np.array([i in wanted for i in ids])
+    if not mask.any():
+        raise DataError(f"{path}: none of its ids appear in the labels CSV, so there is no validation set")
+    if mask.all():
+        raise DataError(f"{path}: lists every id of the labels CSV, so there is nothing to train on")
+    return mask
+
+
 def csv_items(root: Path, labels: str = "labels.csv", folder: str = "train", suffix: str = "",
               valid_pct: float = 0.2, valid_ids: str | None = None, seed: int = 0,
               delim: str = " ", test: str | None = None) -> ImageItems:
@@ -118,8 +131,7 @@ def csv_items(root: Path, labels: str = "labels.csv", folder: str = "train", suf
         raise DataError(f"{csv_path}: {len(absent)} listed file(s) not found, e.g. {absent[0]} "
                         f"(check data.suffix, now {suffix!r}, and data.train, now {folder!r})")
     if valid_ids:
-        wanted = set(Path(root / valid_ids).read_text().split())
-        mask = np.array([i in wanted for i in ids])
+        mask = _valid_mask(ids, root / valid_ids)
     else:
         mask = split_ids(len(ids), valid_pct, seed)
     multi = any(len(t) > 1 for t in tags)

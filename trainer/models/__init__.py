@@ -55,4 +55,23 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
     return []
 
 
-__all__ = ["MODELS", "Built", "arch_names", "check_model", "create_model"]
+def check_input(model, arch: str, channels: int, size: int, device) -> None:
+    """One forward pass on a blank batch, so an input the model cannot take (an image too small for
+    its strided convolutions, a size simplenet's first Linear layer was not built for) is a clear
+    error before training, not a shape error in the middle of it. Eval mode, no gradients: no
+    statistics or random numbers are touched."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, channels, size, size, device=device))
+    except RuntimeError as e:
+        raise ValueError(f"model '{arch}' cannot take {channels}x{size}x{size} inputs ({str(e).splitlines()[0]}); "
+                         "change the stage's size / data.size or the architecture's layers") from None
+    finally:
+        model.train(was)
+
+
+__all__ = ["MODELS", "Built", "arch_names", "check_input", "check_model", "create_model"]

@@ -1,0 +1,99 @@
+"""Ctrl-C and SIGTERM during training: save a checkpoint at the next step boundary, then stop.
+
+The first SIGINT or SIGTERM only sets a flag; the SaveOnSignal callback sees it after the current
+batch, writes last.pt (the exact mid-epoch position) and raises Interrupted, which the CLI turns
+into exit code 130 (SIGINT) or 143 (SIGTERM) with the command that resumes the run. A second
+signal exits at once without saving (last.pt still holds the last checkpoint: saves are atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+
+from trainer.callbacks import Checkpointer
+from trainer.loop import Callback, Learner
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving last.pt; exit_code is 128 + the signal number."""
+
+    def __init__(self, signum: int, where: str, run_dir=None):
+        self.signum, self.where, self.run_dir = signum, where, run_dir
+        super().__init__(f"interrupted by {signal.Signals(signum).name}: saved checkpoints/last.pt at {where}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequest:
+    """The signal handler: remembers the first signal, exits at once on the second."""
+
+    def __init__(self, exit_now=os._exit):
+        self.signum: int | None = None
+        self._exit_now = exit_now
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __call__(self, signum: int, frame=None) -> None:
+        # os.write, not print: a handler can run in the middle of another print to the same stream
+        if self.signum is not None:
+            os.write(2, b"\nsecond interrupt: exiting now without saving (checkpoints/last.pt holds "
+                        b"the last checkpoint)\n")
+            self._exit_now(128 + signum)
+            return
+        self.signum = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
+                    "stopping (press Ctrl-C again to quit at once)\n".encode())
+
+
+@contextlib.contextmanager
+def graceful_stop(exit_now=os._exit):
+    """Installs the handler for SIGINT and SIGTERM while training (main thread only) and puts
+    the previous handlers back after."""
+    stop = StopRequest(exit_now)
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    for s in SIGNALS:
+        signal.signal(s, stop)
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class SaveOnSignal(Callback):
+    """Runs after the Recorder and the Checkpointer, so the saved state includes this step."""
+
+    order = 25
+
+    def __init__(self, stop: StopRequest, describe=lambda learn: ""):
+        self.stop, self.describe = stop, describe
+
+    def after_batch(self, learn: Learner) -> None:
+        if not self.stop.requested:
+            return
+        saver = _checkpointer(learn)
+        if saver is not None:
+            saver.save_last(learn)
+        raise Interrupted(self.stop.signum, self.describe(learn), saver.run.path if saver else None)
+
+    def after_epoch(self, learn: Learner) -> None:
+        if self.stop.requested:  # the Checkpointer has just written the epoch's last.pt
+            saver = _checkpointer(learn)
+            raise Interrupted(self.stop.signum, self.describe(learn) + " (end of the epoch)",
+                              saver.run.path if saver else None)
+
+
+def _checkpointer(learn: Learner) -> Checkpointer | None:
+    return next((c for c in learn.callbacks if isinstance(c, Checkpointer)), None)
