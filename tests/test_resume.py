@@ -92,7 +92,7 @@ def test_checkpoint_holds_the_whole_loop_state(reference):
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
     assert (state["stage"], state["epoch"], state["batch"]) == (1, 2, 0)
     steps = state["callbacks"]["Recorder"]["steps"]
-    assert steps["n"] == 8 and steps["columns"]["step"].tolist() == list(range(8))
+    assert steps["n"] == 12 and steps["columns"]["step"].tolist() == list(range(12))  # the whole run
     assert len(state["metrics"]) == 3
 
 

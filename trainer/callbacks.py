@@ -52,24 +52,26 @@ class Recorder(Callback):
 
     order = 10
 
-    def __init__(self, run: RunDir | None, stage: str, epoch_offset: int = 0, step_offset: int = 0):
+    def __init__(self, run: RunDir | None, stage: str, epoch_offset: int = 0, step_offset: int = 0,
+                 steps: list[dict] | None = None):
         self.run, self.stage = run, stage
         self.epoch_offset, self.step_offset = epoch_offset, step_offset
-        self.steps: list[dict] = []
+        self.steps: list[dict] = steps if steps is not None else []  # shared: one list for a whole run
+        self.extra: dict = {}  # more columns for this stage's rows (e.g. the lr lr_find chose)
 
     def before_batch(self, learn: Learner) -> None:
         self._lr, self._mom = current_lr(learn.opt), current_mom(learn.opt)
 
     def after_batch(self, learn: Learner) -> None:
         s = learn.state
-        self.steps.append({"stage": self.stage, "step": self.step_offset + s.step - 1,
+        self.steps.append({"stage": self.stage, "step": len(self.steps),  # steps of the whole run so far
                            "lr": self._lr, "mom": self._mom, "loss": s.loss})
 
     def after_epoch(self, learn: Learner) -> None:
         s = learn.state
         row = {"stage": self.stage, "epoch": self.epoch_offset + s.epoch + 1, "train_loss": s.train_loss,
                **{k: v for k, v in s.valid.items()}, "lr": self._lr if hasattr(self, "_lr") else math.nan,
-               "seconds": round(time.perf_counter() - s.epoch_start, 2)}
+               "seconds": round(time.perf_counter() - s.epoch_start, 2), **self.extra}
         if s.skipped_steps:
             row["skipped_steps"] = s.skipped_steps  # train.on_nan: skip (steps skipped in this stage)
         learn.last_row = row
@@ -81,7 +83,7 @@ class Recorder(Callback):
         return {"steps": checkpoint.pack_rows(self.steps)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = checkpoint.unpack_rows(state["steps"])
+        self.steps[:] = checkpoint.unpack_rows(state["steps"])  # in place: the run's plots share this list
 
 
 class FreezeNorms(Callback):
@@ -221,3 +223,23 @@ class StopAfter(Callback):
     def after_batch(self, learn: Learner) -> None:
         if learn.state.step >= self.n:
             raise CancelFit()
+
+
+class CycleSaver(Callback):
+    """SGDR snapshots: the weights at the end of every cycle, checkpoints/cycle-<k>.pt, for a
+    snapshot ensemble (`trainer predict RUN --ensemble cycles`). fastai's fit_sgdr kept none."""
+
+    order = 20
+
+    def __init__(self, run: RunDir, cycle_ends: list[int], first: int = 1, stage_index: int = 0):
+        self.run, self.ends, self.first, self.stage_index = run, list(cycle_ends), first, stage_index
+        self.saved: list[int] = []
+
+    def after_epoch(self, learn: Learner) -> None:
+        epoch = learn.state.epoch + 1
+        if epoch in self.ends:
+            k = self.first + self.ends.index(epoch)
+            checkpoint.save({"model": learn.model.state_dict(), "stage": self.stage_index, "epoch": epoch,
+                             "cycle": k, "valid": dict(learn.state.valid)},
+                            self.run.checkpoints / f"cycle-{k}.pt")
+            self.saved.append(k)

@@ -111,13 +111,21 @@ def predict(run_dir: Path = typer.Argument(..., help="A run directory."),
             data: Path = typer.Option(..., help="Folder of images (or one image)."),
             out: Optional[Path] = typer.Option(None, help="CSV file (default RUN_DIR/predictions.csv)."),
             labels: bool = typer.Option(False, "--labels", help="Only id and label(s), no probabilities."),
-            checkpoint: str = typer.Option("best", help="best or last.")):
+            checkpoint: str = typer.Option("best", help="best or last."),
+            ensemble: str = typer.Option("none", help="cycles: average the SGDR snapshots "
+                                         "(checkpoints/cycle-<k>.pt of save_cycles: true).")):
     """Predict a folder of images: id, predicted label, one probability column per class."""
-    from trainer.predict import load_run, predict_folder, predictions_table
+    from trainer.predict import cycle_checkpoints, load_run, predict_ensemble, predict_folder, predictions_table
+
+    if ensemble not in ("none", "cycles"):
+        fail(f"--ensemble must be none or cycles, not '{ensemble}'")
 
     def work():
         run = load_run(run_dir, checkpoint)
-        files, probs = predict_folder(run, data)
+        if ensemble == "cycles":
+            files, probs = predict_ensemble(run, data, cycle_checkpoints(run_dir))
+        else:
+            files, probs = predict_folder(run, data)
         return predictions_table(files, probs, run.classes, run.multi_label, labels_only=labels)
 
     df = guarded(work)
@@ -158,6 +166,30 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
     console.print(f"wrote {result.path} ({result.format}, {result.size_bytes / 1e6:.2f} MB)"
                   + (f"; verified, max |difference| {result.max_diff:.2e}" if result.max_diff is not None else ""),
                   highlight=False)
+
+
+@app.command("lr-find")
+def lr_find(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
+            stage: Optional[str] = typer.Option(None, help="Stage whose freeze state, size, batch size and lr "
+                                                "ratios to use (default: the first)."),
+            start_lr: float = typer.Option(1e-7, "--start-lr", help="First learning rate."),
+            end_lr: float = typer.Option(10.0, "--end-lr", help="Last learning rate."),
+            num_it: int = typer.Option(100, "--num-it", help="At most this many batches."),
+            out: Optional[Path] = typer.Option(None, help="Folder for lr_find.csv/.png "
+                                               "(default runs/<name>/lr_find-<time>).")):
+    """The learning-rate range test: loss against an exponentially growing lr, with suggestions.
+    The model and optimizer are left exactly as they were; the same config gives the same curve."""
+    from trainer import pipeline
+
+    cfg = load(config, sets)
+    result, folder = guarded(lambda: pipeline.lr_find_stage(cfg, stage, start_lr, end_lr, num_it, out, console))
+    table = Table("suggestion", "lr", "")
+    for name, lr in result.suggestions.items():
+        table.add_row(name, f"{lr:.3g}", "recommended" if name == result.recommended else "")
+    console.print(table)
+    console.print(f"{len(result.lrs)} steps, stopped: {result.stopped}; recommended lr {result.lr:.3g}",
+                  highlight=False)
+    console.print(f"wrote lr_find.csv, lr_find.json, lr_find.png to {folder}", highlight=False)
 
 
 def main() -> None:

@@ -15,16 +15,21 @@ from trainer.config import Config, dump_config
 from trainer.data.bundle import build_bundle
 from trainer.data.images import resolve_stats
 from trainer.loop import Learner
+from trainer.lr_find import LrFindResult, check_range, lr_find, save_result
 from trainer.metrics import check_loss, make_task
 from trainer.models import Built, check_input, create_model
 from trainer.optim import create_optimizer, param_groups
+from trainer.plots import History, RunPlots
 from trainer.progress import ProgressReport
 from trainer.rundir import RunDir, new_run_dir
 from trainer.runtime import pick_device, pick_precision, random_seed, rng_state, seed_everything, set_deterministic
 from trainer.signals import SaveOnSignal, graceful_stop
-from trainer.stages import apply_freeze, expand_stages, freeze_points, per_group, stage_schedule
+from trainer.stages import (StageError, apply_freeze, cycle_ends, expand_stages, freeze_points, is_auto, per_group,
+                            stage_schedule)
 
 SMOKE_BATCHES = 2
+SMOKE_LR_FIND_IT = 4
+SMOKE_MAX_SIZE = 64  # px: a smoke run checks the pipeline, not the accuracy
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Session:
     log: object = print
     console: object = None
     extra_callbacks: list = field(default_factory=list)
+    history: History = field(default_factory=History)  # every step of every stage, for the plots
+    cycles_saved: int = 0
 
 
 @dataclass
@@ -54,6 +61,8 @@ class FitResult:
 def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, console=None) -> Session:
     seed = cfg.seed if cfg.seed is not None else random_seed()
     cfg = cfg.model_copy(update={"seed": seed})  # a random seed is still recorded
+    if smoke:
+        cfg = smoke_sizes(cfg)
     seed_everything(seed)
     set_deterministic(cfg.deterministic)
     device = pick_device(cfg.device)
@@ -83,6 +92,22 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     return Session(cfg, run, bundle, built, device, pick_precision(cfg.amp, device), task, smoke, log, console)
 
 
+def smoke_sizes(cfg: Config, limit: int = SMOKE_MAX_SIZE) -> Config:
+    """Smoke runs scale every image size down by one factor so the largest is `limit` px: a
+    ResNet-34 at 224 -> 299px then smokes in seconds on a CPU, and the sizes keep their ratios
+    (progressive resizing still changes the size between stages)."""
+    if cfg.data.layout == "text":
+        return cfg
+    sizes = [s for s in [cfg.data.size, cfg.data.cache_size, *(st.size for st in cfg.train.stages)] if s]
+    if not sizes or max(sizes) <= limit:
+        return cfg
+    f = limit / max(sizes)
+    scale = lambda s: max(8, round(s * f)) if s else s  # noqa: E731
+    data = cfg.data.model_copy(update={"size": scale(cfg.data.size), "cache_size": scale(cfg.data.cache_size)})
+    stages = [st.model_copy(update={"size": scale(st.size)}) for st in cfg.train.stages]
+    return cfg.model_copy(update={"data": data, "train": cfg.train.model_copy(update={"stages": stages})})
+
+
 def bundle_size(bundle) -> int:
     images = getattr(bundle, "images", None)
     return images.size if images is not None else 0
@@ -91,7 +116,7 @@ def bundle_size(bundle) -> int:
 def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_offset: int = 0) -> Learner:
     cfg, groups = sess.cfg, sess.built.groups
     n = len(groups)
-    frozen = apply_freeze(groups, freeze_to)
+    frozen = apply_freeze(groups, freeze_to, stage.train_bn)
     lrs = per_group(stage.lr, n, "lr", stage.name)
     wds = per_group(stage.wd if stage.wd is not None else cfg.train.wd, n, "wd", stage.name)
     opt = create_optimizer(cfg.train.optimizer, param_groups(groups, lrs, wds), cfg.train.momentum,
@@ -101,12 +126,16 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
         check_input(sess.built.model, cfg.model.arch, sess.bundle.in_channels, train_dl.size, sess.device)
     if sess.smoke:
         train_dl.limit = valid_dl.limit = SMOKE_BATCHES
-    callbacks = [cbs.ScheduleLR(stage_schedule(stage)), cbs.Recorder(sess.run, stage.name, epoch_offset),
+    steps = sess.history.steps
+    callbacks = [cbs.ScheduleLR(stage_schedule(stage)),
+                 cbs.Recorder(sess.run, stage.name, epoch_offset, len(steps), steps), RunPlots(sess.run, sess.history),
                  cbs.FreezeNorms(frozen, stage.train_bn, stage.bn_freeze, sess.built.model),
                  cbs.NonFiniteGuard(cfg.train.on_nan), cbs.ResetState(),
                  ProgressReport(sess.console, log=sess.log)]
     if cfg.train.clip:
         callbacks.append(cbs.GradClip(cfg.train.clip))
+    if stage.save_cycles:
+        callbacks.append(cbs.CycleSaver(sess.run, cycle_ends(stage), sess.cycles_saved + 1, stage_index))
     learner = Learner(sess.built.model, opt, sess.task, train_dl, valid_dl, callbacks + sess.extra_callbacks,
                       sess.precision, sess.device)
     every = cfg.train.checkpoint_every if isinstance(cfg.train.checkpoint_every, int) else None
@@ -138,6 +167,11 @@ def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console
         point = resuming.load_point(out, [st.total_epochs for st in expand_stages(cfg.train.stages)])
     sess = prepare(cfg, out, smoke, console)
     sess.extra_callbacks += list(callbacks)
+    return run_stages(sess, point)
+
+
+def run_stages(sess: Session, point=None) -> FitResult:
+    """Every stage in order, each with a fresh optimizer, into one metrics.csv."""
     stages = expand_stages(sess.cfg.train.stages)
     points = freeze_points(stages, len(sess.built.groups))
     if point is not None:
@@ -152,8 +186,12 @@ def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console
                      f"{stage.schedule}, first trainable group {freeze_to}")
             learner = make_learner(sess, stage, k, freeze_to, epoch_offset)
             learner.add(SaveOnSignal(stop, lambda lr_, k=k: _where(lr_, k, stages)))
-            start = resuming.restore(learner, point) if point is not None and k == point.stage else (0, 0)
+            resuming_here = point is not None and k == point.stage
+            if is_auto(stage.lr) and not resuming_here:  # a resumed stage's optimizer holds its found lr
+                use_found_lr(sess, learner, stage)
+            start = resuming.restore(learner, point) if resuming_here else (0, 0)
             learner.fit(stage.total_epochs, *start)
+            sess.cycles_saved += sum(len(c.saved) for c in learner.callbacks if isinstance(c, cbs.CycleSaver))
             sess.best = next(c.best for c in learner.callbacks if isinstance(c, cbs.Checkpointer))
             epoch_offset += stage.total_epochs
     final = sess.run.metrics[-1] if sess.run.metrics else {}
@@ -165,3 +203,47 @@ def _where(learn: Learner, k: int, stages) -> str:
     s = learn.state
     return (f"stage {k + 1}/{len(stages)} '{stages[k].name}', epoch {s.epoch + 1}/{s.n_epochs}, "
             f"after batch {s.batch + 1}/{s.n_batches}")
+
+
+def use_found_lr(sess: Session, learner: Learner, stage) -> LrFindResult:
+    """lr: auto: lr_find at the start of the stage (on the weights as the previous stages left
+    them), its recommendation becomes the stage's peak lr; recorded in the run directory as
+    lr_find-<stage>.csv/.json/.png, a line of log.txt and a peak_lr column in metrics.csv."""
+    result = lr_find(learner, num_it=SMOKE_LR_FIND_IT if sess.smoke else 100, seed=sess.cfg.seed or 0)
+    save_result(result, sess.run.path, f"lr_find-{stage.name}")
+    for g in learner.opt.param_groups:  # the groups hold the lr's shape, the last at 1.0
+        g["peak_lr"] *= result.lr
+        g["lr"] = g["peak_lr"]
+    rec = next(c for c in learner.callbacks if isinstance(c, cbs.Recorder))
+    rec.extra["peak_lr"] = result.lr
+    sess.log(f"stage '{stage.name}': {result.summary()}; using lr {result.lr:.3g}")
+    return result
+
+
+def find_stage(stages: list, name: str | None) -> int:
+    if name is None:
+        return 0
+    names = [st.name for st in stages]
+    if name not in names:
+        raise StageError(f"no stage named '{name}' (stages: {', '.join(names)})")
+    return names.index(name)
+
+
+def lr_find_stage(cfg: Config, stage: str | None = None, start_lr: float = 1e-7, end_lr: float = 10.0,
+                  num_it: int = 100, out: str | Path | None = None, console=None) -> tuple[LrFindResult, Path]:
+    """`trainer lr-find`: the range test with a stage's freeze state, image size, batch size and
+    lr shape (differential lrs keep their ratios), on the model as built. Writes lr_find.csv,
+    lr_find.json and lr_find.png into a run directory (runs/<name>/lr_find-<time>/ by default)."""
+    from datetime import datetime
+
+    check_range(start_lr, end_lr, num_it)
+    out = out or Path("runs") / cfg.name / f"lr_find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    sess = prepare(cfg, out, console=console)
+    stages = expand_stages(sess.cfg.train.stages)
+    k = find_stage(stages, stage)
+    freeze_to = freeze_points(stages, len(sess.built.groups))[k]
+    learner = make_learner(sess, stages[k], k, freeze_to)
+    result = lr_find(learner, start_lr, end_lr, num_it, seed=sess.cfg.seed or 0)
+    save_result(result, sess.run.path, "lr_find")
+    sess.log(f"stage '{stages[k].name}' (first trainable group {freeze_to}): {result.summary()}")
+    return result, sess.run.path

@@ -95,6 +95,30 @@ def predict_folder(run: LoadedRun, folder: str | Path, bs: int = 128) -> tuple[l
     return files, predict_probs(run, batches_for(run, images, bs))
 
 
+def cycle_checkpoints(run_dir: str | Path) -> list[Path]:
+    """checkpoints/cycle-<k>.pt of an SGDR run with save_cycles: true, in cycle order."""
+    files = list((Path(run_dir) / "checkpoints").glob("cycle-*.pt"))
+    files = [f for f in files if f.stem.split("-", 1)[1].isdigit()]
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no checkpoints/cycle-<k>.pt to ensemble (train an sgdr stage "
+                                "with save_cycles: true)")
+    return sorted(files, key=lambda f: int(f.stem.split("-", 1)[1]))
+
+
+def predict_ensemble(run: LoadedRun, folder: str | Path, checkpoints: list[Path], bs: int = 128
+                     ) -> tuple[list[Path], torch.Tensor]:
+    """A snapshot ensemble: the mean of the probabilities each saved cycle predicts."""
+    folder = Path(folder)
+    files = image_files(folder) if folder.is_dir() else [folder]
+    dl = batches_for(run, load_folder(files, run.stats["size"], run.stats["channels"]), bs)
+    total = None
+    for ckpt in checkpoints:
+        run.built.model.load_state_dict(checkpoint.load(ckpt)["model"])
+        probs = predict_probs(run, dl)
+        total = probs if total is None else total + probs
+    return files, total / len(checkpoints)
+
+
 def predictions_table(files: list[Path], probs: torch.Tensor, classes: list[str], multi_label: bool,
                       threshold: float = 0.5, labels_only: bool = False) -> pd.DataFrame:
     df = pd.DataFrame({"id": [f.stem for f in files]})

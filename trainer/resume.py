@@ -173,6 +173,9 @@ def start_session(sess, point: ResumePoint, names: list[str]) -> None:
     dropped, they are computed again) and the best loss so far."""
     sess.run.metrics = [dict(r) for r in point.state.get("metrics", [])]
     sess.run.rewrite_metrics()
+    recorder = point.state.get("callbacks", {}).get("Recorder")
+    if recorder is not None:  # the per-step record spans the whole run, earlier stages included
+        sess.history.steps[:] = checkpoint.unpack_rows(recorder["steps"])
     sess.best = point.best
     sess.log(f"resuming {point.run_dir} from checkpoints/last.pt: {point.describe(names)}"
              + (f" (removed {len(point.stale)} temporary file(s) of an interrupted save)" if point.stale else ""))

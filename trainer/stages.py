@@ -7,6 +7,7 @@ from typing import Sequence
 import torch.nn as nn
 
 from trainer.config.schema import LrSpread, Stage
+from trainer.models.layers import is_norm
 from trainer.schedule import Schedule, constant_schedule, one_cycle, sgdr, sgdr_cycle_lengths, warmup_cosine
 
 
@@ -50,18 +51,34 @@ def freeze_points(stages: Sequence[Stage], n_groups: int) -> list[int]:
     return points
 
 
-def apply_freeze(groups: Sequence[nn.Module], freeze_to: int) -> list[nn.Module]:
-    """requires_grad off for groups before freeze_to; returns the frozen groups."""
+def apply_freeze(groups: Sequence[nn.Module], freeze_to: int, train_bn: bool = False) -> list[nn.Module]:
+    """requires_grad off for groups before freeze_to; returns the frozen groups. With train_bn
+    (as fastai's train_bn), the batch-norm layers of frozen groups keep training: their
+    scale and shift here, their running statistics in FreezeNorms."""
     for i, g in enumerate(groups):
         for p in g.parameters():
             p.requires_grad_(i >= freeze_to)
+        if train_bn and i < freeze_to:
+            for m in g.modules():
+                if is_norm(m):
+                    for p in m.parameters(recurse=False):
+                        p.requires_grad_(True)
     return list(groups[:freeze_to])
 
 
+def is_auto(lr) -> bool:
+    """lr: auto or {max: auto, ratio}: lr_find picks the rate at the start of the stage."""
+    return lr == "auto" or (isinstance(lr, LrSpread) and lr.max == "auto")
+
+
 def per_group(value, n_groups: int, what: str, stage: str) -> list[float]:
-    """One number for every group, a list with one per group, or a spread {max, ratio}."""
+    """One number for every group, a list with one per group, or a spread {max, ratio}.
+    An automatic lr gives the shape only (the last group at 1.0); lr_find scales it."""
+    if value == "auto":
+        return [1.0] * n_groups
     if isinstance(value, LrSpread):
-        return [value.max / value.ratio ** (n_groups - 1 - i) for i in range(n_groups)]
+        top = 1.0 if value.max == "auto" else value.max
+        return [top / value.ratio ** (n_groups - 1 - i) for i in range(n_groups)]
     if isinstance(value, (list, tuple)):
         if len(value) != n_groups:
             raise StageError(f"stage '{stage}': {what} lists {len(value)} values but the model has "

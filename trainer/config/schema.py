@@ -20,9 +20,10 @@ class Strict(BaseModel):
 
 
 class LrSpread(Strict):
-    """`{max: 1e-2, ratio: 3}` gives [max/9, max/3, max] over three layer groups."""
+    """`{max: 1e-2, ratio: 3}` gives [max/9, max/3, max] over three layer groups;
+    `{max: auto, ratio: 3}` runs lr_find with those ratios and uses its recommendation as max."""
 
-    max: PosFloat
+    max: PosFloat | Literal["auto"]
     ratio: PosFloat = 3.0
 
 
@@ -73,6 +74,8 @@ class Stage(Strict):
                 raise ValueError("an sgdr stage needs n_cycles (or epochs)")
         elif self.epochs is None:
             raise ValueError("a stage needs epochs")
+        if self.save_cycles and self.schedule != "sgdr":
+            raise ValueError("save_cycles needs schedule: sgdr (it saves the weights at each cycle's end)")
         return self
 
     @property
