@@ -80,3 +80,26 @@ def test_summary_table(tmp_path, folder_data):
     res = runner.invoke(app, ["summary", str(cfg)])
     assert res.exit_code == 0, res.output
     assert "BnLayer" in res.output and "trainable" in res.output
+
+
+def test_progress_is_a_table_on_a_terminal_and_plain_lines_otherwise(tmp_path, folder_data, capsys):
+    import io
+
+    from rich.console import Console
+
+    from trainer import pipeline
+    from trainer.config import load_config
+
+    cfg = load_config(text=tiny_config(folder_data, stages="[{epochs: 2, lr: 1.0e-2}]"))
+    buf = io.StringIO()
+    pipeline.fit(cfg, tmp_path / "tty", console=Console(file=buf, force_terminal=True, width=120))
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())
+    rows = [ln for ln in text.splitlines() if re.match(r"^\s+train\s+\d\s", ln)]
+    assert len(rows) == 2  # one aligned row per epoch under a single header
+    assert text.count("valid_loss") == 1
+    capsys.readouterr()
+    pipeline.fit(cfg, tmp_path / "plain", console=Console(file=io.StringIO(), force_terminal=False))
+    out = capsys.readouterr().out
+    assert out.count("train_loss") == 2 and "\x1b[" not in out

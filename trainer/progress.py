@@ -8,7 +8,6 @@ import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from trainer.loop import Callback, Learner
 
@@ -21,6 +20,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _width(col: str) -> int:
+    return max(len(col), 10 if col != "stage" else 12)
+
+
 class ProgressReport(Callback):
     order = 30
 
@@ -29,7 +32,7 @@ class ProgressReport(Callback):
         self.interactive = self.console.is_terminal if interactive is None else interactive
         self.log = log
         self.bar: Progress | None = None
-        self.table: Table | None = None
+        self.header: list[str] | None = None
 
     def before_epoch(self, learn: Learner) -> None:
         if not self.interactive:
@@ -53,16 +56,15 @@ class ProgressReport(Callback):
     def after_epoch(self, learn: Learner) -> None:
         row = getattr(learn, "last_row", None) or {}
         cols = [c for c in SHOWN if c in row]
-        line = "  ".join(f"{c} {_fmt(row[c])}" for c in cols)
         if self.log:
-            self.log(line)
-        if not self.interactive:
-            print(line, flush=True)
+            self.log("  ".join(f"{c} {_fmt(row[c])}" for c in cols))
+        if not self.interactive:  # CI logs: one self-describing line per epoch
+            print("  ".join(f"{c} {_fmt(row[c])}" for c in cols), flush=True)
             return
-        table = Table(*cols, box=None, show_header=self.table is None)
-        table.add_row(*(_fmt(row[c]) for c in cols))
-        self.table = table
-        self.console.print(table)
+        if cols != self.header:  # the epoch table's header, again only when the columns change
+            self.header = cols
+            self.console.print(" ".join(f"[bold]{c:>{_width(c)}}[/bold]" for c in cols), highlight=False)
+        self.console.print(" ".join(f"{_fmt(row[c]):>{_width(c)}}" for c in cols), highlight=False)
 
     def after_fit(self, learn: Learner) -> None:
         if self.bar is not None:

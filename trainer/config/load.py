@@ -44,26 +44,22 @@ def parse_yaml(text: str, source: str = "<string>"):
     return data, node
 
 
-def _node_at(node, loc: Iterable) -> tuple[Any, bool]:
+def _node_at(node, loc: Iterable):
     """Walks the YAML node tree along a pydantic loc; returns the deepest node found."""
-    exact = True
     for part in loc:
         if isinstance(node, yaml.MappingNode):
             hit = [(k, v) for k, v in node.value if k.value == str(part)]
             if not hit:
                 if isinstance(part, str) and part in ("folder", "csv", "text"):
                     continue  # pydantic inserts the union's tag into the loc
-                return node, False
+                return node
             key, value = hit[0]
-            node = value if not isinstance(part, str) or value is not None else key
-            if isinstance(value, yaml.ScalarNode):
-                node = key
+            node = key if isinstance(value, yaml.ScalarNode) else value  # a scalar's line is its key's
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
         else:
-            exact = False
             break
-    return node, exact
+    return node
 
 
 def _clean_loc(loc: tuple) -> tuple:
@@ -140,7 +136,7 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
         if origin:
             where = origin
         elif node is not None:
-            found, _ = _node_at(node, loc)
+            found = _node_at(node, loc)
             where = f"{source}:{found.start_mark.line + 1}"
         hint = _hint(err, loc, data)
         lines.append(f"{where}: {key}: {_message(err)}" + (f"; {hint}" if hint else ""))
