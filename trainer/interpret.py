@@ -20,6 +20,7 @@ from trainer.data.items import DataError
 from trainer.data.loaders import ImageBatches
 from trainer.image_plots import confusion_plot, image_grid, label_text, to_display
 from trainer.predict import LoadedRun
+from trainer.tta import predict_view, tta_predict
 
 
 @dataclass
@@ -132,8 +133,6 @@ def evaluate(run: LoadedRun, data_path=None, tta: bool = False, heatmap: bool = 
              out: Path | None = None, k: int = 9, log=print) -> Evaluation:
     out = Path(out or run.path)
     dl = validation_batches(run, data_path, log=log)
-    from trainer.tta import predict_view, tta_predict
-
     activation = run.task().activation
     if tta:
         probs_tta, probs = tta_predict(run.built.model, dl, activation, run.tta_views(), run.cfg.tta.beta)

@@ -20,6 +20,8 @@ from trainer.data.loaders import ImageBatches
 from trainer.metrics import make_task
 from trainer.models import Built, create_model
 from trainer.runtime import pick_device
+from trainer.tta import tta_predict
+from trainer.tta import tta_views as make_views
 
 
 @dataclass
@@ -48,9 +50,7 @@ class LoadedRun:
         return None if spec.is_identity else spec
 
     def tta_views(self) -> list:
-        from trainer.tta import tta_views
-
-        return tta_views(self.augment_spec(), self.cfg.tta.n, self.size, self.cfg.tta.mode, self.cfg.seed or 0)
+        return make_views(self.augment_spec(), self.cfg.tta.n, self.size, self.cfg.tta.mode, self.cfg.seed or 0)
 
 
 def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> LoadedRun:
@@ -99,8 +99,6 @@ def predict_folder(run: LoadedRun, folder: str | Path, bs: int = 128, tta: bool 
     images = load_folder(files, run.stats["size"], run.stats["channels"])
     dl = batches_for(run, images, bs)
     if tta:
-        from trainer.tta import tta_predict
-
         return files, tta_predict(run.built.model, dl, run.task().activation, run.tta_views(), run.cfg.tta.beta)[0]
     return files, predict_probs(run, dl)
 
