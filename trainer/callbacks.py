@@ -243,3 +243,19 @@ class CycleSaver(Callback):
                              "cycle": k, "valid": dict(learn.state.valid)},
                             self.run.checkpoints / f"cycle-{k}.pt")
             self.saved.append(k)
+
+
+class SaveThreshold(Callback):
+    """Multi-label: writes threshold.json (the threshold chosen on the validation set) whenever
+    the Checkpointer has just saved a new best.pt, so predict uses the threshold of that model."""
+
+    order = 21  # after the Checkpointer
+
+    def __init__(self, run: RunDir, checkpointer: Checkpointer):
+        self.run, self.checkpointer = run, checkpointer
+
+    def after_epoch(self, learn: Learner) -> None:
+        v = learn.state.valid
+        if "threshold" in v and v.get("valid_loss") == self.checkpointer.best:
+            self.run.write_json("threshold.json", {"threshold": v["threshold"], "fbeta": v.get("fbeta"),
+                                                   "epoch": getattr(learn, "last_row", {}).get("epoch")})

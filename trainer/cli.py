@@ -111,22 +111,29 @@ def predict(run_dir: Path = typer.Argument(..., help="A run directory."),
             data: Path = typer.Option(..., help="Folder of images (or one image)."),
             out: Optional[Path] = typer.Option(None, help="CSV file (default RUN_DIR/predictions.csv)."),
             labels: bool = typer.Option(False, "--labels", help="Only id and label(s), no probabilities."),
+            probs: bool = typer.Option(False, "--probs", help="Only id and one probability column per class."),
+            tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (the config's tta: n, beta)."),
+            id_column: str = typer.Option("id", help="Name of the id column (planet: image_name)."),
             checkpoint: str = typer.Option("best", help="best or last."),
             ensemble: str = typer.Option("none", help="cycles: average the SGDR snapshots "
                                          "(checkpoints/cycle-<k>.pt of save_cycles: true).")):
-    """Predict a folder of images: id, predicted label, one probability column per class."""
+    """Predict a folder of images: id, predicted label(s), one probability column per class."""
     from trainer.predict import cycle_checkpoints, load_run, predict_ensemble, predict_folder, predictions_table
 
     if ensemble not in ("none", "cycles"):
         fail(f"--ensemble must be none or cycles, not '{ensemble}'")
 
+    if labels and probs:
+        fail("--labels and --probs exclude each other")
+
     def work():
         run = load_run(run_dir, checkpoint)
         if ensemble == "cycles":
-            files, probs = predict_ensemble(run, data, cycle_checkpoints(run_dir))
+            files, p = predict_ensemble(run, data, cycle_checkpoints(run_dir))
         else:
-            files, probs = predict_folder(run, data)
-        return predictions_table(files, probs, run.classes, run.multi_label, labels_only=labels)
+            files, p = predict_folder(run, data, tta=tta)
+        return predictions_table(files, p, run.classes, run.multi_label, run.threshold, labels_only=labels,
+                                 probs_only=probs, id_column=id_column)
 
     df = guarded(work)
     target = out or run_dir / "predictions.csv"
@@ -190,6 +197,50 @@ def lr_find(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
     console.print(f"{len(result.lrs)} steps, stopped: {result.stopped}; recommended lr {result.lr:.3g}",
                   highlight=False)
     console.print(f"wrote lr_find.csv, lr_find.json, lr_find.png to {folder}", highlight=False)
+
+
+@app.command("show-batch")
+def show_batch(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
+               out: Path = typer.Option(Path("batch.png"), help="Image file to write."),
+               n: int = typer.Option(16, min=1, help="How many images.")):
+    """A grid of augmented training images with their labels (check the transforms by eye)."""
+    from trainer.image_plots import show_batch as draw
+
+    cfg = load(config, sets)
+    path = guarded(lambda: draw(cfg, out, n, log=lambda m: console.print(m, highlight=False)))
+    console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def evaluate(run_dir: Path = typer.Argument(..., help="A run directory."),
+             tta: bool = typer.Option(False, "--tta", help="Also report metrics with test-time augmentation."),
+             heatmap: bool = typer.Option(False, "--heatmap", help="Grad-CAM heat maps over the top losses."),
+             data: Optional[Path] = typer.Option(None, help="The dataset folder, if not where the run found it."),
+             out: Optional[Path] = typer.Option(None, help="Folder for the plots and tables (default RUN_DIR)."),
+             k: int = typer.Option(9, min=1, help="How many top losses to show."),
+             checkpoint: str = typer.Option("best", help="best or last.")):
+    """Metrics and per-class accuracy on the validation set; confusion matrix, most confused
+    pairs and top losses (with --heatmap, Grad-CAM over them)."""
+    from trainer.interpret import evaluate as run_eval
+    from trainer.predict import load_run
+
+    ev = guarded(lambda: run_eval(load_run(run_dir, checkpoint), data, tta, heatmap, out, k,
+                                  log=lambda m: console.print(m, highlight=False)))
+    table = Table("metric", "plain", *(["tta"] if ev.metrics_tta else []))
+    for name, v in ev.metrics.items():
+        table.add_row(name, f"{v:.4f}", *([f"{ev.metrics_tta[name]:.4f}"] if ev.metrics_tta else []))
+    console.print(table)
+    classes = Table("class", "n", "accuracy")
+    for r in ev.per_class:
+        classes.add_row(r["class"], str(r["n"]), f"{r['accuracy']:.4f}")
+    console.print(classes)
+    if ev.confused:
+        confused = Table("actual", "predicted", "count", title="most confused")
+        for r in ev.confused[:10]:
+            confused.add_row(r["actual"], r["predicted"], str(r["count"]))
+        console.print(confused)
+    for path in ev.files.values():
+        console.print(f"wrote {path}", highlight=False)
 
 
 def main() -> None:

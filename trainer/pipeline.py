@@ -126,6 +126,12 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
         check_input(sess.built.model, cfg.model.arch, sess.bundle.in_channels, train_dl.size, sess.device)
     if sess.smoke:
         train_dl.limit = valid_dl.limit = SMOKE_BATCHES
+    model = sess.built.model
+    if stage.precompute:  # the frozen body runs once; this stage trains the head on its activations
+        from trainer.precompute import head_only
+
+        model, train_dl, valid_dl = head_only(sess.built, stage, cfg.model.arch, train_dl, valid_dl,
+                                              sess.precision, getattr(cfg.data, "cache_dir", None), sess.log)
     steps = sess.history.steps
     callbacks = [cbs.ScheduleLR(stage_schedule(stage)),
                  cbs.Recorder(sess.run, stage.name, epoch_offset, len(steps), steps), RunPlots(sess.run, sess.history),
@@ -136,18 +142,22 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
         callbacks.append(cbs.GradClip(cfg.train.clip))
     if stage.save_cycles:
         callbacks.append(cbs.CycleSaver(sess.run, cycle_ends(stage), sess.cycles_saved + 1, stage_index))
-    learner = Learner(sess.built.model, opt, sess.task, train_dl, valid_dl, callbacks + sess.extra_callbacks,
+    learner = Learner(model, opt, sess.task, train_dl, valid_dl, callbacks + sess.extra_callbacks,
                       sess.precision, sess.device)
     every = cfg.train.checkpoint_every if isinstance(cfg.train.checkpoint_every, int) else None
-    learner.add(cbs.Checkpointer(sess.run, lambda lr_, end: snapshot(lr_, stage_index, end, sess.run), every,
-                                 best_so_far=sess.__dict__.get("best", math.inf)))
+    ckpt = cbs.Checkpointer(sess.run, lambda lr_, end: snapshot(lr_, stage_index, end, sess.run, sess.built.model),
+                            every, best_so_far=sess.__dict__.get("best", math.inf))
+    learner.add(ckpt)
+    if sess.task.name == "multi_label":
+        learner.add(cbs.SaveThreshold(sess.run, ckpt))
     return learner
 
 
-def snapshot(learn: Learner, stage_index: int, epoch_end: bool, run: RunDir | None = None) -> dict:
-    """A checkpoint: tensors and plain data only, so weights_only loading can read it."""
+def snapshot(learn: Learner, stage_index: int, epoch_end: bool, run: RunDir | None = None, model=None) -> dict:
+    """A checkpoint: tensors and plain data only, so weights_only loading can read it. `model` is
+    the whole model when the learner trains only part of it (precomputed activations)."""
     s = learn.state
-    return {"model": learn.model.state_dict(), "optimizer": learn.opt.state_dict(),
+    return {"model": (model or learn.model).state_dict(), "optimizer": learn.opt.state_dict(),
             "scaler": learn.scaler.state_dict(), "stage": stage_index,
             "epoch": s.epoch + 1 if epoch_end else s.epoch, "batch": 0 if epoch_end else s.batch + 1,
             "rng": rng_state(), "train_loss_sum": s.epoch_loss_sum, "train_loss_count": s.epoch_loss_count,

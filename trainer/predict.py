@@ -13,12 +13,15 @@ import yaml
 
 from trainer import checkpoint
 from trainer.config import Config
+from trainer.data.augment import AugmentSpec, preset
 from trainer.data.decode import read_image
 from trainer.data.items import DataError, image_files
 from trainer.data.loaders import ImageBatches
 from trainer.metrics import make_task
 from trainer.models import Built, create_model
 from trainer.runtime import pick_device
+from trainer.tta import tta_predict
+from trainer.tta import tta_views as make_views
 
 
 @dataclass
@@ -30,6 +33,7 @@ class LoadedRun:
     multi_label: bool
     stats: dict
     device: torch.device
+    threshold: float = 0.5  # multi-label: chosen on the validation set during fit (threshold.json)
 
     @property
     def size(self) -> int:
@@ -38,6 +42,15 @@ class LoadedRun:
 
     def task(self):
         return make_task("multi_label" if self.multi_label else "single_label")
+
+    def augment_spec(self) -> AugmentSpec | None:
+        """The run's training augmentation at its final size (TTA draws its views from it)."""
+        t = self.cfg.transforms.model_dump()
+        spec = preset(t.pop("preset"), size=self.size, **t)
+        return None if spec.is_identity else spec
+
+    def tta_views(self) -> list:
+        return make_views(self.augment_spec(), self.cfg.tta.n, self.size, self.cfg.tta.mode, self.cfg.seed or 0)
 
 
 def read_run_config(path: Path) -> Config:
@@ -67,7 +80,9 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> 
     built.model.load_state_dict(checkpoint.load(ckpt)["model"])
     dev = pick_device(device)
     built.model.to(dev).eval()
-    return LoadedRun(path, cfg, built, meta["classes"], meta["multi_label"], stats, dev)
+    threshold = json.loads((path / "threshold.json").read_text())["threshold"] \
+        if (path / "threshold.json").is_file() else 0.5
+    return LoadedRun(path, cfg, built, meta["classes"], meta["multi_label"], stats, dev, threshold)
 
 
 def load_folder(files: list[Path], size: int, channels: int) -> torch.Tensor:
@@ -88,11 +103,14 @@ def predict_probs(run: LoadedRun, dl: ImageBatches) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def predict_folder(run: LoadedRun, folder: str | Path, bs: int = 128) -> tuple[list[Path], torch.Tensor]:
+def predict_folder(run: LoadedRun, folder: str | Path, bs: int = 128, tta: bool = False) -> tuple[list[Path], torch.Tensor]:
     folder = Path(folder)
     files = image_files(folder) if folder.is_dir() else [folder]
     images = load_folder(files, run.stats["size"], run.stats["channels"])
-    return files, predict_probs(run, batches_for(run, images, bs))
+    dl = batches_for(run, images, bs)
+    if tta:
+        return files, tta_predict(run.built.model, dl, run.task().activation, run.tta_views(), run.cfg.tta.beta)[0]
+    return files, predict_probs(run, dl)
 
 
 def cycle_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -120,9 +138,15 @@ def predict_ensemble(run: LoadedRun, folder: str | Path, checkpoints: list[Path]
 
 
 def predictions_table(files: list[Path], probs: torch.Tensor, classes: list[str], multi_label: bool,
-                      threshold: float = 0.5, labels_only: bool = False) -> pd.DataFrame:
-    df = pd.DataFrame({"id": [f.stem for f in files]})
-    if multi_label:
+                      threshold: float = 0.5, labels_only: bool = False, probs_only: bool = False,
+                      id_column: str = "id") -> pd.DataFrame:
+    """One row per image: its id, the label (multi-label: the tags above the threshold, space
+    separated) and one probability column per class in class order. labels_only and probs_only
+    give the two Kaggle submission shapes (planet's image_name,tags; dog breeds' id,<classes>)."""
+    df = pd.DataFrame({id_column: [f.stem for f in files]})
+    if probs_only:
+        pass
+    elif multi_label:
         df["tags"] = [" ".join(c for c, p in zip(classes, row) if p > threshold) for row in probs.tolist()]
     else:
         df["label"] = [classes[i] for i in probs.argmax(1).tolist()]

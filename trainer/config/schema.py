@@ -111,8 +111,19 @@ class Transforms(Strict):
 
 
 class Tta(Strict):
+    """n augmented views blended with the plain view (weight beta on the plain one). mode auto:
+    deterministic flips (and, with pad_crop, fixed shifts) up to 64 px, seeded random views above."""
+
     n: Annotated[int, Field(ge=0)] = 4
     beta: Annotated[float, Field(ge=0, le=1)] = 0.25
+    mode: Literal["auto", "flips", "random"] = "auto"
+
+
+class Subset(Strict):
+    """A seeded random subset of the items (quick experiments on a slice of a big dataset)."""
+
+    train: PosInt | None = None
+    valid: PosInt | None = None
 
 
 class ImageData(Strict):
@@ -127,6 +138,7 @@ class ImageData(Strict):
     cache_dir: str | None = None
     on_bad_image: Literal["error", "skip"] = "error"
     valid_bs: PosInt | None = None
+    subset: Subset | None = None
 
     @field_validator("stats")
     @classmethod

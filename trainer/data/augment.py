@@ -28,6 +28,10 @@ class AugmentSpec:
     p_lighting: float = 0.75
 
     @property
+    def has_geometry(self) -> bool:
+        return bool(self.flip or self.dihedral or self.max_rotate or self.max_zoom > 1 or self.pad)
+
+    @property
     def is_identity(self) -> bool:
         return not (self.flip or self.dihedral or self.max_rotate or self.max_zoom > 1
                     or self.pad or self.max_lighting)
@@ -55,7 +59,8 @@ def _coin(n: int, p: float, g: torch.Generator) -> torch.Tensor:
 
 
 def random_affine(spec: AugmentSpec, n: int, size: int, g: torch.Generator) -> torch.Tensor:
-    """(n, 2, 3) matrices mapping output to input coordinates in [-1, 1]."""
+    """(n, 2, 3) matrices mapping output to input coordinates in [-1, 1]; `size` is the output
+    size, so pad_crop shifts are whole output pixels."""
     theta = torch.eye(3).repeat(n, 1, 1)
     if spec.dihedral:
         k = torch.randint(0, 8, (n,), generator=g)
@@ -86,6 +91,29 @@ def random_affine(spec: AugmentSpec, n: int, size: int, g: torch.Generator) -> t
     return theta[:, :2, :]
 
 
+def dihedral_theta(k: int, flip_first: bool = False) -> torch.Tensor:
+    """The (2, 3) matrix of symmetry k of the square: k % 4 quarter turns, mirrored when k >= 4.
+    Entries are exactly 0 and +-1, so sampling with it moves whole pixels."""
+    a = (k % 4) * math.pi / 2
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]]).round()
+    if k >= 4:
+        theta[:, 0] *= -1
+    return theta
+
+
+def shift_theta(dx: int, dy: int, size: int, flip: bool = False) -> torch.Tensor:
+    """A (2, 3) matrix: optional horizontal flip, then a shift by whole pixels (of `size`)."""
+    theta = torch.tensor([[-1.0 if flip else 1.0, 0.0, dx * 2 / size], [0.0, 1.0, dy * 2 / size]])
+    return theta
+
+
+def fixed_view(x: torch.Tensor, theta: torch.Tensor, out_size: int) -> torch.Tensor:
+    """The same affine map on every image of the batch (a deterministic TTA view)."""
+    if x.shape[-1] > 2 * out_size:
+        x = resize(x, out_size)
+    return apply_affine(x, theta.expand(x.shape[0], 2, 3), out_size)
+
+
 def lighting(x: torch.Tensor, spec: AugmentSpec, g: torch.Generator) -> torch.Tensor:
     """Random brightness and contrast per image, on [0, 1] pixels."""
     n = x.shape[0]
@@ -93,7 +121,8 @@ def lighting(x: torch.Tensor, spec: AugmentSpec, g: torch.Generator) -> torch.Te
     b = _uniform(n, -spec.max_lighting, spec.max_lighting, g) * on
     c = 1 + _uniform(n, -spec.max_lighting, spec.max_lighting, g) * on
     shape = (n,) + (1,) * (x.dim() - 1)
-    return ((x - 0.5) * c.view(shape).to(x) + 0.5 + b.view(shape).to(x)).clamp_(0, 1)
+    lit = ((x - 0.5) * c.view(shape).to(x) + 0.5 + b.view(shape).to(x)).clamp_(0, 1)
+    return torch.where(on.view(shape).to(x.device) > 0, lit, x)  # untouched images stay exact
 
 
 def apply_affine(x: torch.Tensor, theta: torch.Tensor, out_size: int) -> torch.Tensor:
@@ -113,8 +142,10 @@ def augment_batch(x: torch.Tensor, spec: AugmentSpec, out_size: int, g: torch.Ge
         x = resize(x, out_size)  # antialias big reductions before sampling
     if spec.is_identity:
         return resize(x, out_size)
-    theta = random_affine(spec, x.shape[0], x.shape[-1], g)
-    x = apply_affine(x, theta, out_size)
+    if spec.has_geometry:
+        x = apply_affine(x, random_affine(spec, x.shape[0], out_size, g), out_size)
+    else:
+        x = resize(x, out_size)
     if spec.max_lighting:
         x = lighting(x, spec, g)
     return x

@@ -11,7 +11,7 @@ import torch
 
 from trainer.config.schema import CsvData, FolderData
 from trainer.data.decode import decode_all, native_size
-from trainer.data.items import DataError, ImageItems, csv_items, folder_items
+from trainer.data.items import DataError, ImageItems, csv_items, folder_items, subsample
 
 IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -38,9 +38,13 @@ class ImageSet:
 
 def list_items(cfg: FolderData | CsvData, seed: int) -> ImageItems:
     if cfg.layout == "folder":
-        return folder_items(Path(cfg.path), cfg.train, cfg.valid, cfg.test)
-    return csv_items(Path(cfg.path), cfg.labels, cfg.train, cfg.suffix, cfg.valid_pct, cfg.valid_ids,
-                     seed, cfg.label_delim, cfg.test)
+        items = folder_items(Path(cfg.path), cfg.train, cfg.valid, cfg.test)
+    else:
+        items = csv_items(Path(cfg.path), cfg.labels, cfg.train, cfg.suffix, cfg.valid_pct, cfg.valid_ids,
+                          seed, cfg.label_delim, cfg.test)
+    if cfg.subset is not None:
+        items = subsample(items, cfg.subset.train, cfg.subset.valid, seed)
+    return items
 
 
 def label_tensor(labels: list, n_classes: int, multi: bool) -> torch.Tensor:

@@ -151,5 +151,21 @@ def csv_items(root: Path, labels: str = "labels.csv", folder: str = "train", suf
     return items
 
 
+def subsample(items: ImageItems, n_train: int | None, n_valid: int | None, seed: int) -> ImageItems:
+    """A seeded random slice of the training and validation items, in their original order
+    (data.subset; the same seed gives the same slice, so evaluate sees the run's validation set)."""
+    rng = np.random.default_rng(seed)
+
+    def pick(files, labels, n):
+        if n is None or n >= len(files):
+            return files, labels
+        keep = sorted(rng.permutation(len(files))[:n].tolist())
+        return [files[i] for i in keep], [labels[i] for i in keep]
+
+    items.train_files, items.train_labels = pick(items.train_files, items.train_labels, n_train)
+    items.valid_files, items.valid_labels = pick(items.valid_files, items.valid_labels, n_valid)
+    return items
+
+
 def save_classes(items: ImageItems, path: Path) -> None:
     path.write_text(json.dumps({"classes": items.classes, "multi_label": items.multi_label}, indent=1))

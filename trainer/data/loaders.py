@@ -60,8 +60,10 @@ class ImageBatches:
             idx = idx[torch.randperm(len(idx), generator=epoch_generator(self.seed, self.epoch))]
         return idx
 
-    def batch(self, rows: torch.Tensor, g: torch.Generator | None = None, spec: AugmentSpec | None = None):
-        """Turns rows of the uint8 tensor into a normalised float batch on the device."""
+    def batch(self, rows: torch.Tensor, g: torch.Generator | None = None, spec: AugmentSpec | None = None,
+              view=None):
+        """Turns rows of the uint8 tensor into a normalised float batch on the device. `view`, a
+        function of (pixels in [0, 1], size), replaces augmentation (a fixed TTA view)."""
         if self.images.device.type == "cpu":
             rows, _ = rows.sort()  # sequential reads are kinder to a memory-mapped cache
         x = self.images[rows.to(self.images.device)]
@@ -69,7 +71,9 @@ class ImageBatches:
         non_blocking = self.device.type == "cuda"
         x = x.to(self.device, non_blocking=non_blocking).float().div_(255)
         spec = spec if spec is not None else self.augment
-        if spec is not None and g is not None:
+        if view is not None:
+            x = view(x, self.size)
+        elif spec is not None and g is not None:
             x = augment_batch(x, spec, self.size, g)
         else:
             x = resize(x, self.size)

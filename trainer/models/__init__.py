@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import inspect
 
+import torch.nn as nn
+
 from trainer.config.schema import Config, ModelConfig
 from trainer.models import backbones, course, efficientnet_lite, rnn  # noqa: F401  (registers the archs)
-from trainer.models.registry import MODELS, Built
+from trainer.models.registry import MODELS, Built, split
 from trainer.registry import did_you_mean
 
 
@@ -19,7 +21,8 @@ def _efficientnet_lite0(n_out: int, in_channels: int = 3, pretrained: bool | str
         raise ValueError("efficientnet_lite0 expects 3-channel images; set data.channels: 3")
     model = efficientnet_lite.efficientnet_lite0(pretrained, num_classes=n_out, dropout=ps)
     return Built(model, efficientnet_lite.layer_groups(model), efficientnet_lite.NORMALIZE_STATS,
-                 pretrained=bool(pretrained))
+                 pretrained=bool(pretrained), extra=split(nn.Sequential(model.body, model.pool),
+                                                          model.classifier, model.body))
 
 
 def arch_names() -> list[str]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from trainer.models.layers import head
-from trainer.models.registry import Built
+from trainer.models.registry import Built, split
 
 IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -49,22 +49,60 @@ def load_state_file(path: str | Path) -> dict:
     return state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
 
 
+def expected_weights_file(arch: str) -> Path:
+    """Where torchvision looks for (and downloads) the default ImageNet weights of `arch`."""
+    import torchvision
+
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def _download_failed(e: Exception) -> bool:
+    """No internet shows up as URLError (an OSError), a socket error, or HTTP/SSL errors."""
+    return isinstance(e, OSError) or "urlopen" in str(e) or "HTTP Error" in str(e)
+
+
 def _torchvision_net(arch: str, pretrained: bool | str) -> nn.Module:
     import torchvision
 
     if pretrained is True:
         try:
             return torchvision.models.get_model(arch, weights="DEFAULT")
-        except (OSError, RuntimeError) as e:  # URLError is an OSError: no internet
-            hub = Path(torch.hub.get_dir()) / "checkpoints"
+        except Exception as e:  # noqa: BLE001 -- re-raised unless it is a failed download
+            if not _download_failed(e):
+                raise
             raise RuntimeError(
-                f"model.pretrained: could not download torchvision's {arch} weights ({e}). Offline, put "
-                f"the weights file in {hub}/ (torchvision's file name) or set model.pretrained to a "
-                f"local .pth/.safetensors path") from None
+                f"model.pretrained: could not download torchvision's {arch} weights "
+                f"({type(e).__name__}: {str(e)[:100]}). Offline, copy the file to "
+                f"{expected_weights_file(arch)} or set model.pretrained to a local .pth/.safetensors "
+                "path") from None
     net = torchvision.models.get_model(arch, weights=None)
     if isinstance(pretrained, str):
-        net.load_state_dict(load_state_file(pretrained), strict=False)
+        load_into(net, load_state_file(pretrained), pretrained)
     return net
+
+
+_HEAD_NAMES = ("fc", "classifier", "head", "heads")  # torchvision's classifiers; ours replaces them
+
+
+def load_into(net: nn.Module, state: dict, source: str) -> None:
+    """Loads every body weight of a state dict (its classifier is left out: a new head follows).
+    A missing, unexpected or wrongly shaped body key is an error, never silently random weights."""
+    def is_head(key: str) -> bool:
+        return key.split(".")[0] in _HEAD_NAMES
+
+    body = {k.removeprefix("module."): v for k, v in state.items()}
+    body = {k: v for k, v in body.items() if not is_head(k)}
+    try:
+        missing, unexpected = net.load_state_dict(body, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"model.pretrained: {source} does not fit this architecture: "
+                         f"{str(e).splitlines()[-1].strip()[:200]}") from None
+    missing = [k for k in missing if not is_head(k)]
+    if unexpected or missing:
+        raise ValueError(f"model.pretrained: {source} does not fit this architecture: "
+                         f"{len(missing)} missing key(s) (e.g. {missing[:2]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
 
 
 def _n_features(body: nn.Module, in_channels: int) -> int:
@@ -92,4 +130,6 @@ def torchvision_model(arch: str, n_out: int, in_channels: int = 3, pretrained: b
     net = _torchvision_net(arch, pretrained)
     body = _body(net)
     model = BodyHead(body, head(_n_features(body, in_channels), n_out, ps))
-    return Built(model, [*_groups(body), model.head], IMAGENET_STATS, pretrained=bool(pretrained))
+    pool, rest = model.head[:2], model.head[2:]  # concat pool + flatten have no parameters
+    return Built(model, [*_groups(body), model.head], IMAGENET_STATS, pretrained=bool(pretrained),
+                 extra=split(nn.Sequential(body, *pool), rest, body))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from trainer.models.layers import BnLayer, ResnetLayer
-from trainer.models.registry import MODELS, Built
+from trainer.models.registry import MODELS, Built, split
 
 
 def _halves(layers: list[nn.Module]) -> list[nn.Module]:
@@ -24,7 +24,7 @@ def simplenet(n_out: int, in_channels: int, size: int, layers=(40,), **_) -> Bui
         if i < len(widths) - 2:
             mods.append(nn.ReLU(inplace=True))
     model = nn.Sequential(*mods)
-    return Built(model, [nn.Sequential(*mods[:-1]), mods[-1]])
+    return Built(model, [nn.Sequential(*mods[:-1]), mods[-1]], extra=split(nn.Sequential(*mods[:-1]), mods[-1]))
 
 
 class _ConvNet(nn.Module):
@@ -40,7 +40,8 @@ class _ConvNet(nn.Module):
 
 
 def _built(net: _ConvNet) -> Built:
-    return Built(net, [*_halves(list(net.layers)), nn.Sequential(net.pool, net.out)])
+    return Built(net, [*_halves(list(net.layers)), nn.Sequential(net.pool, net.out)],
+                 extra=split(nn.Sequential(net.layers, net.pool), net.out, net.layers))
 
 
 @MODELS.register("convnet")

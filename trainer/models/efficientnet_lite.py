@@ -137,11 +137,13 @@ class EfficientNetLite0(nn.Module):
 
 
 def _init_weights(m: nn.Module) -> None:
-    """TF EfficientNet's init: fan-out He-normal convs, small uniform dense layer."""
+    """TF EfficientNet's init: fan-out He-normal convs; a small uniform dense layer."""
     if isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     elif isinstance(m, nn.Linear):
-        bound = 1.0 / math.sqrt(m.out_features)
+        # timm's range, 1/sqrt(fan_in + fan_out). TF's 1/sqrt(fan_out) is fine for 1000 classes
+        # but gives a new 10-class head on 1280 features logits of size ~6 and a first loss ~20.
+        bound = 1.0 / math.sqrt(m.in_features + m.out_features)
         nn.init.uniform_(m.weight, -bound, bound)
         nn.init.zeros_(m.bias)
 

@@ -12,7 +12,8 @@ from trainer.registry import Registry
 @dataclass
 class Built:
     """A model and its layer groups (earliest first, the head last) for differential learning
-    rates and freezing; `stats` are the input normalisation a pretrained body expects."""
+    rates and freezing; `stats` are the input normalisation a pretrained body expects.
+    `extra` may hold the split() of the model (precomputed activations, Grad-CAM)."""
 
     model: nn.Module
     groups: list[nn.Module]
@@ -22,3 +23,13 @@ class Built:
 
 
 MODELS: Registry = Registry("architecture")
+
+
+def split(features: nn.Module, head: nn.Module, cam_layer: nn.Module | None = None) -> dict:
+    """model(x) == head(features(x)) in eval mode, where `features` ends in the parameter-free
+    pooling (so cached activations are small vectors) and `head` holds every parameter after it.
+    cam_layer is the last convolutional block, whose output Grad-CAM weighs."""
+    out = {"features": features, "head": head}
+    if cam_layer is not None:
+        out["cam_layer"] = cam_layer
+    return out
