@@ -188,7 +188,8 @@ def restore(learn, point: ResumePoint) -> tuple[int, int]:
             raise ResumeError(f"{point.run_dir}: the checkpoint's epoch had {state['n_batches']} batches, "
                               f"this data gives {len(learn.train_dl)} (did the dataset change?)")
         learn.opt.load_state_dict(state["optimizer"])
-        learn.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 (a CPU run): the fresh scaler is right
+            learn.scaler.load_state_dict(state["scaler"])
         s = learn.state
         s.epoch_loss_sum, s.epoch_loss_count = state["train_loss_sum"], state["train_loss_count"]
         s.skipped_steps = state.get("skipped_steps", 0)
