@@ -131,8 +131,8 @@ def resolve(spec: str | Path, name: str, root: str | Path = "runs") -> Path:
     if in_use(run_dir):
         raise ResumeError(f"--resume {spec}: {run_dir} is being trained by another process right now")
     if read_status(run_dir) == "finished":
-        raise ResumeError(f"--resume {spec}: {run_dir} finished; nothing to resume (start a new run, or "
-                          "fine-tune from it with model.pretrained)")
+        raise ResumeError(f"--resume {spec}: {run_dir} finished; nothing to resume (start a new run without "
+                          "--resume)")
     return run_dir
 
 
