@@ -141,3 +141,27 @@ def test_cli_divergence_is_a_clean_error(folder_data, tmp_path):
     res = runner.invoke(app, ["fit", str(path), "--out", str(tmp_path / "run2"), "--set", "train.on_nan=skip"])
     assert res.exit_code == 0, res.output  # skipped, counted, and the run goes on
     assert "skipped_steps" in (tmp_path / "run2" / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_best_pt_only_ever_improves(tmp_path):
+    from types import SimpleNamespace
+
+    from trainer import checkpoint
+    from trainer.loop import FitState
+    from trainer.rundir import RunDir, new_run_dir
+
+    run = RunDir(new_run_dir("x", tmp_path / "run"))
+    saver = cbs.Checkpointer(run, lambda learn, end: {"model": {"w": torch.tensor([float(learn.state.epoch)])}})
+    learn = SimpleNamespace(state=FitState(), opt=None)
+    for epoch, loss in enumerate([1.0, 0.5, 0.7, math.nan, math.inf, 0.6]):
+        learn.state.epoch, learn.state.valid = epoch, {"valid_loss": loss}
+        saver.after_epoch(learn)
+    best = checkpoint.load(run.checkpoints / "best.pt")
+    assert best["best_valid_loss"] == 0.5 and best["model"]["w"].item() == 1.0
+    assert checkpoint.load(run.checkpoints / "last.pt")["model"]["w"].item() == 5.0
+    # after a resume, the best loss so far comes back with the callback state: 0.55 is no better
+    resumed = cbs.Checkpointer(run, saver.snapshot)
+    resumed.load_state_dict(saver.state_dict())
+    learn.state.epoch, learn.state.valid = 6, {"valid_loss": 0.55}
+    resumed.after_epoch(learn)
+    assert checkpoint.load(run.checkpoints / "best.pt")["model"]["w"].item() == 1.0

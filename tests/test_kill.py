@@ -65,6 +65,10 @@ def test_kill_9_then_sigterm_then_resume_gives_the_uninterrupted_run(setup, tmp_
     # 1. kill -9 at a random moment after the first checkpoint (possibly in the middle of a save)
     proc = start(["fit", str(cfg)], tmp_path, 0.05, tmp_path / "first.log")
     run = wait_for_checkpoint(proc, tmp_path)
+    monkeypatch.chdir(tmp_path)  # a live run is never resumed by a second process
+    res = runner.invoke(app, ["fit", str(cfg), "--resume", str(run.relative_to(tmp_path))])
+    assert res.exit_code == 2 and "is being trained by another process right now" in res.output, res.output
+    monkeypatch.undo()
     time.sleep(rng.uniform(0, 0.1))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(60) == -signal.SIGKILL, (tmp_path / "first.log").read_text()
@@ -155,3 +159,14 @@ def test_handlers_are_installed_only_while_training():
         os.kill(os.getpid(), signal.SIGINT)  # caught: no KeyboardInterrupt
         assert stop.signum == signal.SIGINT
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_ctrl_c_before_training_starts_is_a_clean_exit(setup, tmp_path, monkeypatch):
+    cfg, _ = setup
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "prepare", interrupted)
+    res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 130 and "interrupted before training started: nothing to save" in res.output

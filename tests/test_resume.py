@@ -182,3 +182,24 @@ def test_a_signal_during_validation_stops_after_the_epoch_checkpoint(cfg_path, t
     state = checkpoint.load(out / "checkpoints" / "last.pt")
     assert (state["stage"], state["epoch"], state["batch"]) == (1, 1, 0)
     assert len(metrics_without_seconds(out)) == 2
+
+
+def test_a_run_in_use_is_neither_resumed_nor_picked_by_auto(cfg_path, tmp_path, monkeypatch):
+    from trainer.resume import _lock
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Crash):
+        pipeline.fit(load_config(cfg_path), callbacks=[CrashAt(2)])
+    run = next((tmp_path / "runs" / "tiny").iterdir())
+    held = _lock(run)  # as a live training process holds it
+    try:
+        res = runner.invoke(app, ["fit", str(cfg_path), "--resume", str(run)])
+        assert res.exit_code == 2 and "is being trained by another process right now" in res.output
+        res = runner.invoke(app, ["fit", str(cfg_path), "--resume", "auto"])
+        assert res.exit_code == 2 and "no unfinished run of 'tiny'" in res.output
+        res = runner.invoke(app, ["fit", str(cfg_path), "--out", str(run)])
+        assert res.exit_code == 2 and "is being trained by another process right now" in res.output
+    finally:
+        held.close()
+    res = runner.invoke(app, ["fit", str(cfg_path), "--out", str(run)])  # not in use, but not empty either
+    assert res.exit_code == 2 and "already holds a run (checkpoints/last.pt): continue it with --resume" in res.output

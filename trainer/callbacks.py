@@ -142,8 +142,9 @@ class NonFiniteGuard(Callback):
         if self.mode == "skip":
             raise SkipStep()
         raise TrainingDiverged(f"{what} is not finite at epoch {s.epoch + 1}, batch {s.batch + 1} "
-                               f"(step {s.step + 1} of {s.total_steps}), lr {current_lr(learn.opt):.3g}; last finite loss "
-                               f"{self.last_finite:.4g}. Try a lower lr, train.clip, or train.on_nan: skip")
+                               f"(step {s.step + 1} of {s.total_steps}), lr {current_lr(learn.opt):.3g}; "
+                               f"last finite loss {self.last_finite:.4g}. Try a lower lr, train.clip, "
+                               "or train.on_nan: skip")
 
     def after_loss(self, learn: Learner) -> None:
         if not math.isfinite(learn.state.loss):
@@ -202,9 +203,10 @@ class Checkpointer(Callback):
         bad = checkpoint.non_finite(state["model"])
         if bad:
             s = learn.state
-            raise TrainingDiverged(f"the weights are not finite ({', '.join(bad[:3])}) after epoch {s.epoch + 1}, "
-                                   f"batch {s.batch + 1} (step {s.step} of {s.total_steps}), lr {current_lr(learn.opt):.3g}; "
-                                   "not saved: checkpoints/ keep the last good state. Try a lower lr or train.clip")
+            raise TrainingDiverged(f"the weights are not finite ({', '.join(bad[:3])}) after epoch "
+                                   f"{s.epoch + 1}, batch {s.batch + 1} (step {s.step} of {s.total_steps}), "
+                                   f"lr {current_lr(learn.opt):.3g}; not saved: checkpoints/ keep the last good "
+                                   "state. Try a lower lr or train.clip")
         return state
 
     def state_dict(self) -> dict:

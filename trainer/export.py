@@ -53,7 +53,8 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, whi
     {"safetensors": _safetensors, "onnx": _onnx, "torchscript": _torchscript}[fmt](run, model, x, path)
     diff = None
     if verify:
-        got = {"safetensors": _reload_safetensors, "onnx": _run_onnx, "torchscript": _run_torchscript}[fmt](run, path, x)
+        reload = {"safetensors": _reload_safetensors, "onnx": _run_onnx, "torchscript": _run_torchscript}[fmt]
+        got = reload(run, path, x)
         diff = (got - expected).abs().max().item()
         if not diff <= 1e-3 * max(1.0, expected.abs().max().item()):
             raise RuntimeError(f"export check failed: {path} gives outputs up to {diff:.3g} away from the model's")

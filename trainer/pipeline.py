@@ -175,6 +175,8 @@ def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console
         out = resuming.resolve(resume, cfg.name)
         cfg = resuming.reconcile(cfg, out)
         point = resuming.load_point(out, [st.total_epochs for st in expand_stages(cfg.train.stages)])
+    elif out is not None:
+        resuming.check_fresh_out(Path(out))
     sess = prepare(cfg, out, smoke, console)
     sess.extra_callbacks += list(callbacks)
     return run_stages(sess, point)

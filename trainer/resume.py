@@ -9,7 +9,8 @@ moment and resumed ends with the same metrics and bitwise the same weights.
 
 status.json says whether a run is running, finished, interrupted, diverged or failed; a run
 killed with SIGKILL still says "running", and `--resume auto` takes the newest run that is not
-finished.
+finished and not in use: a training process holds an OS lock on RUN_DIR/.lock, which a second
+process (a resume of a live run, or --out into it) is refused.
 """
 
 from __future__ import annotations
@@ -52,9 +53,46 @@ def read_status(run_dir: Path) -> str:
         return "unknown"
 
 
+def _lock(run_dir: Path):
+    """An exclusive lock on RUN_DIR/.lock, or None when another process holds it. The OS drops it
+    when the process ends, however it ends (kill -9 included), so a stale lock cannot exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; runs are not protected from a second writer
+        return open(Path(run_dir) / ".lock", "a")
+    f = open(Path(run_dir) / ".lock", "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def in_use(run_dir: Path) -> bool:
+    if not (Path(run_dir) / ".lock").exists():
+        return False
+    f = _lock(run_dir)
+    if f is not None:
+        f.close()
+    return f is None
+
+
 @contextlib.contextmanager
 def run_status(run: RunDir):
-    """running while inside; finished, interrupted, diverged or failed after."""
+    """Holds the run's lock; running while inside; finished, interrupted, diverged or failed after."""
+    lock = _lock(run.path)
+    if lock is None:
+        raise ResumeError(f"{run.path} is being trained by another process right now")
+    try:
+        with _status(run):
+            yield
+    finally:
+        lock.close()
+
+
+@contextlib.contextmanager
+def _status(run: RunDir):
     write_status(run, "running")
     try:
         yield
@@ -76,7 +114,7 @@ def find_unfinished(name: str, root: str | Path = "runs") -> Path:
     """The unfinished run of this config name that was checkpointed last."""
     folder = Path(root) / name
     found = [last.parent.parent for last in folder.glob("*/checkpoints/last.pt")
-             if read_status(last.parent.parent) != "finished"]
+             if read_status(last.parent.parent) != "finished" and not in_use(last.parent.parent)]
     if not found:
         raise ResumeError(f"--resume auto: no unfinished run of '{name}' with a checkpoint under {folder}/ "
                           "(start one without --resume)")
@@ -90,10 +128,21 @@ def resolve(spec: str | Path, name: str, root: str | Path = "runs") -> Path:
     if not (run_dir / "checkpoints" / "last.pt").is_file():
         raise ResumeError(f"--resume {spec}: {run_dir} has no checkpoints/last.pt yet (it stopped before "
                           "its first checkpoint): start it again without --resume")
+    if in_use(run_dir):
+        raise ResumeError(f"--resume {spec}: {run_dir} is being trained by another process right now")
     if read_status(run_dir) == "finished":
-        raise ResumeError(f"--resume {spec}: {run_dir} finished; nothing to resume (start a new run, or "
-                          "fine-tune from it with model.pretrained)")
+        raise ResumeError(f"--resume {spec}: {run_dir} finished; nothing to resume (start a new run without "
+                          "--resume)")
     return run_dir
+
+
+def check_fresh_out(out: Path) -> None:
+    """--out into a folder that already holds a run would write over its checkpoints and metrics."""
+    if in_use(out):
+        raise ResumeError(f"--out {out}: that run is being trained by another process right now")
+    if (Path(out) / "checkpoints" / "last.pt").exists():
+        raise ResumeError(f"--out {out} already holds a run (checkpoints/last.pt): continue it with "
+                          f"--resume {out}, or choose another folder")
 
 
 def _flat(data, prefix: str = "") -> dict:
@@ -191,7 +240,8 @@ def restore(learn, point: ResumePoint) -> tuple[int, int]:
             raise ResumeError(f"{point.run_dir}: the checkpoint's epoch had {state['n_batches']} batches, "
                               f"this data gives {len(learn.train_dl)} (did the dataset change?)")
         learn.opt.load_state_dict(state["optimizer"])
-        learn.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 (a CPU run): the fresh scaler is right
+            learn.scaler.load_state_dict(state["scaler"])
         s = learn.state
         s.epoch_loss_sum, s.epoch_loss_count = state["train_loss_sum"], state["train_loss_count"]
         s.skipped_steps = state.get("skipped_steps", 0)
