@@ -70,13 +70,20 @@ class Recorder(Callback):
     def after_epoch(self, learn: Learner) -> None:
         s = learn.state
         row = {"stage": self.stage, "epoch": self.epoch_offset + s.epoch + 1, "train_loss": s.train_loss,
-               **{k: v for k, v in s.valid.items()}, "lr": self._lr if hasattr(self, "_lr") else math.nan,
+               **{k: v for k, v in s.valid.items()}, "lr": self._last_lr(),
                "seconds": round(time.perf_counter() - s.epoch_start, 2), **self.extra}
         if s.skipped_steps:
             row["skipped_steps"] = s.skipped_steps  # train.on_nan: skip (steps skipped in this stage)
         learn.last_row = row
         if self.run is not None:
             self.run.add_metrics(row)
+
+    def _last_lr(self) -> float:
+        """The lr of the epoch's last step. From the shared record, not from this object: a run
+        resumed from a checkpoint taken after the epoch's last batch runs no batch here."""
+        if self.steps and self.steps[-1]["stage"] == self.stage:
+            return self.steps[-1]["lr"]
+        return getattr(self, "_lr", math.nan)
 
     # A resumed run continues the per-step record where the checkpoint left it.
     def state_dict(self) -> dict:
