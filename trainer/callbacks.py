@@ -114,17 +114,50 @@ class FreezeNorms(Callback):
 
 class ResetState(Callback):
     """Stateful models (the char RNNs) start every epoch, validation and prediction from a zero
-    hidden state; models without `reset()` are left alone."""
+    hidden state; models without `reset()` are left alone. A mid-epoch checkpoint holds the
+    training streams' hidden state, so a resumed language-model run continues exactly."""
 
     order = -20
 
-    def _reset(self, learn: Learner) -> None:
-        model = getattr(learn.model, "module", learn.model)  # DDP wraps the model
-        reset = getattr(model, "reset", None)
-        if callable(reset):
-            reset()
+    def __init__(self):
+        self._model, self._mid_epoch, self._carry = None, False, None
 
-    before_epoch = before_outputs = _reset
+    @staticmethod
+    def _stateful(learn: Learner):
+        model = getattr(learn.model, "module", learn.model)  # DDP wraps the model
+        return model if callable(getattr(model, "reset", None)) else None
+
+    def before_epoch(self, learn: Learner) -> None:
+        model = self._stateful(learn)
+        if model is None:
+            return
+        model.reset()
+        if self._carry is not None:  # resuming in the middle of this epoch
+            device = next(model.parameters()).device
+            h = [t.to(device) for t in self._carry]
+            model.h = tuple(h) if len(h) > 1 else h[0]
+            self._carry = None
+
+    def after_batch(self, learn: Learner) -> None:
+        self._model, self._mid_epoch = self._stateful(learn), True
+
+    def before_validate(self, learn: Learner) -> None:
+        self._mid_epoch = False  # an epoch-end checkpoint starts the next epoch from zero
+
+    def before_outputs(self, learn: Learner) -> None:
+        self._mid_epoch = False
+        model = self._stateful(learn)
+        if model is not None:
+            model.reset()
+
+    def state_dict(self) -> dict:
+        h = getattr(self._model, "h", None) if self._mid_epoch else None
+        if h is None:
+            return {"hidden": []}
+        return {"hidden": [t.detach().cpu().clone() for t in (h if isinstance(h, tuple) else (h,))]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._carry = list(state.get("hidden", [])) or None
 
 
 class GradClip(Callback):
