@@ -444,7 +444,7 @@ def config_image_too_small_for_the_model(tmp):
     return fit(tmp, folder(tmp), arch="convnet", stages="[{epochs: 1, lr: 1.0e-2, size: 8}]")
 
 
-@case(2, "model 'simplenet' cannot take 3x16x16 inputs")
+@case(2, "train.stages: 'simplenet' is built for one input size, but the stages use sizes 8, 16")
 def config_simplenet_with_two_sizes(tmp):
     return fit(tmp, folder(tmp), arch="simplenet",
                stages="[{epochs: 1, lr: 1.0e-2, size: 8}, {epochs: 1, lr: 1.0e-3, size: 16}]")

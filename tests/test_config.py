@@ -68,6 +68,12 @@ def test_arch_must_fit_the_data_layout(tmp_path, folder_data, text_file):
         in error_of(p)
 
 
+def test_a_fixed_size_model_with_progressive_resizing_fails_before_training(tmp_path, folder_data):
+    stages = "[{epochs: 1, lr: 0.01, size: 16}, {epochs: 1, lr: 0.01, size: 24}]"
+    p = write(tmp_path, tiny_config(folder_data, arch="simplenet", stages=stages))
+    assert "train.stages: 'simplenet' is built for one input size, but the stages use sizes 16, 24" in error_of(p)
+
+
 def test_missing_data_path(tmp_path):
     p = write(tmp_path, tiny_config(tmp_path / "nope"))
     assert "data.path:" in error_of(p) and "does not exist" in error_of(p)

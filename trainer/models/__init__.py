@@ -58,6 +58,11 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
                  f"({', '.join(CHAR_ARCHS) if text_data else 'e.g. bnresnet, resnet34'})")]
     if arch in MODELS:
         params = inspect.signature(MODELS.get(arch)).parameters
+        sizes = sorted({st.size or getattr(cfg.data, "size", None) for st in cfg.train.stages},
+                       key=lambda s: (s is not None, s or 0))  # None: the images' own size
+        if "size" in params and len(sizes) > 1:  # built for one input size (simplenet's first Linear)
+            return [("train.stages", f"'{arch}' is built for one input size, but the stages use sizes "
+                     f"{', '.join(str(s or 'native') for s in sizes)}; give every stage the same size")]
         bad = [k for k in cfg.model.arch_kwargs() if k not in params]
         if bad:
             return [(f"model.{k}", f"'{arch}' does not take this option (it takes: "
