@@ -103,3 +103,29 @@ def test_progress_is_a_table_on_a_terminal_and_plain_lines_otherwise(tmp_path, f
     pipeline.fit(cfg, tmp_path / "plain", console=Console(file=io.StringIO(), force_terminal=False))
     out = capsys.readouterr().out
     assert out.count("train_loss") == 2 and "\x1b[" not in out
+
+
+def test_best_pt_is_chosen_among_epochs_at_the_last_image_size(tmp_path, folder_data):
+    """Validation losses at 16 px and at 24 px do not compare: when a stage changes the size, the
+    best so far starts again, so best.pt is a model of the size the run ends at."""
+    from trainer import pipeline
+    from trainer.callbacks import Checkpointer
+    from trainer.config import load_config
+    from trainer.loop import Callback
+
+    class BestAtStart(Callback):
+        seen: list = []
+
+        def before_fit(self, learn):
+            self.seen.append(next(c for c in learn.callbacks if isinstance(c, Checkpointer)).best)
+
+    stages = "[{epochs: 2, lr: 1.0e-2, size: 16}, {epochs: 1, lr: 1.0e-3, size: 24}, {epochs: 1, lr: 1.0e-3, size: 24}]"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tiny_config(folder_data, stages=stages))
+    spy = BestAtStart()
+    pipeline.fit(load_config(cfg), tmp_path / "run", callbacks=[spy])
+    assert spy.seen[:2] == [math.inf, math.inf] and math.isfinite(spy.seen[2])  # same size: kept
+    rows = read_table(tmp_path / "run" / "metrics.csv")
+    best = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["stage"] >= 1
+    assert best["best_valid_loss"] == pytest.approx(min(float(r["valid_loss"]) for r in rows[2:]), rel=1e-4)

@@ -194,6 +194,8 @@ def run_stages(sess: Session, point=None) -> FitResult:
             if point is not None and k < point.stage:
                 epoch_offset += stage.total_epochs
                 continue
+            if k > 0 and image_size(stage, sess.cfg) != image_size(stages[k - 1], sess.cfg):
+                sess.best = math.inf  # losses at another image size do not compare: best.pt is of the last size
             sess.log(f"stage {k + 1}/{len(stages)} '{stage.name}': {stage.total_epochs} epoch(s), "
                      f"{stage.schedule}, first trainable group {freeze_to}")
             learner = make_learner(sess, stage, k, freeze_to, epoch_offset)
@@ -209,6 +211,10 @@ def run_stages(sess: Session, point=None) -> FitResult:
     final = sess.run.metrics[-1] if sess.run.metrics else {}
     sess.log(f"done: {final}")
     return FitResult(sess.run.path, sess.run.metrics, final)
+
+
+def image_size(stage, cfg: Config):
+    return stage.size or getattr(cfg.data, "size", None)
 
 
 def _where(learn: Learner, k: int, stages) -> str:
