@@ -56,27 +56,36 @@ def fit(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
         out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>/<time>)."),
         smoke: bool = typer.Option(False, help="Every stage on a few batches: does the pipeline work?"),
         resume: Optional[str] = typer.Option(None, help="RUN_DIR, or auto (the newest unfinished run of this "
-                                             "config): continue exactly from its last checkpoint.")):
+                                             "config): continue exactly from its last checkpoint."),
+        devices: Optional[int] = typer.Option(None, "--devices", min=1, help="Train with N processes on this "
+                                              "machine (DDP; one per GPU), started as torchrun would.")):
     """Train: run every stage of the config and write a run directory."""
-    from trainer import pipeline
+    from trainer import launch, pipeline
     from trainer.signals import Interrupted
 
     cfg = load(config, sets)
     if resume is not None and out is not None:
         fail("--resume continues in the run's own directory; leave out --out")
+    if devices is not None:
+        raise typer.Exit(launch.launch(devices, launch.fit_args(config, sets, out, smoke, resume),
+                                       log=lambda m: console.print(m, highlight=False, markup=False)))
+    main = launch.is_main_process()  # under torchrun only rank 0 reports
     try:
         result = guarded(lambda: pipeline.fit(cfg, out, smoke, console, resume=resume))
     except Interrupted as e:
-        command = shlex.join(["trainer", "fit", str(config), *[a for s in sets or [] for a in ("--set", s)],
-                              "--resume", str(e.run_dir)])
-        console.print(f"{e}\nresume with: {command}", highlight=False, markup=False, soft_wrap=True)
+        command = shlex.join(launch.resume_command(["trainer", "fit", str(config),
+                                                    *[a for s in sets or [] for a in ("--set", s)],
+                                                    "--resume", str(e.run_dir)]))
+        if main:
+            console.print(f"{e}\nresume with: {command}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted before training started: nothing to save", highlight=False)
         raise typer.Exit(130)
-    console.print(f"run directory: {result.run_dir}", highlight=False)
-    if smoke:
-        console.print("smoke run passed", highlight=False)
+    if main:
+        console.print(f"run directory: {result.run_dir}", highlight=False)
+        if smoke:
+            console.print("smoke run passed", highlight=False)
 
 
 @app.command()

@@ -25,6 +25,7 @@ import yaml
 from trainer import checkpoint
 from trainer.callbacks import TrainingDiverged
 from trainer.config import Config, dump_config
+from trainer.distributed import own_rng_state
 from trainer.rundir import RunDir
 from trainer.runtime import set_rng_state
 from trainer.signals import Interrupted
@@ -32,7 +33,7 @@ from trainer.signals import Interrupted
 STATUS = "status.json"
 # Keys a resumed run may change: they do not change what is computed.
 MAY_CHANGE = {"name", "device", "compile", "data.cache_dir", "data.valid_bs", "train.checkpoint_every",
-              "train.on_nan"}
+              "train.on_nan", "distributed.backend"}
 STATE_VERSION = 1
 
 
@@ -80,7 +81,11 @@ def in_use(run_dir: Path) -> bool:
 
 @contextlib.contextmanager
 def run_status(run: RunDir):
-    """Holds the run's lock; running while inside; finished, interrupted, diverged or failed after."""
+    """Holds the run's lock; running while inside; finished, interrupted, diverged or failed after.
+    Ranks other than 0 of a multi-process run neither lock nor write (rank 0 does, for them all)."""
+    if not run.writes:
+        yield
+        return
     lock = _lock(run.path)
     if lock is None:
         raise ResumeError(f"{run.path} is being trained by another process right now")
@@ -246,7 +251,7 @@ def restore(learn, point: ResumePoint) -> tuple[int, int]:
         s.epoch_loss_sum, s.epoch_loss_count = state["train_loss_sum"], state["train_loss_count"]
         s.skipped_steps = state.get("skipped_steps", 0)
         load_callback_states(learn.callbacks, state.get("callbacks", {}))
-    set_rng_state(state["rng"])
+    set_rng_state(own_rng_state(state))
     return point.epoch, point.batch
 
 
