@@ -25,7 +25,7 @@ import yaml
 from trainer import checkpoint
 from trainer.callbacks import TrainingDiverged
 from trainer.config import Config, dump_config
-from trainer.distributed import own_rng_state
+from trainer.distributed import own_rng_state, unwrap
 from trainer.rundir import RunDir
 from trainer.runtime import set_rng_state
 from trainer.signals import Interrupted
@@ -239,7 +239,7 @@ def restore(learn, point: ResumePoint) -> tuple[int, int]:
     """Puts the checkpoint into a freshly built learner; returns (start epoch, start batch).
     The random states go last, so nothing done while building can shift them."""
     state = point.state
-    learn.model.load_state_dict(state["model"])
+    unwrap(learn.model).load_state_dict(state["model"])  # checkpoints hold the plain module
     if not point.fresh_stage:
         if state.get("n_batches", len(learn.train_dl)) != len(learn.train_dl):
             raise ResumeError(f"{point.run_dir}: the checkpoint's epoch had {state['n_batches']} batches, "
