@@ -187,20 +187,21 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)  # buffers: rank 0's, sent each forward
 
 
-def use_sync_bn(on: bool, built, device: torch.device) -> None:
-    """train.sync_bn under DDP on GPUs; a single process has the whole batch already."""
+def use_sync_bn(on: bool, built, device: torch.device) -> int | None:
+    """train.sync_bn under DDP on GPUs (a single process has the whole batch already): how many
+    layers were converted, or None when nothing was to be done."""
     world = current()
     if not on or not world.enabled:
-        return
+        return None
     if device.type != "cuda":
         if world.world_size > 1:
             raise ValueError("train.sync_bn needs CUDA GPUs (torch's SyncBatchNorm does not run on the CPU); "
                              "set it to false for CPU processes")
-        return
-    convert_sync_bn(built)
+        return None
+    return convert_sync_bn(built)
 
 
-def convert_sync_bn(built) -> None:
+def convert_sync_bn(built) -> int:
     """Every BatchNorm becomes a SyncBatchNorm (nn.SyncBatchNorm.convert_sync_batchnorm, which
     keeps the same parameters and buffers, so checkpoints keep their keys). Replaced in place
     wherever the model, its layer groups and its split hold it, so freezing still finds them."""
@@ -222,3 +223,4 @@ def convert_sync_bn(built) -> None:
     for m in holders:
         walk(m)
     built.groups = [converted(g) if isinstance(g, nn.modules.batchnorm._BatchNorm) else g for g in built.groups]
+    return len(new)
