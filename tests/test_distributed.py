@@ -64,8 +64,8 @@ def assert_close_metrics(a: Path, b: Path) -> None:
     for ra, rb in zip(rows_a, rows_b):
         assert ra.keys() == rb.keys()
         for k in ra:
-            if k in ("stage", "epoch"):
-                assert ra[k] == rb[k]
+            if k in ("stage", "epoch") or "" in (ra[k], rb[k]):  # names, numbers, and empty cells
+                assert ra[k] == rb[k], k
             elif k != "seconds":
                 assert math.isclose(float(ra[k]), float(rb[k]), rel_tol=RTOL, abs_tol=ATOL), (k, ra[k], rb[k])
 
