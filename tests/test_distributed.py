@@ -214,7 +214,7 @@ def test_sync_bn_on_cpu_processes_is_refused(monkeypatch):
 
 def test_launcher_exit_codes_and_resume_command(monkeypatch):
     assert exit_code([143, -signal.SIGTERM]) == 143 and exit_code([130, 130]) == 130
-    assert exit_code([143, 1]) == 1 and exit_code([]) == 1
+    assert exit_code([143, 1]) == 1 and exit_code([]) == 1 and exit_code([2, 2]) == 2
     base = ["trainer", "fit", "c.yaml", "--resume", "runs/x"]
     monkeypatch.setenv("TRAINER_DEVICES", "4")
     assert resume_command(base) == ["trainer", "fit", "c.yaml", "--devices", "4", "--resume", "runs/x"]

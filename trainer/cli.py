@@ -195,10 +195,12 @@ def lr_find(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
                                                "(default runs/<name>/lr_find-<time>).")):
     """The learning-rate range test: loss against an exponentially growing lr, with suggestions.
     The model and optimizer are left exactly as they were; the same config gives the same curve."""
-    from trainer import pipeline
+    from trainer import launch, pipeline
 
     cfg = load(config, sets)
     result, folder = guarded(lambda: pipeline.lr_find_stage(cfg, stage, start_lr, end_lr, num_it, out, console))
+    if not launch.is_main_process():  # under torchrun, rank 0 reports
+        return
     table = Table("suggestion", "lr", "")
     for name, lr in result.suggestions.items():
         table.add_row(name, f"{lr:.3g}", "recommended" if name == result.recommended else "")

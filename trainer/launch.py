@@ -33,9 +33,12 @@ def torchrun_args(n: int, args: list[str]) -> list[str]:
 
 
 def exit_code(codes: list[int]) -> int:
-    """130 or 143 when every failed process stopped on a signal (SIGTERM wins), else 1."""
+    """130 or 143 when every failed process stopped on a signal (SIGTERM wins); the processes' code
+    when they all failed alike (2: the config or the data was refused, on every rank); else 1."""
     if codes and all(c in INTERRUPTED for c in codes):
         return 128 + (signal.SIGTERM if any(abs(c) in (15, 143) for c in codes) else signal.SIGINT)
+    if len(set(codes)) == 1 and codes[0] > 0:
+        return codes[0]
     return 1
 
 
@@ -50,7 +53,7 @@ def launch(n: int, args: list[str], log=print) -> int:
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values()]
         code = exit_code(codes)
-        if code == 1:
+        if code not in (130, 143):
             log("; ".join(f"process {rank} failed with exit code {f.exitcode}" for rank, f in sorted(e.failures.items()))
                 + " (its output is above)")
         return code
