@@ -65,7 +65,8 @@ def assert_same_state(a: dict, b: dict, path: str = "") -> None:
 def assert_same_run(reference: Path, run: Path) -> None:
     """Same metrics (but seconds), same final checkpoint: weights, optimizer, random states,
     recorder steps; same best.pt."""
-    assert metrics_without_seconds(run) == metrics_without_seconds(reference)
+    got, want = metrics_without_seconds(run), metrics_without_seconds(reference)
+    assert got == want, f"metrics.csv differs:\n  resumed   {got}\n  reference {want}"
     for name in ("last.pt", "best.pt"):
         assert_same_state(checkpoint.load(reference / "checkpoints" / name),
                           checkpoint.load(run / "checkpoints" / name), name)

@@ -58,7 +58,7 @@ def fit_csv(tmp: Path, data: Path, extra: str = "") -> list[str]:
 
 def text_fit(tmp: Path, corpus: Path, extra: str = "") -> list[str]:
     text = (f"name: lm\nseed: 0\ndata: {{layout: text, path: '{corpus}', bptt: 8{extra}}}\n"
-            "model: {arch: simplenet}\ntrain:\n  stages: [{epochs: 1, lr: 1.0e-3}]\n")
+            "model: {arch: gru}\ntrain:\n  stages: [{epochs: 1, lr: 1.0e-3}]\n")
     return ["fit", str(config(tmp, corpus, text=text)), "--out", str(tmp / "run")]
 
 

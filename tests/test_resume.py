@@ -154,7 +154,8 @@ def test_status_file_tracks_the_run(reference):
     assert json.loads((reference / "status.json").read_text())["status"] == "finished"
 
 
-@pytest.mark.parametrize("signum, code, at", [(signal.SIGINT, 130, 6), (signal.SIGTERM, 143, 3)])
+@pytest.mark.parametrize("signum, code, at", [(signal.SIGINT, 130, 6), (signal.SIGTERM, 143, 3),
+                                          (signal.SIGTERM, 143, 4)])  # 4: the epoch's last batch
 def test_a_signal_saves_at_the_step_boundary_and_prints_the_resume_command(
         cfg_path, reference, tmp_path, monkeypatch, signum, code, at):
     out = tmp_path / "run"

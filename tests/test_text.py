@@ -288,3 +288,20 @@ def test_state_is_reset_at_each_epoch_and_before_validation(tmp_path, text_file)
     learn.model.train()
     learn.model(torch.randint(1, 10, (7, 4)))  # leaves a training state behind
     assert learn.validate() == first  # validation starts from a zero state, whatever came before
+
+
+@pytest.mark.parametrize("crash_at", [5, 9])  # mid-epoch in epoch 1 and in epoch 2
+def test_a_resumed_language_model_run_equals_the_uninterrupted_one(tmp_path, text_file, crash_at):
+    """The training streams' hidden state is checkpointed: a crash mid-epoch and a resume give the
+    same metrics and bitwise the same weights."""
+    from trainer import pipeline
+    from tests.runs import Crash, CrashAt, assert_same_run
+
+    text = text_config(text_file, model="n_fac: 8, n_hidden: 16", data="bs: 4, bptt: 10",
+                       arch="lstm") + "  checkpoint_every: 1\n"
+    cfg = load(tmp_path, text)
+    pipeline.fit(cfg, tmp_path / "reference")
+    with pytest.raises(Crash):
+        pipeline.fit(cfg, tmp_path / "run", callbacks=[CrashAt(crash_at)])
+    pipeline.fit(cfg, resume=tmp_path / "run")
+    assert_same_run(tmp_path / "reference", tmp_path / "run")

@@ -71,13 +71,20 @@ class Recorder(Callback):
     def after_epoch(self, learn: Learner) -> None:
         s = learn.state
         row = {"stage": self.stage, "epoch": self.epoch_offset + s.epoch + 1, "train_loss": s.train_loss,
-               **{k: v for k, v in s.valid.items()}, "lr": self._lr if hasattr(self, "_lr") else math.nan,
+               **{k: v for k, v in s.valid.items()}, "lr": self._last_lr(),
                "seconds": round(time.perf_counter() - s.epoch_start, 2), **self.extra}
         if s.skipped_steps:
             row["skipped_steps"] = s.skipped_steps  # train.on_nan: skip (steps skipped in this stage)
         learn.last_row = row
         if self.run is not None:
             self.run.add_metrics(row)
+
+    def _last_lr(self) -> float:
+        """The lr of the epoch's last step. From the shared record, not from this object: a run
+        resumed from a checkpoint taken after the epoch's last batch runs no batch here."""
+        if self.steps and self.steps[-1]["stage"] == self.stage:
+            return self.steps[-1]["lr"]
+        return getattr(self, "_lr", math.nan)
 
     # A resumed run continues the per-step record where the checkpoint left it.
     def state_dict(self) -> dict:
@@ -108,17 +115,50 @@ class FreezeNorms(Callback):
 
 class ResetState(Callback):
     """Stateful models (the char RNNs) start every epoch, validation and prediction from a zero
-    hidden state; models without `reset()` are left alone."""
+    hidden state; models without `reset()` are left alone. A mid-epoch checkpoint holds the
+    training streams' hidden state, so a resumed language-model run continues exactly."""
 
     order = -20
 
-    def _reset(self, learn: Learner) -> None:
-        model = getattr(learn.model, "module", learn.model)  # DDP wraps the model
-        reset = getattr(model, "reset", None)
-        if callable(reset):
-            reset()
+    def __init__(self):
+        self._model, self._mid_epoch, self._carry = None, False, None
 
-    before_epoch = before_outputs = _reset
+    @staticmethod
+    def _stateful(learn: Learner):
+        model = getattr(learn.model, "module", learn.model)  # DDP wraps the model
+        return model if callable(getattr(model, "reset", None)) else None
+
+    def before_epoch(self, learn: Learner) -> None:
+        model = self._stateful(learn)
+        if model is None:
+            return
+        model.reset()
+        if self._carry is not None:  # resuming in the middle of this epoch
+            device = next(model.parameters()).device
+            h = [t.to(device) for t in self._carry]
+            model.h = tuple(h) if len(h) > 1 else h[0]
+            self._carry = None
+
+    def after_batch(self, learn: Learner) -> None:
+        self._model, self._mid_epoch = self._stateful(learn), True
+
+    def before_validate(self, learn: Learner) -> None:
+        self._mid_epoch = False  # an epoch-end checkpoint starts the next epoch from zero
+
+    def before_outputs(self, learn: Learner) -> None:
+        self._mid_epoch = False
+        model = self._stateful(learn)
+        if model is not None:
+            model.reset()
+
+    def state_dict(self) -> dict:
+        h = getattr(self._model, "h", None) if self._mid_epoch else None
+        if h is None:
+            return {"hidden": []}
+        return {"hidden": [t.detach().cpu().clone() for t in (h if isinstance(h, tuple) else (h,))]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._carry = list(state.get("hidden", [])) or None
 
 
 class GradClip(Callback):

@@ -41,6 +41,9 @@ def create_model(cfg: ModelConfig, n_out: int, in_channels: int = 3, size: int =
     return _factory(cfg.arch)(n_out=n_out, in_channels=in_channels, size=size, **cfg.arch_kwargs())
 
 
+CHAR_ARCHS = ("charrnn", "gru", "lstm")  # the models that read characters (data.layout: text)
+
+
 def check_model(cfg: Config) -> list[tuple[str, str]]:
     """Config check: the arch exists and takes the options the config sets (used before any work)."""
     arch = cfg.model.arch
@@ -48,6 +51,11 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
         hint = did_you_mean(arch, arch_names())
         return [("model.arch", f"unknown architecture '{arch}'" + (f"; {hint}" if hint else "")
                  + f" (registry: {', '.join(MODELS.names())}, or any torchvision model name)")]
+    text_data, char_model = cfg.data.layout == "text", arch in CHAR_ARCHS
+    if text_data != char_model:
+        wanted = "a character model" if text_data else "an image model"
+        return [("model.arch", f"'{arch}' does not fit data.layout: {cfg.data.layout}; {wanted} does "
+                 f"({', '.join(CHAR_ARCHS) if text_data else 'e.g. bnresnet, resnet34'})")]
     if arch in MODELS:
         params = inspect.signature(MODELS.get(arch)).parameters
         bad = [k for k in cfg.model.arch_kwargs() if k not in params]
