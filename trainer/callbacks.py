@@ -119,6 +119,7 @@ class ResetState(Callback):
     training streams' hidden state, so a resumed language-model run continues exactly."""
 
     order = -20
+    per_rank = True  # several processes: each has its own streams, so its own hidden state in checkpoints
 
     def __init__(self):
         self._model, self._mid_epoch, self._carry = None, False, None

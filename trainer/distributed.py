@@ -157,21 +157,22 @@ def gather_outputs(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.cat([o for o, _ in parts]), torch.cat([t for _, t in parts])
 
 
-def rank_rng_states(state: dict) -> dict:
-    """For a checkpoint: every rank's random state (ranks draw different dropout masks), so that
-    each rank continues its own stream on resume. Empty for a single process."""
+def rank_states(key: str, state) -> dict:
+    """For a checkpoint: every rank's copy of a state that differs between ranks (random states:
+    each rank draws its own dropout masks; a language model's hidden state: each rank has its own
+    streams), so that each rank continues its own on resume. Empty for a single process."""
     if not current().enabled:
         return {}
-    return {"rng_ranks": gather(state)}
+    return {key: gather(state)}
 
 
-def own_rng_state(checkpoint_state: dict) -> dict:
-    """This rank's random state from a checkpoint: its own when the checkpoint was written by as
-    many ranks, else rank 0's (a run resumed with another number of processes)."""
-    world, per_rank = current(), checkpoint_state.get("rng_ranks")
+def own_state(checkpoint_state: dict, key: str, default):
+    """This rank's copy from a checkpoint when it was written by as many ranks, else `default`
+    (rank 0's, for a run resumed with another number of processes)."""
+    world, per_rank = current(), checkpoint_state.get(key)
     if per_rank is not None and len(per_rank) == world.world_size:
         return per_rank[world.rank]
-    return checkpoint_state["rng"]
+    return default
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -187,7 +187,8 @@ def snapshot(learn: Learner, stage_index: int, epoch_end: bool, run: RunDir | No
     return {"model": distributed.unwrap(model or learn.model).state_dict(), "optimizer": learn.opt.state_dict(),
             "scaler": learn.scaler.state_dict(), "stage": stage_index,
             "epoch": s.epoch + 1 if epoch_end else s.epoch, "batch": 0 if epoch_end else s.batch + 1,
-            "rng": rng, **distributed.rank_rng_states(rng), "train_loss_sum": s.epoch_loss_sum, "train_loss_count": s.epoch_loss_count,
+            "rng": rng, **distributed.rank_states("rng_ranks", rng), "train_loss_sum": s.epoch_loss_sum,
+            "train_loss_count": s.epoch_loss_count,
             **resuming.loop_state(learn, run)}
 
 

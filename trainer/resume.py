@@ -25,7 +25,7 @@ import yaml
 from trainer import checkpoint
 from trainer.callbacks import TrainingDiverged
 from trainer.config import Config, dump_config
-from trainer.distributed import own_rng_state, unwrap
+from trainer.distributed import own_state, rank_states, unwrap
 from trainer.rundir import RunDir
 from trainer.runtime import set_rng_state
 from trainer.signals import Interrupted
@@ -251,7 +251,8 @@ def restore(learn, point: ResumePoint) -> tuple[int, int]:
         s.epoch_loss_sum, s.epoch_loss_count = state["train_loss_sum"], state["train_loss_count"]
         s.skipped_steps = state.get("skipped_steps", 0)
         load_callback_states(learn.callbacks, state.get("callbacks", {}))
-    set_rng_state(own_rng_state(state))
+        load_callback_states(learn.callbacks, own_state(state, "callbacks_ranks", {}))  # this process's own
+    set_rng_state(own_state(state, "rng_ranks", state["rng"]))
     return point.epoch, point.batch
 
 
@@ -281,4 +282,6 @@ def loop_state(learn, run: RunDir | None) -> dict:
     """The part of a checkpoint that lets a run continue mid-epoch exactly (see module doc)."""
     return {"version": STATE_VERSION, "n_batches": len(learn.train_dl), "skipped_steps": learn.state.skipped_steps,
             "callbacks": callback_states(learn.callbacks),
+            **rank_states("callbacks_ranks", callback_states(c for c in learn.callbacks
+                                                             if getattr(c, "per_rank", False))),
             "metrics": [dict(r) for r in run.metrics] if run is not None else []}
