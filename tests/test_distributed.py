@@ -229,3 +229,38 @@ def test_a_forwarded_signal_is_the_same_request():
     stop(signal.SIGINT)
     stop(signal.SIGINT)  # the launcher passing on the Ctrl-C this process already got
     assert stop.signum == signal.SIGINT and exits == []
+
+
+def test_accumulate_under_ddp_sends_the_gradients_once_per_step(tmp_path):
+    """no_sync: 4 micro-batches, one all-reduce (a one-process gloo group, in this process)."""
+    import torch.distributed as dist
+    import torch.nn as nn
+
+    from trainer.loop import Learner
+    from trainer.metrics import make_task
+    from trainer.parallel import Accumulate
+
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 2
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain, wrapped = nn.Linear(4, 2), nn.Linear(4, 2)
+        wrapped.load_state_dict(plain.state_dict())
+        ddp, sends = nn.parallel.DistributedDataParallel(wrapped), []
+
+        def count(state, bucket):
+            sends.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, count)
+        for model, callbacks in ((plain, []), (ddp, [Accumulate(4)])):
+            learn = Learner(model, torch.optim.SGD(model.parameters(), lr=0.5), make_task("single_label"),
+                            None, None, callbacks)
+            learn._one_batch(x, y)
+        assert len(sends) == 1
+        for a, b in zip(plain.parameters(), wrapped.parameters()):
+            assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
