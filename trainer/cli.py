@@ -24,9 +24,10 @@ CONFIG = typer.Argument(..., help="YAML config file.")
 SETS = typer.Option(None, "--set", help="Override a key, e.g. --set data.bs=64 (repeatable).")
 
 
-def fail(message: str, code: int = 2):
+def fail(message: str, code: int = 2, show: bool = True):
     # escaped: a message quoting the user's input ("[1, 2]", a path) is text, not rich markup
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    if show:
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -46,9 +47,9 @@ def guarded(fn):
     try:
         return fn()
     except (DataError, StageError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+        fail(str(e), show=not getattr(e, "rank0_says", False))
     except (RuntimeError, OSError) as e:  # a diverged run, a full disk: the run failed, say why
-        fail(str(e), 1)
+        fail(str(e), 1, show=not getattr(e, "rank0_says", False))
 
 
 @app.command()

@@ -105,6 +105,7 @@ def from_main(fn):
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
+        value.rank0_says = not world.is_main  # rank 0 prints it; the other ranks only exit alike
         raise value
     return value
 

@@ -53,7 +53,7 @@ def launch(n: int, args: list[str], log=print) -> int:
     except ChildFailedError as e:
         codes = [f.exitcode for f in e.failures.values()]
         code = exit_code(codes)
-        if code not in (130, 143):
+        if code == 1:  # mixed or unexplained failures: say which process
             log("; ".join(f"process {rank} failed with exit code {f.exitcode}" for rank, f in sorted(e.failures.items()))
                 + " (its output is above)")
         return code
