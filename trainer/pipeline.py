@@ -300,6 +300,7 @@ def lr_find_stage(cfg: Config, stage: str | None = None, start_lr: float = 1e-7,
     check_range(start_lr, end_lr, num_it)
     out = out or Path("runs") / cfg.name / f"lr_find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     sess = prepare(cfg, out, console=console)
+    done = False
     try:
         stages = expand_stages(sess.cfg.train.stages)
         k = find_stage(stages, stage)
@@ -308,7 +309,8 @@ def lr_find_stage(cfg: Config, stage: str | None = None, start_lr: float = 1e-7,
         result = lr_find(learner, start_lr, end_lr, num_it, seed=sess.cfg.seed or 0)
         if sess.world.is_main:
             save_result(result, sess.run.path, "lr_find")
+        done = True
     finally:
-        distributed.stop()
+        distributed.stop(wait=done)
     sess.log(f"stage '{stages[k].name}' (first trainable group {freeze_to}): {result.summary()}")
     return result, sess.run.path
