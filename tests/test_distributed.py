@@ -50,9 +50,11 @@ def free_port() -> int:
 
 
 def run_processes(args: list[str], cwd: Path, signal_rank: int | None = None, at_step: int = 0):
-    """A real multi-process run; with signal_rank, that rank's process alone gets SIGTERM at a step."""
-    paths = [str(ROOT)] + ([str(ROOT / "tests" / "signal_rank")] if signal_rank is not None else [])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    """A real multi-process run where rank 1 cannot write a file (tests/signal_rank); with
+    signal_rank, that rank's process alone gets SIGTERM at a step."""
+    paths = [str(ROOT), str(ROOT / "tests" / "signal_rank")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1",
+           "TRAINER_TEST_READONLY_RANK": "1"}
     if signal_rank is not None:
         env.update(TRAINER_TEST_SIGNAL_RANK=str(signal_rank), TRAINER_TEST_SIGNAL_STEP=str(at_step))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
@@ -97,7 +99,7 @@ def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
     found = [checkpoint_json(r) for r in (single, two)]
     assert math.isclose(found[0], found[1], rel_tol=1e-6)
     assert "2 processes (gloo)" in (two / "log.txt").read_text()
-    # rank 1 wrote nothing: the same files, every log line once, one report on stdout
+    # rank 1 wrote nothing (any write there raises): the same files, every log line once, one report
     names = lambda run: sorted(p.name for p in run.iterdir() if p.name != ".lock")  # noqa: E731
     assert names(two) == names(single)
     assert sum("stage 1/2" in line for line in (two / "log.txt").read_text().splitlines()) == 1
