@@ -50,9 +50,9 @@ def free_port() -> int:
 
 
 def run_processes(args: list[str], cwd: Path, signal_rank: int | None = None, at_step: int = 0):
-    """A real multi-process run where rank 1 cannot write a file (tests/signal_rank); with
+    """A real multi-process run where rank 1 cannot write a file (tests/rank_instruments); with
     signal_rank, that rank's process alone gets SIGTERM at a step."""
-    paths = [str(ROOT), str(ROOT / "tests" / "signal_rank")]
+    paths = [str(ROOT), str(ROOT / "tests" / "rank_instruments")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1",
            "TRAINER_TEST_READONLY_RANK": "1"}
     if signal_rank is not None:
