@@ -96,7 +96,7 @@ def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
     two = runs[0]
     assert_close_metrics(single, two)
     assert_close_weights(single, two)
-    found = [checkpoint_json(r) for r in (single, two)]
+    found = [found_lr(r) for r in (single, two)]
     assert math.isclose(found[0], found[1], rel_tol=1e-6)
     assert "2 processes (gloo)" in (two / "log.txt").read_text()
     # rank 1 wrote nothing (any write there raises): the same files, every log line once, one report
@@ -109,7 +109,7 @@ def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
     assert ev.exit_code == 0, ev.output
 
 
-def checkpoint_json(run: Path) -> float:
+def found_lr(run: Path) -> float:
     import json
 
     return json.loads((run / "lr_find-find.json").read_text())["lr"]
