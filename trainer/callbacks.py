@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from trainer import checkpoint
+from trainer.distributed import unwrap
 from trainer.loop import Callback, CancelFit, Learner, SkipStep
 from trainer.models.layers import is_norm
 from trainer.optim import set_momentum
@@ -118,6 +119,7 @@ class ResetState(Callback):
     training streams' hidden state, so a resumed language-model run continues exactly."""
 
     order = -20
+    per_rank = True  # several processes: each has its own streams, so its own hidden state in checkpoints
 
     def __init__(self):
         self._model, self._mid_epoch, self._carry = None, False, None
@@ -229,14 +231,18 @@ class Checkpointer(Callback):
         state = self._checked(learn, True)
         if better:
             # best.pt before last.pt: a crash between them redoes this epoch and rewrites the same best
-            checkpoint.save({**state, "best_valid_loss": loss}, self.run.checkpoints / "best.pt")
-        checkpoint.save(state, self.run.checkpoints / "last.pt")
+            self._save({**state, "best_valid_loss": loss}, "best.pt")
+        self._save(state, "last.pt")
 
     def save_last(self, learn: Learner, epoch_end: bool = False) -> dict:
         """last.pt now (a signal asks for it at a step boundary)."""
         state = self._checked(learn, epoch_end)
-        checkpoint.save(state, self.run.checkpoints / "last.pt")
+        self._save(state, "last.pt")
         return state
+
+    def _save(self, state: dict, name: str) -> None:
+        if self.run.writes:  # every rank builds the state (a collective gathers the random states); rank 0 writes
+            checkpoint.save(state, self.run.checkpoints / name)
 
     def _checked(self, learn: Learner, epoch_end: bool) -> dict:
         state = self.snapshot(learn, epoch_end)
@@ -281,7 +287,7 @@ class CycleSaver(Callback):
         epoch = learn.state.epoch + 1
         if epoch in self.ends:
             k = self.first + self.ends.index(epoch)
-            checkpoint.save({"model": learn.model.state_dict(), "stage": self.stage_index, "epoch": epoch,
+            checkpoint.save({"model": unwrap(learn.model).state_dict(), "stage": self.stage_index, "epoch": epoch,
                              "cycle": k, "valid": dict(learn.state.valid)},
                             self.run.checkpoints / f"cycle-{k}.pt")
             self.saved.append(k)

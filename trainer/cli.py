@@ -24,9 +24,10 @@ CONFIG = typer.Argument(..., help="YAML config file.")
 SETS = typer.Option(None, "--set", help="Override a key, e.g. --set data.bs=64 (repeatable).")
 
 
-def fail(message: str, code: int = 2):
+def fail(message: str, code: int = 2, show: bool = True):
     # escaped: a message quoting the user's input ("[1, 2]", a path) is text, not rich markup
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    if show:
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -46,9 +47,9 @@ def guarded(fn):
     try:
         return fn()
     except (DataError, StageError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+        fail(str(e), show=not getattr(e, "rank0_says", False))
     except (RuntimeError, OSError) as e:  # a diverged run, a full disk: the run failed, say why
-        fail(str(e), 1)
+        fail(str(e), 1, show=not getattr(e, "rank0_says", False))
 
 
 @app.command()
@@ -56,27 +57,36 @@ def fit(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
         out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>/<time>)."),
         smoke: bool = typer.Option(False, help="Every stage on a few batches: does the pipeline work?"),
         resume: Optional[str] = typer.Option(None, help="RUN_DIR, or auto (the newest unfinished run of this "
-                                             "config): continue exactly from its last checkpoint.")):
+                                             "config): continue exactly from its last checkpoint."),
+        devices: Optional[int] = typer.Option(None, "--devices", min=1, help="Train with N processes on this "
+                                              "machine (DDP; one per GPU), started as torchrun would.")):
     """Train: run every stage of the config and write a run directory."""
-    from trainer import pipeline
+    from trainer import launch, pipeline
     from trainer.signals import Interrupted
 
     cfg = load(config, sets)
     if resume is not None and out is not None:
         fail("--resume continues in the run's own directory; leave out --out")
+    if devices is not None:
+        raise typer.Exit(launch.launch(devices, launch.fit_args(config, sets, out, smoke, resume),
+                                       log=lambda m: console.print(m, highlight=False, markup=False)))
+    main = launch.is_main_process()  # under torchrun only rank 0 reports
     try:
         result = guarded(lambda: pipeline.fit(cfg, out, smoke, console, resume=resume))
     except Interrupted as e:
-        command = shlex.join(["trainer", "fit", str(config), *[a for s in sets or [] for a in ("--set", s)],
-                              "--resume", str(e.run_dir)])
-        console.print(f"{e}\nresume with: {command}", highlight=False, markup=False, soft_wrap=True)
+        command = shlex.join(launch.resume_command(["trainer", "fit", str(config),
+                                                    *[a for s in sets or [] for a in ("--set", s)],
+                                                    "--resume", str(e.run_dir)]))
+        if main:
+            console.print(f"{e}\nresume with: {command}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted before training started: nothing to save", highlight=False)
         raise typer.Exit(130)
-    console.print(f"run directory: {result.run_dir}", highlight=False)
-    if smoke:
-        console.print("smoke run passed", highlight=False)
+    if main:
+        console.print(f"run directory: {result.run_dir}", highlight=False)
+        if smoke:
+            console.print("smoke run passed", highlight=False)
 
 
 @app.command()
@@ -186,10 +196,12 @@ def lr_find(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
                                                "(default runs/<name>/lr_find-<time>).")):
     """The learning-rate range test: loss against an exponentially growing lr, with suggestions.
     The model and optimizer are left exactly as they were; the same config gives the same curve."""
-    from trainer import pipeline
+    from trainer import launch, pipeline
 
     cfg = load(config, sets)
     result, folder = guarded(lambda: pipeline.lr_find_stage(cfg, stage, start_lr, end_lr, num_it, out, console))
+    if not launch.is_main_process():  # under torchrun, rank 0 reports
+        return
     table = Table("suggestion", "lr", "")
     for name, lr in result.suggestions.items():
         table.add_row(name, f"{lr:.3g}", "recommended" if name == result.recommended else "")

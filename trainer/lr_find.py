@@ -144,7 +144,7 @@ def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0, num_it
     state (its FreezeNorms and GradClip callbacks), and leaves all of them as they were."""
     check_range(start_lr, end_lr, num_it)
     finder = LrFinder(start_lr, end_lr, num_it, beta, stop_div)
-    keep = [c for c in learn.callbacks if isinstance(c, (FreezeNorms, GradClip))]
+    keep = [c for c in learn.callbacks if isinstance(c, (FreezeNorms, GradClip)) or getattr(c, "in_lr_find", False)]
     probe = Learner(learn.model, learn.opt, learn.task, learn.train_dl, None, [*keep, finder],
                     learn.precision, learn.device)
     with restored(learn):

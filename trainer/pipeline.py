@@ -10,26 +10,30 @@ from pathlib import Path
 import torch
 
 from trainer import callbacks as cbs
+from trainer import distributed
 from trainer import resume as resuming
 from trainer.config import Config, dump_config
 from trainer.data.bundle import build_bundle
+from trainer.data.shard import shard_train, shard_valid
 from trainer.data.images import resolve_stats
 from trainer.loop import Learner
 from trainer.lr_find import LrFindResult, check_range, lr_find, save_result
 from trainer.metrics import check_loss, make_task
 from trainer.models import Built, check_input, create_model
 from trainer.optim import create_optimizer, param_groups
+from trainer.parallel import Accumulate, DistributedLearner, SyncLoss, check_batch
 from trainer.plots import History, RunPlots
 from trainer.progress import ProgressReport
 from trainer.rundir import RunDir, new_run_dir
 from trainer.runtime import pick_device, pick_precision, random_seed, rng_state, seed_everything, set_deterministic
-from trainer.signals import SaveOnSignal, graceful_stop
+from trainer.signals import Interrupted, SaveOnSignal, graceful_stop
 from trainer.stages import (StageError, apply_freeze, cycle_ends, expand_stages, freeze_points, is_auto, per_group,
                             stage_schedule)
 
 SMOKE_BATCHES = 2
 SMOKE_LR_FIND_IT = 4
 SMOKE_MAX_SIZE = 64  # px: a smoke run checks the pipeline, not the accuracy
+LAUNCHER_GRACE = 2.0  # s: a launcher forwards the Ctrl-C its processes already got (trainer/signals.py)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Session:
     extra_callbacks: list = field(default_factory=list)
     history: History = field(default_factory=History)  # every step of every stage, for the plots
     cycles_saved: int = 0
+    world: distributed.World = distributed.SINGLE  # this process among those training together
 
 
 @dataclass
@@ -59,24 +64,32 @@ class FitResult:
 
 
 def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, console=None) -> Session:
-    seed = cfg.seed if cfg.seed is not None else random_seed()
+    """With several processes, rank 0 picks the seed and the run directory for all of them and
+    is the only one to write or print."""
+    world, device = distributed.start(cfg.distributed.backend, pick_device(cfg.device))
+    seed = cfg.seed if cfg.seed is not None else distributed.from_main(random_seed)
     cfg = cfg.model_copy(update={"seed": seed})  # a random seed is still recorded
     if smoke:
         cfg = smoke_sizes(cfg)
     seed_everything(seed)
     set_deterministic(cfg.deterministic)
-    device = pick_device(cfg.device)
     if smoke and out is None:
-        out = tempfile.mkdtemp(prefix=f"trainer-smoke-{cfg.name}-")
-    run = RunDir(new_run_dir(cfg.name, out))
+        out = distributed.from_main(lambda: tempfile.mkdtemp(prefix=f"trainer-smoke-{cfg.name}-"))
+    run = RunDir(distributed.from_main(lambda: new_run_dir(cfg.name, out)), writes=world.is_main)
     run.write_text("config.yaml", dump_config(cfg))
 
     def log(line: str) -> None:
         run.log(line)
 
-    bundle = build_bundle(cfg, seed, device, smoke, log=lambda m: (log(m), print(m, flush=True)))
+    with distributed.local_main_first():  # one decode per machine into the image cache
+        bundle = build_bundle(cfg, seed, device, smoke, log=lambda m: (log(m), world.is_main and print(m, flush=True)))
     sizes = [s.size for s in cfg.train.stages if s.size]
     built = create_model(cfg.model, bundle.n_out, bundle.in_channels, sizes[0] if sizes else bundle_size(bundle))
+    synced = distributed.use_sync_bn(cfg.train.sync_bn, built, device)
+    if synced is not None:  # torch's BatchNorm layers only (the course's BnLayer keeps per-process statistics)
+        run.log(f"sync_bn: {synced} BatchNorm layer(s) now compute their statistics over every process's batch")
+    if world.rank > 0:  # every rank built the same weights; each draws its own dropout masks from here
+        torch.manual_seed((seed + world.rank) % 2**63)
     if getattr(bundle, "mean", None) is not None and cfg.data.stats is None and built.pretrained and built.stats:
         bundle.mean, bundle.std = resolve_stats(built.stats, bundle.images.train_x, True)
     for name, data in bundle.files_to_save().items():
@@ -88,8 +101,11 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
     task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
                      cfg.train.label_smoothing)
-    log(f"run {run.path}: seed {seed}, device {device}, {sum(p.numel() for p in built.model.parameters()):,} parameters")
-    return Session(cfg, run, bundle, built, device, pick_precision(cfg.amp, device), task, smoke, log, console)
+    log(f"run {run.path}: seed {seed}, device {device}, {sum(p.numel() for p in built.model.parameters()):,} parameters"
+        + (f", {world.world_size} processes ({distributed.backend_for(cfg.distributed.backend, device)})"
+           if world.enabled else ""))
+    return Session(cfg, run, bundle, built, device, pick_precision(cfg.amp, device), task, smoke, log, console,
+                   world=world)
 
 
 def smoke_sizes(cfg: Config, limit: int = SMOKE_MAX_SIZE) -> Config:
@@ -121,6 +137,8 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
     wds = per_group(stage.wd if stage.wd is not None else cfg.train.wd, n, "wd", stage.name)
     opt = create_optimizer(cfg.train.optimizer, param_groups(groups, lrs, wds), cfg.train.momentum,
                            cfg.train.betas, cfg.train.eps)
+    world = sess.world
+    check_batch(stage.bs or cfg.data.bs, world.world_size, cfg.train.accumulate, cfg.data.layout)
     train_dl, valid_dl = sess.bundle.loaders(stage.bs or cfg.data.bs, stage.size)
     if getattr(sess.bundle, "images", None) is not None:
         check_input(sess.built.model, cfg.model.arch, sess.bundle.in_channels, train_dl.size, sess.device)
@@ -132,6 +150,9 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
 
         model, train_dl, valid_dl = head_only(sess.built, stage, cfg.model.arch, train_dl, valid_dl,
                                               sess.precision, getattr(cfg.data, "cache_dir", None), sess.log)
+    train_dl, valid_dl = shard_train(train_dl, world.rank, world.world_size), \
+        shard_valid(valid_dl, world.rank, world.world_size)
+    model = distributed.wrap(model, sess.device)
     steps = sess.history.steps
     callbacks = [cbs.ScheduleLR(stage_schedule(stage)),
                  cbs.Recorder(sess.run, stage.name, epoch_offset, len(steps), steps), RunPlots(sess.run, sess.history),
@@ -140,10 +161,16 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
                  ProgressReport(sess.console, log=sess.log)]
     if cfg.train.clip:
         callbacks.append(cbs.GradClip(cfg.train.clip))
-    if stage.save_cycles:
+    if stage.save_cycles and world.is_main:
         callbacks.append(cbs.CycleSaver(sess.run, cycle_ends(stage), sess.cycles_saved + 1, stage_index))
-    learner = Learner(model, opt, sess.task, train_dl, valid_dl, callbacks + sess.extra_callbacks,
-                      sess.precision, sess.device)
+    if cfg.train.accumulate > 1:
+        callbacks.append(Accumulate(cfg.train.accumulate))
+    if world.enabled:
+        callbacks.append(SyncLoss())
+    if not world.is_main:  # rank 0 prints and draws for all
+        callbacks = [c for c in callbacks if not isinstance(c, (RunPlots, ProgressReport))]
+    learner = (DistributedLearner if world.enabled else Learner)(
+        model, opt, sess.task, train_dl, valid_dl, callbacks + sess.extra_callbacks, sess.precision, sess.device)
     every = cfg.train.checkpoint_every if isinstance(cfg.train.checkpoint_every, int) else None
     ckpt = cbs.Checkpointer(sess.run, lambda lr_, end: snapshot(lr_, stage_index, end, sess.run, sess.built.model),
                             every, best_so_far=sess.__dict__.get("best", math.inf))
@@ -156,18 +183,39 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
 def snapshot(learn: Learner, stage_index: int, epoch_end: bool, run: RunDir | None = None, model=None) -> dict:
     """A checkpoint: tensors and plain data only, so weights_only loading can read it. `model` is
     the whole model when the learner trains only part of it (precomputed activations)."""
-    s = learn.state
-    return {"model": (model or learn.model).state_dict(), "optimizer": learn.opt.state_dict(),
+    s, rng = learn.state, rng_state()
+    return {"model": distributed.unwrap(model or learn.model).state_dict(), "optimizer": learn.opt.state_dict(),
             "scaler": learn.scaler.state_dict(), "stage": stage_index,
             "epoch": s.epoch + 1 if epoch_end else s.epoch, "batch": 0 if epoch_end else s.batch + 1,
-            "rng": rng_state(), "train_loss_sum": s.epoch_loss_sum, "train_loss_count": s.epoch_loss_count,
+            "rng": rng, **distributed.rank_states("rng_ranks", rng), "train_loss_sum": s.epoch_loss_sum,
+            "train_loss_count": s.epoch_loss_count,
             **resuming.loop_state(learn, run)}
 
 
 def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console=None,
         resume: str | Path | None = None, callbacks=()) -> FitResult:
     """Runs every stage. resume: a run directory, or "auto" for the newest unfinished run of this
-    config's name, to continue exactly where its last checkpoint left off (trainer/resume.py)."""
+    config's name, to continue exactly where its last checkpoint left off (trainer/resume.py).
+    Under torchrun, rank 0 finds the run and reads its checkpoint, and hands both to every rank."""
+    distributed.start(cfg.distributed.backend, pick_device(cfg.device))
+    same_end = False  # every rank finished, or every rank stopped on a signal at the same step
+    try:
+        cfg, out, point = distributed.from_main(lambda: locate(cfg, out, smoke, resume))
+        sess = prepare(cfg, out, smoke, console)
+        sess.extra_callbacks += list(callbacks)
+        result = run_stages(sess, point)
+        same_end = True
+        return result
+    except Interrupted:
+        same_end = True
+        raise
+    finally:
+        distributed.stop(wait=same_end)
+
+
+def locate(cfg: Config, out, smoke: bool, resume):
+    """(config, run directory, resume point) before any work: a resumed run's own seed and
+    checkpoint, or a check that --out is not a run already."""
     point = None
     if resume is not None:
         if smoke:
@@ -177,9 +225,7 @@ def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console
         point = resuming.load_point(out, [st.total_epochs for st in expand_stages(cfg.train.stages)])
     elif out is not None:
         resuming.check_fresh_out(Path(out))
-    sess = prepare(cfg, out, smoke, console)
-    sess.extra_callbacks += list(callbacks)
-    return run_stages(sess, point)
+    return cfg, out, point
 
 
 def run_stages(sess: Session, point=None) -> FitResult:
@@ -189,7 +235,9 @@ def run_stages(sess: Session, point=None) -> FitResult:
     if point is not None:
         resuming.start_session(sess, point, [st.name for st in stages])
     epoch_offset = 0
-    with resuming.run_status(sess.run), graceful_stop() as stop:
+    grace = LAUNCHER_GRACE if sess.world.enabled else 0.0
+    agree = distributed.largest if sess.world.enabled else None
+    with resuming.run_status(sess.run), graceful_stop(grace=grace) as stop:
         for k, (stage, freeze_to) in enumerate(zip(stages, points)):
             if point is not None and k < point.stage:
                 epoch_offset += stage.total_epochs
@@ -199,7 +247,7 @@ def run_stages(sess: Session, point=None) -> FitResult:
             sess.log(f"stage {k + 1}/{len(stages)} '{stage.name}': {stage.total_epochs} epoch(s), "
                      f"{stage.schedule}, first trainable group {freeze_to}")
             learner = make_learner(sess, stage, k, freeze_to, epoch_offset)
-            learner.add(SaveOnSignal(stop, lambda lr_, k=k: _where(lr_, k, stages)))
+            learner.add(SaveOnSignal(stop, lambda lr_, k=k: _where(lr_, k, stages), agree))
             resuming_here = point is not None and k == point.stage
             if is_auto(stage.lr) and not resuming_here:  # a resumed stage's optimizer holds its found lr
                 use_found_lr(sess, learner, stage)
@@ -228,7 +276,8 @@ def use_found_lr(sess: Session, learner: Learner, stage) -> LrFindResult:
     them), its recommendation becomes the stage's peak lr; recorded in the run directory as
     lr_find-<stage>.csv/.json/.png, a line of log.txt and a peak_lr column in metrics.csv."""
     result = lr_find(learner, num_it=SMOKE_LR_FIND_IT if sess.smoke else 100, seed=sess.cfg.seed or 0)
-    save_result(result, sess.run.path, f"lr_find-{stage.name}")
+    if sess.world.is_main:  # every rank found the same lr (the losses are averaged over ranks)
+        save_result(result, sess.run.path, f"lr_find-{stage.name}")
     for g in learner.opt.param_groups:  # the groups hold the lr's shape, the last at 1.0
         g["peak_lr"] *= result.lr
         g["lr"] = g["peak_lr"]
@@ -257,11 +306,17 @@ def lr_find_stage(cfg: Config, stage: str | None = None, start_lr: float = 1e-7,
     check_range(start_lr, end_lr, num_it)
     out = out or Path("runs") / cfg.name / f"lr_find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     sess = prepare(cfg, out, console=console)
-    stages = expand_stages(sess.cfg.train.stages)
-    k = find_stage(stages, stage)
-    freeze_to = freeze_points(stages, len(sess.built.groups))[k]
-    learner = make_learner(sess, stages[k], k, freeze_to)
-    result = lr_find(learner, start_lr, end_lr, num_it, seed=sess.cfg.seed or 0)
-    save_result(result, sess.run.path, "lr_find")
+    done = False
+    try:
+        stages = expand_stages(sess.cfg.train.stages)
+        k = find_stage(stages, stage)
+        freeze_to = freeze_points(stages, len(sess.built.groups))[k]
+        learner = make_learner(sess, stages[k], k, freeze_to)
+        result = lr_find(learner, start_lr, end_lr, num_it, seed=sess.cfg.seed or 0)
+        if sess.world.is_main:
+            save_result(result, sess.run.path, "lr_find")
+        done = True
+    finally:
+        distributed.stop(wait=done)
     sess.log(f"stage '{stages[k].name}' (first trainable group {freeze_to}): {result.summary()}")
     return result, sess.run.path

@@ -25,6 +25,7 @@ import yaml
 from trainer import checkpoint
 from trainer.callbacks import TrainingDiverged
 from trainer.config import Config, dump_config
+from trainer.distributed import own_state, rank_states, unwrap
 from trainer.rundir import RunDir
 from trainer.runtime import set_rng_state
 from trainer.signals import Interrupted
@@ -32,7 +33,7 @@ from trainer.signals import Interrupted
 STATUS = "status.json"
 # Keys a resumed run may change: they do not change what is computed.
 MAY_CHANGE = {"name", "device", "compile", "data.cache_dir", "data.valid_bs", "train.checkpoint_every",
-              "train.on_nan"}
+              "train.on_nan", "distributed.backend"}
 STATE_VERSION = 1
 
 
@@ -80,7 +81,11 @@ def in_use(run_dir: Path) -> bool:
 
 @contextlib.contextmanager
 def run_status(run: RunDir):
-    """Holds the run's lock; running while inside; finished, interrupted, diverged or failed after."""
+    """Holds the run's lock; running while inside; finished, interrupted, diverged or failed after.
+    Ranks other than 0 of a multi-process run neither lock nor write (rank 0 does, for them all)."""
+    if not run.writes:
+        yield
+        return
     lock = _lock(run.path)
     if lock is None:
         raise ResumeError(f"{run.path} is being trained by another process right now")
@@ -234,7 +239,7 @@ def restore(learn, point: ResumePoint) -> tuple[int, int]:
     """Puts the checkpoint into a freshly built learner; returns (start epoch, start batch).
     The random states go last, so nothing done while building can shift them."""
     state = point.state
-    learn.model.load_state_dict(state["model"])
+    unwrap(learn.model).load_state_dict(state["model"])  # checkpoints hold the plain module
     if not point.fresh_stage:
         if state.get("n_batches", len(learn.train_dl)) != len(learn.train_dl):
             raise ResumeError(f"{point.run_dir}: the checkpoint's epoch had {state['n_batches']} batches, "
@@ -246,7 +251,8 @@ def restore(learn, point: ResumePoint) -> tuple[int, int]:
         s.epoch_loss_sum, s.epoch_loss_count = state["train_loss_sum"], state["train_loss_count"]
         s.skipped_steps = state.get("skipped_steps", 0)
         load_callback_states(learn.callbacks, state.get("callbacks", {}))
-    set_rng_state(state["rng"])
+        load_callback_states(learn.callbacks, own_state(state, "callbacks_ranks", {}))  # this process's own
+    set_rng_state(own_state(state, "rng_ranks", state["rng"]))
     return point.epoch, point.batch
 
 
@@ -276,4 +282,6 @@ def loop_state(learn, run: RunDir | None) -> dict:
     """The part of a checkpoint that lets a run continue mid-epoch exactly (see module doc)."""
     return {"version": STATE_VERSION, "n_batches": len(learn.train_dl), "skipped_steps": learn.state.skipped_steps,
             "callbacks": callback_states(learn.callbacks),
+            **rank_states("callbacks_ranks", callback_states(c for c in learn.callbacks
+                                                             if getattr(c, "per_rank", False))),
             "metrics": [dict(r) for r in run.metrics] if run is not None else []}

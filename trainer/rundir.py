@@ -65,12 +65,18 @@ class RunDir:
     path: Path
     metrics: list[dict] = field(default_factory=list)
     echo: bool = False
+    writes: bool = True  # False on ranks other than 0 of a multi-process run: rank 0 writes everything
+
+    def __post_init__(self):
+        self.path = Path(self.path)
 
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
     def write_text(self, name: str, text: str) -> Path:
+        if not self.writes:
+            return self.path / name
         atomic_write_text(self.path / name, text)
         return self.path / name
 
@@ -81,6 +87,8 @@ class RunDir:
         return json.loads((self.path / name).read_text())
 
     def log(self, line: str) -> None:
+        if not self.writes:
+            return
         with open(self.path / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
@@ -89,5 +97,7 @@ class RunDir:
         self.rewrite_metrics()
 
     def rewrite_metrics(self) -> None:
+        if not self.writes:
+            return
         extra = [k for k in _columns(self.metrics) if k not in METRIC_COLUMNS]
         write_table(self.path / "metrics.csv", self.metrics, METRIC_COLUMNS + extra)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 
 from trainer.callbacks import Checkpointer
 from trainer.loop import Callback, Learner
@@ -34,9 +35,12 @@ class Interrupted(Exception):
 class StopRequest:
     """The signal handler: remembers the first signal, exits at once on the second."""
 
-    def __init__(self, exit_now=os._exit):
+    def __init__(self, exit_now=os._exit, grace: float = 0.0):
         self.signum: int | None = None
         self._exit_now = exit_now
+        # Under a launcher a Ctrl-C reaches every process from the terminal and again from the
+        # launcher: a second signal within `grace` seconds is the same request, not a second one.
+        self.grace, self._first_at = grace, 0.0
 
     @property
     def requested(self) -> bool:
@@ -44,21 +48,23 @@ class StopRequest:
 
     def __call__(self, signum: int, frame=None) -> None:
         # os.write, not print: a handler can run in the middle of another print to the same stream
+        if self.signum is not None and time.monotonic() - self._first_at < self.grace:
+            return
         if self.signum is not None:
             os.write(2, b"\nsecond interrupt: exiting now without saving (checkpoints/last.pt holds "
                         b"the last checkpoint)\n")
             self._exit_now(128 + signum)
             return
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
                     "stopping (press Ctrl-C again to quit at once)\n".encode())
 
 
 @contextlib.contextmanager
-def graceful_stop(exit_now=os._exit):
+def graceful_stop(exit_now=os._exit, grace: float = 0.0):
     """Installs the handler for SIGINT and SIGTERM while training (main thread only) and puts
     the previous handlers back after."""
-    stop = StopRequest(exit_now)
+    stop = StopRequest(exit_now, grace)
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -73,25 +79,35 @@ def graceful_stop(exit_now=os._exit):
 
 
 class SaveOnSignal(Callback):
-    """Runs after the Recorder and the Checkpointer, so the saved state includes this step."""
+    """Runs after the Recorder and the Checkpointer, so the saved state includes this step.
+
+    With several processes, `agree` (the largest signal number over all ranks, one tiny
+    all-reduce per step) makes a signal to any rank stop every rank after the same step; each
+    rank takes part in the save (rank 0 writes) and raises Interrupted."""
 
     order = 25
 
-    def __init__(self, stop: StopRequest, describe=lambda learn: ""):
+    def __init__(self, stop: StopRequest, describe=lambda learn: "", agree=None):
         self.stop, self.describe = stop, describe
+        self.agree = agree or (lambda signum: signum)
+
+    def _signal(self) -> int:
+        return self.agree(self.stop.signum or 0)
 
     def after_batch(self, learn: Learner) -> None:
-        if not self.stop.requested:
+        signum = self._signal()
+        if not signum:
             return
         saver = _checkpointer(learn)
         if saver is not None:
             saver.save_last(learn)
-        raise Interrupted(self.stop.signum, self.describe(learn), saver.run.path if saver else None)
+        raise Interrupted(signum, self.describe(learn), saver.run.path if saver else None)
 
     def after_epoch(self, learn: Learner) -> None:
-        if self.stop.requested:  # the Checkpointer has just written the epoch's last.pt
+        signum = self._signal()
+        if signum:  # the Checkpointer has just written the epoch's last.pt
             saver = _checkpointer(learn)
-            raise Interrupted(self.stop.signum, self.describe(learn) + " (end of the epoch)",
+            raise Interrupted(signum, self.describe(learn) + " (end of the epoch)",
                               saver.run.path if saver else None)
 
 

@@ -96,7 +96,17 @@ class Train(Strict):
     clip: PosFloat | None = None
     checkpoint_every: Literal["epoch"] | PosInt = "epoch"
     on_nan: Literal["stop", "skip"] = "stop"
+    # each batch in `accumulate` micro-batches (less memory, same optimizer step); the batch the
+    # optimizer sees stays data.bs, across all processes together
+    accumulate: PosInt = 1
+    sync_bn: bool = False  # several processes: BatchNorm statistics over the whole batch
     stages: Annotated[list[Stage], Field(min_length=1)]
+
+
+class Distributed(Strict):
+    """Several processes (torchrun, or `trainer fit --devices N`). auto: nccl on CUDA, gloo on the CPU."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
 class Transforms(Strict):
@@ -203,6 +213,7 @@ class Config(Strict):
     train: Train
     transforms: Transforms = Transforms()
     tta: Tta = Tta()
+    distributed: Distributed = Distributed()
 
     @field_validator("name")
     @classmethod
