@@ -1,0 +1,106 @@
+"""Speed work must not change results: the loss kept on the device gives the same numbers as
+reading it every batch, the deferred NaN check still names the first bad step."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from trainer import callbacks as cbs
+from trainer.data.loaders import ImageBatches
+from trainer.loop import Callback, Learner
+from trainer.metrics import make_task
+
+
+class ItemEveryBatch(Callback):
+    """The old way: .item() the loss after every batch and sum Python floats."""
+
+    order = 50
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def after_batch(self, learn) -> None:
+        self.losses.append(learn.loss_t.item())
+
+
+def tiny_learner(callbacks, n: int = 80, bs: int = 8) -> Learner:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (n, 1, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    dl = ImageBatches(images, labels, bs, 8, torch.tensor([0.5]), torch.tensor([0.25]), shuffle=True)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Learner(model, opt, make_task("single_label"), dl, dl.with_(shuffle=False), callbacks)
+
+
+def test_lazy_loss_sum_equals_per_batch_item():
+    item = ItemEveryBatch()
+    rec = cbs.Recorder(None, "s")
+    learn = tiny_learner([cbs.NonFiniteGuard("stop"), rec, item])
+    learn.fit(1)
+    expected = 0.0
+    for v in item.losses:
+        expected += v
+    assert learn.state.epoch_loss_sum == expected  # bitwise: same additions, same order
+    assert learn.state.train_loss == expected / len(item.losses)
+    assert [r["loss"] for r in rec.steps] == item.losses
+    assert all(isinstance(r["loss"], float) for r in rec.steps)
+
+
+def test_restored_sum_continues_in_the_same_order():
+    item = ItemEveryBatch()
+    learn = tiny_learner([item])
+    learn.state.epoch_loss_sum, learn.state.epoch_loss_count = 0.1, 1  # as resume.restore does
+    learn.fit(1, start_epoch=0, start_batch=3)
+    expected = 0.1
+    for v in item.losses:
+        expected += v
+    assert learn.state.epoch_loss_sum == expected
+
+
+def test_recorder_state_dict_flushes_pending_losses():
+    rec = cbs.Recorder(None, "s")
+    learn = tiny_learner([rec, cbs.StopAfter(3)])
+    learn.fit(1)
+    rec.steps.append({"stage": "s", "step": len(rec.steps), "lr": 0.1, "mom": 0.0, "loss": torch.tensor(2.5)})
+    rec._pending.append(len(rec.steps) - 1)
+    state = rec.state_dict()
+    assert all(isinstance(r["loss"], float) for r in rec.steps) and rec.steps[-1]["loss"] == 2.5
+    assert state["steps"]
+
+
+class PoisonLoss(Callback):
+    order = 0
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_loss(self, learn) -> None:
+        if learn.state.step + 1 == self.step:
+            learn.loss_t = learn.loss_t * math.nan
+            learn.state.loss_t = learn.loss_t.detach()
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_deferred_guard_names_the_first_bad_step(every):
+    rec = cbs.Recorder(None, "s")
+    learn = tiny_learner([cbs.NonFiniteGuard("stop", check_every=every), rec, PoisonLoss(6)])
+    with pytest.raises(cbs.TrainingDiverged) as e:
+        learn.fit(2)
+    assert str(e.value).startswith("the loss is not finite at epoch 1, batch 6 (step 6 of 20")
+    assert f"last finite loss {rec.steps[4]['loss']:.4g}" in str(e.value)
+    assert len(rec.steps) == (5 if every == 1 else 7)  # deferred: noticed at the check after step 8
+
+
+def test_deferred_guard_checks_before_validation():
+    learn = tiny_learner([cbs.NonFiniteGuard("stop", check_every=1000), PoisonLoss(9)])
+    with pytest.raises(cbs.TrainingDiverged, match="batch 9 "):
+        learn.fit(2)
+    assert learn.state.epoch == 0  # stopped at the end of the first epoch, before validating it
+
+
+def test_skip_mode_always_checks_every_step():
+    assert cbs.NonFiniteGuard("skip", check_every=50).check_every == 1
