@@ -104,3 +104,27 @@ def test_deferred_guard_checks_before_validation():
 
 def test_skip_mode_always_checks_every_step():
     assert cbs.NonFiniteGuard("skip", check_every=50).check_every == 1
+
+
+@pytest.mark.parametrize("arch", ["resnet9", "bnresnet2d"])
+def test_speed_archs_shapes_and_groups(arch):
+    from trainer.config.schema import ModelConfig
+    from trainer.models import create_model
+
+    layers = [8, 16, 16, 32] if arch == "resnet9" else [4, 8, 8]
+    built = create_model(ModelConfig(arch=arch, layers=layers), 10, 3, 32)
+    for size in (32, 24):  # progressive resizing: any size the pools can take
+        assert built.model(torch.randn(2, 3, size, size)).shape == (2, 10)
+    grouped = {id(p) for g in built.groups for p in g.parameters()}
+    assert grouped == {id(p) for p in built.model.parameters()}  # every weight is in a layer group
+    built.model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(built.extra["head"](built.extra["features"](x)), built.model(x))
+
+
+def test_resnet9_needs_four_widths():
+    from trainer.config.schema import ModelConfig
+    from trainer.models import create_model
+
+    with pytest.raises(ValueError, match="4 widths"):
+        create_model(ModelConfig(arch="resnet9", layers=[8, 16]), 10, 3, 32)
