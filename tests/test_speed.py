@@ -128,3 +128,41 @@ def test_resnet9_needs_four_widths():
 
     with pytest.raises(ValueError, match="4 widths"):
         create_model(ModelConfig(arch="resnet9", layers=[8, 16]), 10, 3, 32)
+
+
+def test_data_on_device_gives_the_same_batches(tmp_path):
+    from trainer import pipeline
+    from trainer.config import load_config
+    from tests.conftest import make_folder_dataset, tiny_config
+
+    data = make_folder_dataset(tmp_path / "d", n_train=10, n_valid=4, size=16)
+    batches = {}
+    for on in (False, True):
+        cfg = load_config(text=tiny_config(data), overrides=[f"data.on_device={str(on).lower()}",
+                                                        "transforms.preset=pad_crop"])
+        sess = pipeline.prepare(cfg, tmp_path / f"run-{on}")
+        assert sess.bundle.on_device is on
+        train, valid = sess.bundle.loaders(8)
+        train.set_epoch(1)
+        batches[on] = [(x, y) for _, x, y in train.iterate()] + list(valid)
+    for (xa, ya), (xb, yb) in zip(batches[False], batches[True], strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_on_device_auto_keeps_images_on_a_gpu_only_when_they_fit():
+    from types import SimpleNamespace
+
+    from trainer.data.bundle import keep_on_device
+
+    im = SimpleNamespace(train_x=torch.zeros(100, 3, 4, 4, dtype=torch.uint8), train_y=torch.zeros(100),
+                         valid_x=torch.zeros(10, 3, 4, 4, dtype=torch.uint8), valid_y=torch.zeros(10))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert keep_on_device("auto", im, cuda, free_bytes=10**6)
+    assert not keep_on_device("auto", im, cuda, free_bytes=10**3)
+    assert not keep_on_device("auto", im, cpu) and keep_on_device(True, im, cpu)
+
+
+def test_threads_never_exceed_the_cpu_budget():
+    from trainer.runtime import cpu_budget, set_threads
+
+    assert 1 <= set_threads() <= max(cpu_budget(), torch.get_num_threads())

@@ -22,7 +22,8 @@ from trainer.optim import create_optimizer, param_groups
 from trainer.plots import History, RunPlots
 from trainer.progress import ProgressReport
 from trainer.rundir import RunDir, new_run_dir
-from trainer.runtime import pick_device, pick_precision, random_seed, rng_state, seed_everything, set_deterministic
+from trainer.runtime import (pick_device, pick_precision, random_seed, rng_state, seed_everything, set_deterministic,
+                             set_threads)
 from trainer.signals import SaveOnSignal, graceful_stop
 from trainer.stages import (StageError, apply_freeze, cycle_ends, expand_stages, freeze_points, is_auto, per_group,
                             stage_schedule)
@@ -66,6 +67,7 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     seed_everything(seed)
     set_deterministic(cfg.deterministic)
     device = pick_device(cfg.device)
+    threads = set_threads()
     if smoke and out is None:
         out = tempfile.mkdtemp(prefix=f"trainer-smoke-{cfg.name}-")
     run = RunDir(new_run_dir(cfg.name, out))
@@ -88,7 +90,8 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
     task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
                      cfg.train.label_smoothing)
-    log(f"run {run.path}: seed {seed}, device {device}, {sum(p.numel() for p in built.model.parameters()):,} parameters")
+    n_params = sum(p.numel() for p in built.model.parameters())
+    log(f"run {run.path}: seed {seed}, device {device} ({threads} CPU threads), {n_params:,} parameters")
     return Session(cfg, run, bundle, built, device, pick_precision(cfg.amp, device), task, smoke, log, console)
 
 

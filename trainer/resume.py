@@ -31,8 +31,8 @@ from trainer.signals import Interrupted
 
 STATUS = "status.json"
 # Keys a resumed run may change: they do not change what is computed.
-MAY_CHANGE = {"name", "device", "compile", "data.cache_dir", "data.valid_bs", "train.checkpoint_every",
-              "train.on_nan"}
+MAY_CHANGE = {"name", "device", "compile", "data.cache_dir", "data.valid_bs", "data.on_device",
+              "train.checkpoint_every", "train.on_nan"}
 STATE_VERSION = 1
 
 

@@ -23,6 +23,30 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_budget() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup quota (containers
+    often see the host's cores but get only a share of them)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads() -> int:
+    """Intra-op threads: torch picks the host's physical cores, which oversubscribes a container
+    limited to fewer (every op then waits on descheduled threads). Never more than the budget;
+    OMP_NUM_THREADS, when set, wins."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        n = min(torch.get_num_threads(), cpu_budget())
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
