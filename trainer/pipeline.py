@@ -22,8 +22,8 @@ from trainer.optim import create_optimizer, param_groups
 from trainer.plots import History, RunPlots
 from trainer.progress import ProgressReport
 from trainer.rundir import RunDir, new_run_dir
-from trainer.runtime import (pick_device, pick_precision, random_seed, rng_state, seed_everything, set_deterministic,
-                             set_threads)
+from trainer.runtime import (compile_model, compile_ready, pick_device, pick_precision, random_seed, rng_state,
+                             seed_everything, set_deterministic, set_threads)
 from trainer.signals import SaveOnSignal, graceful_stop
 from trainer.stages import (StageError, apply_freeze, cycle_ends, expand_stages, freeze_points, is_auto, per_group,
                             stage_schedule)
@@ -86,6 +86,12 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     built.model.to(device)
     if cfg.channels_last:
         built.model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        why_not = "a smoke run checks the pipeline, not the speed" if smoke else compile_ready(device)
+        if why_not:
+            log(f"compile: skipped ({why_not})")
+        else:
+            compile_model(built.model)
     check_loss(cfg.train.loss, bundle.task_kind)
     task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
     task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),

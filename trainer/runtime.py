@@ -131,3 +131,29 @@ def pick_precision(amp: str, device: torch.device) -> Precision:
     if amp == "fp16" and kind == "cpu":
         raise ValueError("amp: fp16 needs a CUDA GPU; use bf16 or off on the CPU")
     return Precision(kind, torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+RECOMPILE_LIMIT = 64  # graphs per forward: (image size, batch size, train/eval) combinations
+
+
+def compile_ready(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here (None when it can): inductor builds C++ on the CPU."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "no C++ compiler found (inductor needs one on the CPU)"
+    return None
+
+
+def compile_model(model: torch.nn.Module, backend="inductor") -> torch.nn.Module:
+    """compile: true. In place (nn.Module.compile), so state_dict keys, checkpoints and layer
+    groups are untouched. dynamic=False: one specialised graph per input shape and mode, i.e. one
+    compile per (image size, batch size, train/eval): progressive resizing costs one recompile
+    per new size, a last short validation batch one more, and steps at a size already seen
+    reuse their graph. Dynamo's default limit (8 graphs per function, then eager) is raised so
+    that several stages of resizing stay compiled."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    model.compile(backend=backend, dynamic=False)
+    return model
