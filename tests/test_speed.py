@@ -166,3 +166,22 @@ def test_threads_never_exceed_the_cpu_budget():
     from trainer.runtime import cpu_budget, set_threads
 
     assert 1 <= set_threads() <= max(cpu_budget(), torch.get_num_threads())
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_foreach_optimizers_match_the_per_parameter_loop(name):
+    from trainer.optim import create_optimizer
+
+    weights = {}
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+        opt = create_optimizer(name, [{"params": list(model.parameters()), "lr": 0.1, "weight_decay": 0.01}])
+        for g in opt.param_groups:
+            g["foreach"] = foreach
+        for _ in range(3):
+            model(torch.randn(8, 6)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        weights[foreach] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))

@@ -1,0 +1,385 @@
+"""CIFAR-10 epoch time, side by side: the compute floor, trainer, a raw PyTorch loop, fastai.
+
+    python scripts/bench.py                          # 1 epoch on all 50,000 images (the real number)
+    python scripts/bench.py --limit 5000 --only floor,trainer   # a quick check on a slice
+
+Every contender trains the same net (the course's BN ResNet [10, 20, 40, 80, 160] with
+nn.BatchNorm2d: arch bnresnet2d) with AdamW, 1cycle and the same batch size, on the same files,
+each in its own subprocess so that peak memory is its own:
+
+  floor    the train step alone on normalised float tensors already in memory (no augmentation)
+  trainer  `trainer fit` on the image folders (decoded-uint8 cache, batch pad+crop+flip)
+  raw      torchvision ImageFolder, per-image PIL RandomCrop(pad 4)+flip, DataLoader(2 workers)
+  fastai   fastai's DataBlock with the same augmentation (skipped when fastai is not installed)
+
+Columns: training seconds per epoch (validation excluded), images/s, peak resident memory of
+the process (in brackets, when larger: the sampled peak of the process and its DataLoader
+workers together), accuracy on the test folder after the last epoch, and
+seconds per epoch over the floor's. The one-time JPEG decode of the cache is done first and
+reported on its own line. Numbers, never assertions: the tests never time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONTENDERS = ["floor", "trainer", "raw", "fastai"]
+MARK = "BENCH_RESULT "
+
+
+def data_config(args):
+    from trainer.config.schema import FolderData, Subset
+
+    subset = Subset(train=args.limit, valid=valid_limit(args.limit)) if args.limit else None
+    return FolderData(layout="folder", path=args.data, valid="test", bs=args.bs, subset=subset)
+
+
+def valid_limit(limit: int | None) -> int | None:
+    return None if not limit else min(10_000, max(1_000, limit // 5))
+
+
+def load(args):
+    """The decoded images of the benchmark's files (from the cache) and their channel stats."""
+    from trainer.data.images import channel_stats, load_images
+
+    images = load_images(data_config(args), args.seed, [32], log=lambda m: print(m, file=sys.stderr))
+    return images, channel_stats(images.train_x)
+
+
+def build(args, n_out: int):
+    import torch
+
+    from trainer.config.schema import ModelConfig
+    from trainer.models import create_model
+    from trainer.optim import param_groups
+
+    torch.manual_seed(args.seed)
+    built = create_model(ModelConfig(arch=args.arch, layers=[10, 20, 40, 80, 160]), n_out, 3, 32)
+    groups = param_groups(built.groups, [args.lr] * len(built.groups), [args.wd] * len(built.groups))
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), eps=1e-5)
+    return built.model, opt
+
+
+def one_cycle(opt, args, steps: int):
+    import torch
+
+    return torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.25, div_factor=25,
+                                               final_div_factor=1e4, base_momentum=0.85, max_momentum=0.95)
+
+
+def accuracy(model, batches, device) -> float:
+    import torch
+
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            right += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+            total += len(y)
+    return right / max(1, total)
+
+
+# ---- the contenders (each runs in its own process) ----------------------------------------
+
+def run_floor(args) -> dict:
+    import torch
+
+    images, (mean, std) = load(args)
+    device = torch.device(args.device)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    x = ((images.train_x.float() / 255 - m) / s).to(device)  # the whole set, ready to go
+    y = images.train_y.to(device)
+    vx, vy = ((images.valid_x.float() / 255 - m) / s), images.valid_y
+    model, opt = build(args, len(images.classes))
+    model.to(device)
+    n_batches = len(x) // args.bs
+    sched, loss_fn = one_cycle(opt, args, args.epochs * n_batches), torch.nn.CrossEntropyLoss()
+    times = []
+    g = torch.Generator().manual_seed(args.seed)
+    for _ in range(args.epochs):
+        model.train()
+        t = time.perf_counter()
+        order = torch.randperm(len(x), generator=g).to(device)
+        for i in range(n_batches):
+            idx = order[i * args.bs:(i + 1) * args.bs]
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    acc = accuracy(model, zip(vx.split(args.bs * 2), vy.split(args.bs * 2)), device)
+    return {"seconds": times, "images": n_batches * args.bs, "accuracy": acc}
+
+
+def run_trainer(args) -> dict:
+    from trainer import pipeline
+    from trainer.config.schema import Config
+    from trainer.loop import Callback
+
+    class EpochTimer(Callback):
+        """Training time of each epoch (before_epoch to before_validate)."""
+
+        order = -100
+
+        def __init__(self):
+            self.times, self.n = [], 0
+
+        def before_epoch(self, learn):
+            self.t = time.perf_counter()
+
+        def before_validate(self, learn):
+            sync(learn.device)
+            self.times.append(time.perf_counter() - self.t)
+            self.n = len(learn.train_dl) * learn.train_dl.bs
+
+    data = data_config(args).model_dump(exclude_none=True)
+    cfg = Config.model_validate({
+        "name": "bench", "seed": args.seed, "device": args.device, "amp": args.amp, "compile": args.compile,
+        "channels_last": args.channels_last, "data": data,
+        "model": {"arch": args.arch, "layers": [10, 20, 40, 80, 160]}, "transforms": {"preset": "pad_crop"},
+        "train": {"wd": args.wd, "stages": [{"name": "all", "epochs": args.epochs, "lr": args.lr}]}})
+    timer = EpochTimer()
+    result = pipeline.fit(cfg, out=tempfile.mkdtemp(prefix="bench-trainer-"), callbacks=[timer])
+    return {"seconds": timer.times, "images": timer.n, "accuracy": result.final.get("accuracy")}
+
+
+def run_raw(args) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms as T
+
+    images, (mean, std) = load(args)  # only for the file list (same slice) and the stats
+    device = torch.device(args.device)
+    norm = T.Normalize(mean, std)
+    train_tf = T.Compose([T.RandomCrop(32, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(),
+                          T.ToTensor(), norm])
+    root = Path(args.data)
+    train_ds = same_files(datasets.ImageFolder(root / "train", train_tf), images.items.train_files)
+    valid_ds = same_files(datasets.ImageFolder(root / "test", T.Compose([T.ToTensor(), norm])), images.valid_files)
+    pin = device.type == "cuda"
+    train_dl = DataLoader(train_ds, args.bs, shuffle=True, num_workers=args.workers, drop_last=True, pin_memory=pin,
+                          generator=torch.Generator().manual_seed(args.seed))
+    valid_dl = DataLoader(valid_ds, args.bs * 2, num_workers=args.workers, pin_memory=pin)
+    model, opt = build(args, len(images.classes))
+    model.to(device)
+    del images
+    sched, loss_fn = one_cycle(opt, args, args.epochs * len(train_dl)), torch.nn.CrossEntropyLoss()
+    times = []
+    for _ in range(args.epochs):
+        model.train()
+        t = time.perf_counter()
+        for x, y in train_dl:
+            x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    acc = accuracy(model, valid_dl, device)
+    return {"seconds": times, "images": len(train_dl) * args.bs, "accuracy": acc}
+
+
+def same_files(ds, files):
+    """The ImageFolder restricted to the benchmark's files (all of them without --limit)."""
+    from torch.utils.data import Subset
+
+    index = {str(Path(p).resolve()): i for i, (p, _) in enumerate(ds.samples)}
+    return Subset(ds, [index[str(Path(f).resolve())] for f in files])
+
+
+def run_fastai(args) -> dict:
+    """Untested here (fastai is not installed on this project's machine): best effort."""
+    from fastai.vision.all import (CategoryBlock, CropPad, DataBlock, Flip, ImageBlock, Normalize, RandomCrop,
+                                   cnn_learner, parent_label)  # noqa: F401
+    from fastai.vision.all import Learner as FastLearner
+    import torch
+
+    images, (mean, std) = load(args)
+    valid = {str(f) for f in images.valid_files}
+    files = [*images.items.train_files, *images.valid_files]
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=lambda _: files, get_y=parent_label,
+                      splitter=lambda items: ([i for i, f in enumerate(items) if str(f) not in valid],
+                                              [i for i, f in enumerate(items) if str(f) in valid]),
+                      item_tfms=[CropPad(40, pad_mode="reflection"), RandomCrop(32)],
+                      batch_tfms=[Flip(), Normalize.from_stats(mean, std)])
+    dls = block.dataloaders(args.data, bs=args.bs, num_workers=args.workers, device=torch.device(args.device))
+    model, _ = build(args, len(images.classes))
+    learn = FastLearner(dls, model, loss_func=torch.nn.CrossEntropyLoss(), metrics=[])
+    times = []
+    t = time.perf_counter()
+    learn.fit_one_cycle(args.epochs, args.lr, wd=args.wd)
+    times = [(time.perf_counter() - t) / args.epochs] * args.epochs  # includes validation
+    acc = accuracy(learn.model, dls.valid, torch.device(args.device))
+    return {"seconds": times, "images": len(dls.train) * args.bs, "accuracy": acc,
+            "note": "fastai: seconds include validation"}
+
+
+def sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory since it started (VmHWM). Not ru_maxrss: Linux carries
+    the forking parent's peak over an exec, so every child would report at least the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants now (DataLoader workers included;
+    pages they share are counted once per process, so this overstates a little)."""
+    parent, rss = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            parent[int(d.name)], rss[int(d.name)] = int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(rss.get(p, 0) for p in tree) / 2**20
+
+
+def worker(name: str, args) -> None:
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {"floor": run_floor, "trainer": run_trainer, "raw": run_raw, "fastai": run_fastai}[name](args)
+    out["rss_mib"] = peak_rss_mib()
+    out["threads"] = torch.get_num_threads()
+    print(MARK + json.dumps(out), flush=True)
+
+
+# ---- the parent: warm the cache, run each contender, print the table -----------------------
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="data/cifar10", help="folders train/<class>/ and test/<class>/")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--limit", type=int, default=None, help="train on a seeded slice of N images (quick check)")
+    ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated: " + ",".join(CONTENDERS))
+    ap.add_argument("--bs", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--arch", default="bnresnet2d")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", default="auto", help="trainer's amp setting")
+    ap.add_argument("--compile", action="store_true", help="trainer with compile: true")
+    ap.add_argument("--channels-last", action="store_true", help="trainer with channels_last: true")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of raw and fastai")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def child_args(args) -> list[str]:
+    out = ["--data", args.data, "--epochs", str(args.epochs), "--bs", str(args.bs), "--lr", str(args.lr),
+           "--wd", str(args.wd), "--arch", args.arch, "--device", args.device, "--amp", args.amp,
+           "--workers", str(args.workers), "--seed", str(args.seed)]
+    out += ["--limit", str(args.limit)] if args.limit else []
+    out += ["--compile"] if args.compile else []
+    return out + (["--channels-last"] if args.channels_last else [])
+
+
+def run_child(name: str, args) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, *child_args(args)]
+    t, peak = time.perf_counter(), 0.0
+    with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
+        proc = subprocess.Popen(cmd, env=env, stdout=so, stderr=se, text=True)
+        while proc.poll() is None:  # sample the process tree: the workers' memory counts too
+            if sys.platform.startswith("linux"):
+                peak = max(peak, tree_rss_mib(proc.pid))
+            time.sleep(0.25)
+        so.seek(0), se.seek(0)
+        stdout, stderr = so.read(), se.read()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = (stderr or stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+    out = json.loads(lines[-1][len(MARK):])
+    out["wall"], out["tree_rss_mib"] = time.perf_counter() - t, peak
+    return out
+
+
+def fastai_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fastai") is None
+
+
+def table(results: dict, floor: float | None) -> str:
+    head = f"{'':<9}{'s/epoch':>9}{'images/s':>10}{'peak RSS MiB':>20}{'accuracy':>10}{'x floor':>9}"
+    rows = [head, "-" * len(head)]
+    for name, r in results.items():
+        if "skipped" in r or "error" in r:
+            rows.append(f"{name:<9}{r.get('skipped') or r.get('error')}")
+            continue
+        sec = sum(r["seconds"]) / len(r["seconds"])
+        rss = f"{r['rss_mib']:.0f}" + (f" ({r['tree_rss_mib']:.0f})" if r["tree_rss_mib"] > r["rss_mib"] * 1.05 else "")
+        ratio = f"{sec / floor:.2f}" if floor else "-"
+        acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
+        rows.append(f"{name:<9}{sec:>9.1f}{r['images'] / sec:>10.0f}{rss:>20}{acc:>10}{ratio:>9}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    if args.worker:
+        return worker(args.worker, args)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONTENDERS]
+    if bad:
+        sys.exit(f"--only: unknown {', '.join(bad)} (choose from {', '.join(CONTENDERS)})")
+    t = time.perf_counter()
+    images, _ = load(args)  # the one-time decode, outside every timing
+    n_train, n_valid = len(images.train_y), len(images.valid_y)
+    del images
+    print(f"{n_train} train / {n_valid} test images, bs {args.bs}, {args.epochs} epoch(s), {args.arch}; "
+          f"cache ready in {time.perf_counter() - t:.1f} s (JPEG decode, first time only)", flush=True)
+    results = {}
+    for name in names:
+        if name == "fastai" and fastai_missing():
+            results[name] = {"skipped": "skipped: fastai is not installed (pip install fastai to compare)"}
+            continue
+        print(f"running {name} ...", flush=True)
+        results[name] = run_child(name, args)
+    floor = results.get("floor", {}).get("seconds")
+    print(table(results, sum(floor) / len(floor) if floor else None))
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (others' work inflates every row)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
