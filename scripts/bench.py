@@ -62,13 +62,13 @@ def build(args, n_out: int):
 
     from trainer.config.schema import ModelConfig
     from trainer.models import create_model
-    from trainer.optim import param_groups
+    from trainer.optim import create_optimizer, param_groups
 
     torch.manual_seed(args.seed)
     built = create_model(ModelConfig(arch=args.arch, layers=[10, 20, 40, 80, 160]), n_out, 3, 32)
+    # trainer's optimizer (AdamW, foreach, no decay on norms and biases): the same step everywhere
     groups = param_groups(built.groups, [args.lr] * len(built.groups), [args.wd] * len(built.groups))
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99), eps=1e-5)
-    return built.model, opt
+    return built.model, create_optimizer("adamw", groups, betas=(0.9, 0.99), eps=1e-5)
 
 
 def one_cycle(opt, args, steps: int):
@@ -332,6 +332,14 @@ def run_child(name: str, args) -> dict:
     return out
 
 
+def import_rss_mib() -> float:
+    code = "import torch; print([ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0].split()[1])"
+    try:
+        return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout) / 1024
+    except ValueError:
+        return float("nan")
+
+
 def fastai_missing() -> bool:
     import importlib.util
 
@@ -376,6 +384,7 @@ def main(argv=None) -> None:
         results[name] = run_child(name, args)
     floor = results.get("floor", {}).get("seconds")
     print(table(results, sum(floor) / len(floor) if floor else None))
+    print(f"(python + import torch alone: {import_rss_mib():.0f} MiB resident)")
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (others' work inflates every row)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
