@@ -12,7 +12,10 @@ each in its own subprocess so that peak memory is its own:
   raw      torchvision ImageFolder, per-image PIL RandomCrop(pad 4)+flip, DataLoader(2 workers)
   fastai   fastai's DataBlock with the same augmentation (skipped when fastai is not installed)
 
-Columns: training seconds per epoch (validation excluded), images/s, peak resident memory of
+`trainer_compile` (opt-in: --only ...,trainer_compile) is trainer with compile: true.
+
+Columns: training seconds per epoch (validation excluded; with --epochs 2 or more, the mean
+after the first), the first epoch's seconds, images/s, peak resident memory of
 the process (in brackets, when larger: the sampled peak of the process and its DataLoader
 workers together), accuracy on the test folder after the last epoch, and
 seconds per epoch over the floor's. The one-time JPEG decode of the cache is done first and
@@ -34,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONTENDERS = ["floor", "trainer", "raw", "fastai"]
+CONTENDERS = ["floor", "trainer", "raw", "fastai", "trainer_compile"]
+DEFAULT = "floor,trainer,raw,fastai"
 MARK = "BENCH_RESULT "
 
 
@@ -273,6 +277,8 @@ def worker(name: str, args) -> None:
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "trainer_compile":
+        name, args.compile = "trainer", True
     out = {"floor": run_floor, "trainer": run_trainer, "raw": run_raw, "fastai": run_fastai}[name](args)
     out["rss_mib"] = peak_rss_mib()
     out["threads"] = torch.get_num_threads()
@@ -286,7 +292,7 @@ def parse(argv=None):
     ap.add_argument("--data", default="data/cifar10", help="folders train/<class>/ and test/<class>/")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--limit", type=int, default=None, help="train on a seeded slice of N images (quick check)")
-    ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated: " + ",".join(CONTENDERS))
+    ap.add_argument("--only", default=DEFAULT, help="comma-separated, of: " + ",".join(CONTENDERS))
     ap.add_argument("--bs", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--wd", type=float, default=0.01)
@@ -346,18 +352,27 @@ def fastai_missing() -> bool:
     return importlib.util.find_spec("fastai") is None
 
 
+def steady(seconds: list[float]) -> float:
+    """Seconds per epoch: the mean after the first epoch when there are several (the first pays
+    for warm-up, and for compilation with compile: true), else the one epoch."""
+    rest = seconds[1:] or seconds
+    return sum(rest) / len(rest)
+
+
 def table(results: dict, floor: float | None) -> str:
-    head = f"{'':<9}{'s/epoch':>9}{'images/s':>10}{'peak RSS MiB':>20}{'accuracy':>10}{'x floor':>9}"
+    head = (f"{'':<16}{'s/epoch':>9}{'1st epoch':>10}{'images/s':>10}{'peak RSS MiB':>20}{'accuracy':>10}"
+            f"{'x floor':>9}")
     rows = [head, "-" * len(head)]
     for name, r in results.items():
         if "skipped" in r or "error" in r:
-            rows.append(f"{name:<9}{r.get('skipped') or r.get('error')}")
+            rows.append(f"{name:<16}{r.get('skipped') or r.get('error')}")
             continue
-        sec = sum(r["seconds"]) / len(r["seconds"])
+        sec = steady(r["seconds"])
         rss = f"{r['rss_mib']:.0f}" + (f" ({r['tree_rss_mib']:.0f})" if r["tree_rss_mib"] > r["rss_mib"] * 1.05 else "")
         ratio = f"{sec / floor:.2f}" if floor else "-"
         acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
-        rows.append(f"{name:<9}{sec:>9.1f}{r['images'] / sec:>10.0f}{rss:>20}{acc:>10}{ratio:>9}")
+        rows.append(f"{name:<16}{sec:>9.1f}{r['seconds'][0]:>10.1f}{r['images'] / sec:>10.0f}{rss:>20}{acc:>10}"
+                    f"{ratio:>9}")
     return "\n".join(rows)
 
 
@@ -383,7 +398,7 @@ def main(argv=None) -> None:
         print(f"running {name} ...", flush=True)
         results[name] = run_child(name, args)
     floor = results.get("floor", {}).get("seconds")
-    print(table(results, sum(floor) / len(floor) if floor else None))
+    print(table(results, steady(floor) if floor else None))
     print(f"(python + import torch alone: {import_rss_mib():.0f} MiB resident)")
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (others' work inflates every row)")
     if args.json:
