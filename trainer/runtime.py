@@ -121,8 +121,9 @@ class Precision:
 
 
 def pick_precision(amp: str, device: torch.device) -> Precision:
-    """auto: bf16 on CUDA GPUs that support it, else fp16 on CUDA; fp32 on the CPU, where bf16
-    autocast is slower than fp32 on CPUs without AMX (measured on this project's AVX2 machine)."""
+    """auto: bf16 on CUDA GPUs that support it, else fp16 on CUDA; fp32 on the CPU. bf16 autocast
+    is slower than fp32 on CPUs without AMX / AVX512_BF16 and about 2x faster on CPUs with them
+    (scripts/bench_cpu_step.py), but it rounds differently, so on the CPU it is opt-in (amp: bf16)."""
     kind = device.type
     if amp == "off" or (amp == "auto" and kind != "cuda"):
         return Precision(kind, None)
