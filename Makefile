@@ -25,6 +25,12 @@ run: data
 test: install
 	$(BIN)/python -m pytest
 
+# CIFAR-10 epoch: compute floor vs trainer vs raw PyTorch (vs fastai when installed); see README, Speed.
+# BENCH_ARGS='--limit 5000 --only floor,trainer' for a quick look.
+bench: install
+	$(BIN)/python scripts/get_data.py cifar10 --dest data $(if $(DATA_SOURCE),--source $(DATA_SOURCE),)
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
 smoke: data
 	$(BIN)/trainer fit configs/quickstart.yaml --smoke
 

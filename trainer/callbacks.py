@@ -59,16 +59,32 @@ class Recorder(Callback):
         self.epoch_offset, self.step_offset = epoch_offset, step_offset
         self.steps: list[dict] = steps if steps is not None else []  # shared: one list for a whole run
         self.extra: dict = {}  # more columns for this stage's rows (e.g. the lr lr_find chose)
+        self._pending: list[int] = []  # rows whose loss is still a tensor
 
     def before_batch(self, learn: Learner) -> None:
         self._lr, self._mom = current_lr(learn.opt), current_mom(learn.opt)
 
     def after_batch(self, learn: Learner) -> None:
         s = learn.state
+        # the loss stays a device tensor until flush(): one GPU sync per epoch, not per step
         self.steps.append({"stage": self.stage, "step": len(self.steps),  # steps of the whole run so far
-                           "lr": self._lr, "mom": self._mom, "loss": s.loss})
+                           "lr": self._lr, "mom": self._mom, "loss": s.loss_t})
+        self._pending.append(len(self.steps) - 1)
+
+    def flush(self) -> None:
+        """Turns the recorded loss tensors into floats (in one transfer)."""
+        if not self._pending:
+            return
+        values = torch.stack([self.steps[i]["loss"].float().cpu() for i in self._pending]).tolist()
+        for i, v in zip(self._pending, values):
+            self.steps[i]["loss"] = v
+        self._pending = []
+
+    def after_fit(self, learn: Learner) -> None:
+        self.flush()
 
     def after_epoch(self, learn: Learner) -> None:
+        self.flush()
         s = learn.state
         row = {"stage": self.stage, "epoch": self.epoch_offset + s.epoch + 1, "train_loss": s.train_loss,
                **{k: v for k, v in s.valid.items()}, "lr": self._last_lr(),
@@ -88,9 +104,11 @@ class Recorder(Callback):
 
     # A resumed run continues the per-step record where the checkpoint left it.
     def state_dict(self) -> dict:
+        self.flush()
         return {"steps": checkpoint.pack_rows(self.steps)}
 
     def load_state_dict(self, state: dict) -> None:
+        self._pending = []
         self.steps[:] = checkpoint.unpack_rows(state["steps"])  # in place: the run's plots share this list
 
 
@@ -168,16 +186,41 @@ class GradClip(Callback):
 
     def after_backward(self, learn: Learner) -> None:
         params = [p for g in learn.opt.param_groups for p in g["params"]]
-        learn.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm).item()
+        learn.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)  # a tensor: read it to sync
+
+
+def grad_norm_sum(opt: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The sum of the gradients' norms (finite exactly when every gradient is), in one fused call."""
+    grads = [p.grad.detach() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    return torch.stack(torch._foreach_norm(grads)).sum() if grads else None
 
 
 class NonFiniteGuard(Callback):
-    """Stops at a NaN/inf loss or gradient (naming the step, lr and last good loss), or skips it."""
+    """Stops at a NaN/inf loss or gradient (naming the step, lr and last good loss), or skips it.
+
+    check_every 1 looks at every step before the optimizer steps (a GPU sync per step). On a GPU
+    with on_nan: stop the pipeline uses a larger check_every: the flags stay on the device and
+    are read every N steps and at the end of each epoch, and the error names the first bad step.
+    The steps in between have run on bad numbers, but the run stops and the Checkpointer never
+    writes non-finite weights, so nothing bad is kept. on_nan: skip must decide before each
+    step, so it always checks every step."""
 
     order = 5
 
-    def __init__(self, mode: str = "stop"):
-        self.mode, self.last_finite = mode, math.nan
+    def __init__(self, mode: str = "stop", check_every: int = 1):
+        self.mode = mode
+        self.check_every = 1 if mode == "skip" else max(1, check_every)
+        self._last_t: torch.Tensor | None = None   # the last finite loss, where the model is
+        self._last_base = math.nan
+        self._first_bad: torch.Tensor | None = None  # deferred: (step, what) of the first bad step, -1 if none
+
+    @property
+    def last_finite(self) -> float:
+        return self._last_base if self._last_t is None else float(self._last_t)
+
+    @last_finite.setter
+    def last_finite(self, value: float) -> None:
+        self._last_base, self._last_t = float(value), None
 
     def _bad(self, learn: Learner, what: str) -> None:
         s = learn.state
@@ -189,16 +232,55 @@ class NonFiniteGuard(Callback):
                                "or train.on_nan: skip")
 
     def after_loss(self, learn: Learner) -> None:
-        if not math.isfinite(learn.state.loss):
+        if self.check_every == 1 and not math.isfinite(learn.state.loss):
             self._bad(learn, "the loss")
 
     def after_backward(self, learn: Learner) -> None:
-        norms = [p.grad.detach().norm() for g in learn.opt.param_groups for p in g["params"] if p.grad is not None]
-        if norms and not torch.isfinite(torch.stack(norms).sum()):
+        norm = grad_norm_sum(learn.opt)
+        if self.check_every > 1:
+            self._defer(learn, learn.state.loss_t, norm)
+            return
+        if norm is not None and not bool(torch.isfinite(norm)):
             if learn.scaler.is_enabled():
                 return  # fp16: the scaler skips this step and lowers its scale itself
             self._bad(learn, "the gradient norm")
-        self.last_finite = learn.state.loss
+        self._last_t = learn.state.loss_t  # a tensor: read only when a message or checkpoint needs it
+
+    def _defer(self, learn: Learner, loss_t: torch.Tensor, norm: torch.Tensor | None) -> None:
+        """Device-side bookkeeping, no sync: remember the first bad step and the last good loss."""
+        loss_bad = ~torch.isfinite(loss_t)
+        grad_bad = torch.zeros_like(loss_bad) if norm is None or learn.scaler.is_enabled() else ~torch.isfinite(norm)
+        bad = loss_bad | grad_bad
+        if self._first_bad is None:
+            self._first_bad = torch.full((2,), -1, dtype=torch.long, device=loss_t.device)
+        kind = (grad_bad & ~loss_bad).long()  # 1: the gradient, 0: the loss
+        here = torch.stack([torch.full_like(kind, learn.state.step), kind])
+        self._first_bad = torch.where(bad & (self._first_bad[0] < 0), here, self._first_bad)
+        last = self._last_t if self._last_t is not None else torch.tensor(self._last_base, device=loss_t.device)
+        self._last_t = torch.where(bad, last.to(loss_t.dtype), loss_t)
+
+    def after_batch(self, learn: Learner) -> None:
+        if self.check_every > 1 and learn.state.step % self.check_every == 0:
+            self.check(learn)
+
+    def before_validate(self, learn: Learner) -> None:
+        self.check(learn)
+
+    def check(self, learn: Learner) -> None:
+        """Reads the deferred flags (one sync) and stops if a step went bad."""
+        if self._first_bad is None:
+            return
+        step, grad = self._first_bad.tolist()
+        if step < 0:
+            return
+        self._first_bad = None
+        s = learn.state
+        what = "the gradient norm" if grad else "the loss"
+        epoch, batch = divmod(step, max(1, s.n_batches))
+        raise TrainingDiverged(f"{what} is not finite at epoch {epoch + 1}, batch {batch + 1} "
+                               f"(step {step + 1} of {s.total_steps}; seen at step {s.step}), lr at detection "
+                               f"{current_lr(learn.opt):.3g}; last finite loss {self.last_finite:.4g}. "
+                               "Try a lower lr, train.clip, or train.on_nan: skip")
 
     def state_dict(self) -> dict:
         return {"last_finite": self.last_finite}

@@ -44,16 +44,44 @@ class FitState:
     n_batches: int = 0
     step: int = 0               # optimizer steps in this fit
     total_steps: int = 0
-    loss: float = math.nan
-    epoch_loss_sum: float = 0.0
+    loss_t: torch.Tensor | None = None  # this batch's loss, detached, where the model is
     epoch_loss_count: int = 0
     skipped_steps: int = 0
     epoch_start: float = 0.0
     valid: dict = field(default_factory=dict)
 
+    # The epoch's loss sum stays on the device (float64, added in the same order as Python
+    # floats would be, so the sum is bitwise the same) and is read only when asked for: no GPU
+    # sync per batch. Reading `loss` or `epoch_loss_sum` is what syncs.
+    _sum_base: float = 0.0
+    _sum_t: torch.Tensor | None = None
+
     @property
     def progress(self) -> float:
         return self.step / max(1, self.total_steps)
+
+    @property
+    def loss(self) -> float:
+        return math.nan if self.loss_t is None else float(self.loss_t)
+
+    @loss.setter
+    def loss(self, value: float) -> None:
+        self.loss_t = torch.tensor(float(value))
+
+    @property
+    def epoch_loss_sum(self) -> float:
+        return self._sum_base if self._sum_t is None else float(self._sum_t)
+
+    @epoch_loss_sum.setter
+    def epoch_loss_sum(self, value: float) -> None:
+        self._sum_base, self._sum_t = float(value), None
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        if self._sum_t is None:  # starts from the restored sum, so a resumed epoch adds in the same order
+            dtype = torch.float32 if loss.device.type == "mps" else torch.float64  # MPS has no float64
+            self._sum_t = torch.tensor(self._sum_base, dtype=dtype, device=loss.device)
+        self._sum_t += loss.to(self._sum_t.dtype)
+        self.epoch_loss_count += 1
 
     @property
     def train_loss(self) -> float:
@@ -117,7 +145,7 @@ class Learner:
         with self.precision.autocast():
             self.out = self.model(self.xb)
             self.loss_t = self.task.loss_fn(self.out, self.yb)
-        s.loss = self.loss_t.item()
+        s.loss_t = self.loss_t.detach()  # no .item(): a GPU sync per batch costs more than the step
         try:
             self.event("after_loss")
             self.scaler.scale(self.loss_t).backward()
@@ -125,8 +153,7 @@ class Learner:
             self.event("after_backward")
             self.scaler.step(self.opt)
             self.scaler.update()
-            s.epoch_loss_sum += s.loss
-            s.epoch_loss_count += 1
+            s.add_loss(s.loss_t)
         except SkipStep:
             s.skipped_steps += 1
             self.scaler.update()

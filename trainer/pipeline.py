@@ -25,7 +25,8 @@ from trainer.parallel import Accumulate, DistributedLearner, SyncLoss, check_bat
 from trainer.plots import History, RunPlots
 from trainer.progress import ProgressReport
 from trainer.rundir import RunDir, new_run_dir
-from trainer.runtime import pick_device, pick_precision, random_seed, rng_state, seed_everything, set_deterministic
+from trainer.runtime import (compile_model, compile_ready, pick_device, pick_precision, random_seed, rng_state,
+                             seed_everything, set_deterministic, set_threads)
 from trainer.signals import Interrupted, SaveOnSignal, graceful_stop
 from trainer.stages import (StageError, apply_freeze, cycle_ends, expand_stages, freeze_points, is_auto, per_group,
                             stage_schedule)
@@ -73,6 +74,7 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
         cfg = smoke_sizes(cfg)
     seed_everything(seed)
     set_deterministic(cfg.deterministic)
+    threads = set_threads()
     if smoke and out is None:
         out = distributed.from_main(lambda: tempfile.mkdtemp(prefix=f"trainer-smoke-{cfg.name}-"))
     run = RunDir(distributed.from_main(lambda: new_run_dir(cfg.name, out)), writes=world.is_main)
@@ -97,11 +99,18 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     built.model.to(device)
     if cfg.channels_last:
         built.model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        why_not = "a smoke run checks the pipeline, not the speed" if smoke else compile_ready(device)
+        if why_not:
+            log(f"compile: skipped ({why_not})")
+        else:
+            compile_model(built.model)
     check_loss(cfg.train.loss, bundle.task_kind)
     task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
     task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
                      cfg.train.label_smoothing)
-    log(f"run {run.path}: seed {seed}, device {device}, {sum(p.numel() for p in built.model.parameters()):,} parameters"
+    n_params = sum(p.numel() for p in built.model.parameters())
+    log(f"run {run.path}: seed {seed}, device {device} ({threads} CPU threads), {n_params:,} parameters"
         + (f", {world.world_size} processes ({distributed.backend_for(cfg.distributed.backend, device)})"
            if world.enabled else ""))
     return Session(cfg, run, bundle, built, device, pick_precision(cfg.amp, device), task, smoke, log, console,
@@ -157,7 +166,7 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
     callbacks = [cbs.ScheduleLR(stage_schedule(stage)),
                  cbs.Recorder(sess.run, stage.name, epoch_offset, len(steps), steps), RunPlots(sess.run, sess.history),
                  cbs.FreezeNorms(frozen, stage.train_bn, stage.bn_freeze, sess.built.model),
-                 cbs.NonFiniteGuard(cfg.train.on_nan), cbs.ResetState(),
+                 cbs.NonFiniteGuard(cfg.train.on_nan, guard_every(sess.device)), cbs.ResetState(),
                  ProgressReport(sess.console, log=sess.log)]
     if cfg.train.clip:
         callbacks.append(cbs.GradClip(cfg.train.clip))
@@ -178,6 +187,12 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
     if sess.task.name == "multi_label":
         learner.add(cbs.SaveThreshold(sess.run, ckpt))
     return learner
+
+
+def guard_every(device: torch.device) -> int:
+    """Steps between reads of the non-finite guard's flags: every step on the CPU (reading is
+    free there), every 50 on a GPU (each read waits for the GPU)."""
+    return 1 if device.type == "cpu" else 50
 
 
 def snapshot(learn: Learner, stage_index: int, epoch_end: bool, run: RunDir | None = None, model=None) -> dict:

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from trainer.loop import Callback, Learner
 
+LOSS_EVERY = 20  # batches between updates of the bar's loss
 SHOWN = ["stage", "epoch", "train_loss", "valid_loss", "accuracy", "fbeta", "bpc", "lr", "seconds"]
 
 
@@ -45,8 +46,12 @@ class ProgressReport(Callback):
         self.task = self.bar.add_task("train", total=s.n_batches, completed=s.batch, loss="-")
 
     def after_batch(self, learn: Learner) -> None:
-        if self.bar is not None:
+        if self.bar is None:
+            return
+        if learn.state.batch % LOSS_EVERY == 0:  # reading the loss syncs a GPU: not every batch
             self.bar.update(self.task, advance=1, loss=f"{learn.state.loss:.4f}")
+        else:
+            self.bar.update(self.task, advance=1)
 
     def before_validate(self, learn: Learner) -> None:
         if self.bar is not None:

@@ -32,8 +32,8 @@ from trainer.signals import Interrupted
 
 STATUS = "status.json"
 # Keys a resumed run may change: they do not change what is computed.
-MAY_CHANGE = {"name", "device", "compile", "data.cache_dir", "data.valid_bs", "train.checkpoint_every",
-              "train.on_nan", "distributed.backend"}
+MAY_CHANGE = {"name", "device", "compile", "data.cache_dir", "data.valid_bs", "data.on_device",
+              "train.checkpoint_every", "train.on_nan", "distributed.backend"}
 STATE_VERSION = 1
 
 

@@ -23,6 +23,30 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_budget() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup quota (containers
+    often see the host's cores but get only a share of them)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def set_threads() -> int:
+    """Intra-op threads: torch picks the host's physical cores, which oversubscribes a container
+    limited to fewer (every op then waits on descheduled threads). Never more than the budget;
+    OMP_NUM_THREADS, when set, wins."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        n = min(torch.get_num_threads(), cpu_budget())
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -97,8 +121,9 @@ class Precision:
 
 
 def pick_precision(amp: str, device: torch.device) -> Precision:
-    """auto: bf16 on CUDA GPUs that support it, else fp16 on CUDA; fp32 on the CPU, where bf16
-    autocast is slower than fp32 on CPUs without AMX (measured on this project's AVX2 machine)."""
+    """auto: bf16 on CUDA GPUs that support it, else fp16 on CUDA; fp32 on the CPU. bf16 autocast
+    is slower than fp32 on CPUs without AMX / AVX512_BF16 and about 2x faster on CPUs with them
+    (scripts/bench_cpu_step.py), but it rounds differently, so on the CPU it is opt-in (amp: bf16)."""
     kind = device.type
     if amp == "off" or (amp == "auto" and kind != "cuda"):
         return Precision(kind, None)
@@ -107,3 +132,29 @@ def pick_precision(amp: str, device: torch.device) -> Precision:
     if amp == "fp16" and kind == "cpu":
         raise ValueError("amp: fp16 needs a CUDA GPU; use bf16 or off on the CPU")
     return Precision(kind, torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+RECOMPILE_LIMIT = 64  # graphs per forward: (image size, batch size, train/eval) combinations
+
+
+def compile_ready(device: torch.device) -> str | None:
+    """Why torch.compile cannot run here (None when it can): inductor builds C++ on the CPU."""
+    import shutil
+
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "no C++ compiler found (inductor needs one on the CPU)"
+    return None
+
+
+def compile_model(model: torch.nn.Module, backend="inductor") -> torch.nn.Module:
+    """compile: true. In place (nn.Module.compile), so state_dict keys, checkpoints and layer
+    groups are untouched. dynamic=False: one specialised graph per input shape and mode, i.e. one
+    compile per (image size, batch size, train/eval): progressive resizing costs one recompile
+    per new size, a last short validation batch one more, and steps at a size already seen
+    reuse their graph. Dynamo's default limit (8 graphs per function, then eager) is raised so
+    that several stages of resizing stay compiled."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    model.compile(backend=backend, dynamic=False)
+    return model

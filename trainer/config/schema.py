@@ -149,6 +149,9 @@ class ImageData(Strict):
     on_bad_image: Literal["error", "skip"] = "error"
     valid_bs: PosInt | None = None
     subset: Subset | None = None
+    # keep the decoded uint8 images on the GPU (no copy per batch); auto: when they take under
+    # a quarter of its free memory. On the CPU the cache already is in memory (memory-mapped).
+    on_device: Literal["auto"] | bool = "auto"
 
     @field_validator("stats")
     @classmethod

@@ -26,6 +26,7 @@ class ImageBundle:
     valid_bs: int | None = None
     smoke: bool = False
     meta: dict = field(default_factory=dict)
+    on_device: bool = False
 
     @property
     def task_kind(self) -> str:
@@ -47,10 +48,21 @@ class ImageBundle:
         size = size or self.images.size
         common = dict(size=size, mean=torch.tensor(self.mean), std=torch.tensor(self.std), seed=self.seed,
                       device=self.device, channels_last=self.channels_last)
-        train = ImageBatches(self.images.train_x, self.images.train_y, bs, shuffle=True,
-                             augment=self.augment_spec(size), drop_last=len(self.images.train_y) > bs, **common)
-        valid = ImageBatches(self.images.valid_x, self.images.valid_y, self.valid_bs or bs * 2, **common)
+        tx, ty, vx, vy = self.tensors()
+        train = ImageBatches(tx, ty, bs, shuffle=True, augment=self.augment_spec(size),
+                             drop_last=len(ty) > bs, **common)
+        valid = ImageBatches(vx, vy, self.valid_bs or bs * 2, **common)
         return train, valid
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Train and valid images and labels where the loaders read them: copied to the device
+        once (data.on_device), else the CPU's memory-mapped cache. The ImageSet stays on the CPU."""
+        im = self.images
+        if not self.on_device:
+            return im.train_x, im.train_y, im.valid_x, im.valid_y
+        if "on_device" not in self.meta:
+            self.meta["on_device"] = tuple(t.to(self.device) for t in (im.train_x, im.train_y, im.valid_x, im.valid_y))
+        return self.meta["on_device"]
 
     def files_to_save(self) -> dict:
         return {"classes.json": {"classes": self.images.classes, "multi_label": self.images.multi_label},
@@ -91,5 +103,24 @@ def build_bundle(cfg: Config, seed: int, device: torch.device, smoke: bool = Fal
     images = load_images(data, seed, sizes, log, items=items)
     mean, std = resolve_stats(data.stats, images.train_x, pretrained, model_stats)
     transforms = cfg.transforms.model_dump()
+    on_device = keep_on_device(data.on_device, images, device)
+    if on_device and device.type != "cpu":
+        log(f"keeping the {_nbytes(images) / 2**20:.0f} MiB of decoded images on {device} (data.on_device)")
     return ImageBundle(images, mean, std, {"name": transforms.pop("preset"), **transforms}, seed, device,
-                       cfg.channels_last, data.valid_bs, smoke)
+                       cfg.channels_last, data.valid_bs, smoke, on_device=on_device)
+
+
+def _nbytes(images: ImageSet) -> int:
+    return sum(t.numel() * t.element_size() for t in (images.train_x, images.train_y, images.valid_x, images.valid_y))
+
+
+def keep_on_device(setting, images: ImageSet, device: torch.device, free_bytes: int | None = None) -> bool:
+    """data.on_device: true/false as set; auto keeps the images on a CUDA GPU when they take under
+    a quarter of its free memory (the model, activations and cuDNN workspaces need the rest)."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return False
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return _nbytes(images) < free_bytes / 4

@@ -64,10 +64,10 @@ class ImageBatches:
               view=None):
         """Turns rows of the uint8 tensor into a normalised float batch on the device. `view`, a
         function of (pixels in [0, 1], size), replaces augmentation (a fixed TTA view)."""
-        if self.images.device.type == "cpu":
-            rows, _ = rows.sort()  # sequential reads are kinder to a memory-mapped cache
-        x = self.images[rows.to(self.images.device)]
-        y = self.labels[rows.to(self.labels.device)]
+        # sorted wherever the images are (sequential reads suit a memory-mapped cache), so data
+        # kept on the GPU gives exactly the batches of data read from the CPU
+        rows, _ = rows.sort()
+        x, y = self._gather(rows)
         non_blocking = self.device.type == "cuda"
         x = x.to(self.device, non_blocking=non_blocking).float().div_(255)
         spec = spec if spec is not None else self.augment
@@ -81,6 +81,17 @@ class ImageBatches:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=non_blocking)
+
+    def _gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of images and labels; into pinned memory when they go from the CPU to a GPU,
+        so the copy runs asynchronously (non_blocking) while the GPU works."""
+        if self.device.type == "cuda" and self.images.device.type == "cpu":
+            x = torch.empty((len(rows), *self.images.shape[1:]), dtype=self.images.dtype, pin_memory=True)
+            y = torch.empty((len(rows), *self.labels.shape[1:]), dtype=self.labels.dtype, pin_memory=True)
+            torch.index_select(self.images, 0, rows, out=x)
+            torch.index_select(self.labels, 0, rows, out=y)
+            return x, y
+        return self.images[rows.to(self.images.device)], self.labels[rows.to(self.labels.device)]
 
     def iterate(self, start: int = 0):
         """Yields (batch index, x, y) from batch `start` on (resume skips what was done)."""

@@ -82,7 +82,8 @@ def check_input(model, arch: str, channels: int, size: int, device) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(2, channels, size, size, device=device))
+            # forward(), not __call__: a compiled model would otherwise compile a graph for this probe
+            model.forward(torch.zeros(2, channels, size, size, device=device))
     except RuntimeError as e:
         raise ValueError(f"model '{arch}' cannot take {channels}x{size}x{size} inputs ({str(e).splitlines()[0]}); "
                          "change the stage's size / data.size or the architecture's layers") from None

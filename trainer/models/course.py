@@ -77,3 +77,60 @@ def bnresnet(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), ps: flo
     for a, b in zip(layers, layers[1:]):
         convs.append(nn.Sequential(BnLayer(a, b), ResnetLayer(b, b, 1), ResnetLayer(b, b, 1)))
     return _built(_ConvNet(convs, layers[-1], n_out, p=ps))
+
+
+def _conv_bn(ni: int, nf: int, stride: int = 1, kernel_size: int = 3) -> nn.Sequential:
+    """BnLayer's order (conv, ReLU, batch norm) with torch's fused nn.BatchNorm2d."""
+    return nn.Sequential(nn.Conv2d(ni, nf, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+                         nn.ReLU(inplace=True), nn.BatchNorm2d(nf))
+
+
+class _Residual(nn.Module):
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+@MODELS.register("bnresnet2d")
+def bnresnet2d(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), ps: float = 0.0, **_) -> Built:
+    """bnresnet with nn.BatchNorm2d in place of the hand-written BnLayer: the same shape of net
+    (and the one scripts/bench.py times), with one fused kernel per norm instead of several."""
+    stem = nn.Sequential(nn.Conv2d(in_channels, layers[0], 5, stride=1, padding=2), nn.ReLU(inplace=True))
+    convs: list[nn.Module] = [stem]
+    for a, b in zip(layers, layers[1:]):
+        convs.append(nn.Sequential(_conv_bn(a, b, 2), _Residual(_conv_bn(b, b)), _Residual(_conv_bn(b, b))))
+    return _built(_ConvNet(convs, layers[-1], n_out, p=ps))
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+@MODELS.register("resnet9")
+def resnet9(n_out: int, in_channels: int, layers=(64, 128, 256, 512), **_) -> Built:
+    """A ResNet-9 (the DAWNBench CIFAR-10 net): conv-BN-ReLU prep, three stages that each double
+    the width and max-pool by 2 (the first and last with a residual block of two convs), then
+    global max pool, a linear layer without bias and a 0.125 output scale (cooler logits
+    early in training)."""
+    def block(ni, nf, pool=False):
+        mods = [nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True)]
+        return nn.Sequential(*mods, nn.MaxPool2d(2)) if pool else nn.Sequential(*mods)
+
+    if len(layers) != 4:
+        raise ValueError(f"resnet9 takes 4 widths in model.layers (got {len(layers)})")
+    w0, w1, w2, w3 = layers
+    convs = [block(in_channels, w0),
+             nn.Sequential(block(w0, w1, pool=True), _Residual(nn.Sequential(block(w1, w1), block(w1, w1)))),
+             block(w1, w2, pool=True),
+             nn.Sequential(block(w2, w3, pool=True), _Residual(nn.Sequential(block(w3, w3), block(w3, w3))))]
+    net = _ConvNet(convs, w3, n_out)
+    net.out = nn.Sequential(nn.Flatten(), nn.Linear(w3, n_out, bias=False), _Scale(0.125))
+    return _built(net)
