@@ -129,3 +129,17 @@ def test_best_pt_is_chosen_among_epochs_at_the_last_image_size(tmp_path, folder_
     best = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")
     assert best["stage"] >= 1
     assert best["best_valid_loss"] == pytest.approx(min(float(r["valid_loss"]) for r in rows[2:]), rel=1e-4)
+
+
+def test_predict_on_a_folder_per_class_gives_unique_ids(trained_run, folder_data, tmp_path):
+    """Files named alike in class folders (test/circle/0.png, test/square/0.png, as CIFAR-10's
+    folders are) keep distinct ids: the path below the folder."""
+    import shutil
+
+    for cls in CLASSES:
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        shutil.copy(next((folder_data / "valid" / cls).iterdir()), tmp_path / "data" / cls / "0.png")
+    out = tmp_path / "pred.csv"
+    res = runner.invoke(app, ["predict", str(trained_run), "--data", str(tmp_path / "data"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(pd.read_csv(out, dtype={"id": str})["id"]) == sorted(f"{c}/0" for c in CLASSES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,13 +138,23 @@ def predict_ensemble(run: LoadedRun, folder: str | Path, checkpoints: list[Path]
     return files, total / len(checkpoints)
 
 
+def file_ids(files: list[Path]) -> list[str]:
+    """The file names without suffix (Kaggle's ids); when two files share a name (a test folder
+    with a sub-folder per class), the path below their common folder, e.g. cat/0001."""
+    stems = [f.stem for f in files]
+    if len(set(stems)) == len(stems):
+        return stems
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return [f.relative_to(root).with_suffix("").as_posix() for f in files]
+
+
 def predictions_table(files: list[Path], probs: torch.Tensor, classes: list[str], multi_label: bool,
                       threshold: float = 0.5, labels_only: bool = False, probs_only: bool = False,
                       id_column: str = "id") -> pd.DataFrame:
     """One row per image: its id, the label (multi-label: the tags above the threshold, space
     separated) and one probability column per class in class order. labels_only and probs_only
     give the two Kaggle submission shapes (planet's image_name,tags; dog breeds' id,<classes>)."""
-    df = pd.DataFrame({id_column: [f.stem for f in files]})
+    df = pd.DataFrame({id_column: file_ids(files)})
     if probs_only:
         pass
     elif multi_label:
