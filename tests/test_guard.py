@@ -9,6 +9,7 @@ import torch.nn as nn
 from typer.testing import CliRunner
 
 from trainer import callbacks as cbs
+from trainer.guard import NonFiniteGuard, TrainingDiverged
 from trainer import pipeline
 from trainer.cli import app
 from trainer.config import load_config
@@ -62,14 +63,14 @@ def tiny_learner(mode: str, poison: Poison, n: int = 64, bs: int = 8) -> Learner
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     return Learner(model, opt, make_task("single_label"), dl, dl.with_(shuffle=False),
-                   [cbs.NonFiniteGuard(mode), cbs.Recorder(None, "s"), poison])
+                   [NonFiniteGuard(mode), cbs.Recorder(None, "s"), poison])
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 def test_stop_names_the_step_the_lr_and_the_last_finite_loss(kind):
     poison = Poison(loss_steps=[5] if kind == "loss" else [], grad_steps=[5] if kind == "grad" else [])
     learn = tiny_learner("stop", poison)
-    with pytest.raises(cbs.TrainingDiverged) as e:
+    with pytest.raises(TrainingDiverged) as e:
         learn.fit(2)
     msg = str(e.value)
     what = "the loss" if kind == "loss" else "the gradient norm"
@@ -124,7 +125,7 @@ def test_a_diverged_run_leaves_last_and_best_as_they_were(cfg_path, tmp_path, ki
     out = tmp_path / "run"
     poison = Poison(**{f"{kind}_steps": [6]})
     snap = Snapshot(out, 6)
-    with pytest.raises(cbs.TrainingDiverged) as e:
+    with pytest.raises(TrainingDiverged) as e:
         pipeline.fit(load_config(cfg_path), out, callbacks=[poison, snap])
     assert "not finite" in str(e.value)
     assert checkpoint_bytes(out) == snap.files  # nothing written after the bad step

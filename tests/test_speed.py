@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from trainer import callbacks as cbs
+from trainer.guard import NonFiniteGuard, TrainingDiverged
 from trainer.data.loaders import ImageBatches
 from trainer.loop import Callback, Learner
 from trainer.metrics import make_task
@@ -39,7 +40,7 @@ def tiny_learner(callbacks, n: int = 80, bs: int = 8) -> Learner:
 def test_lazy_loss_sum_equals_per_batch_item():
     item = ItemEveryBatch()
     rec = cbs.Recorder(None, "s")
-    learn = tiny_learner([cbs.NonFiniteGuard("stop"), rec, item])
+    learn = tiny_learner([NonFiniteGuard("stop"), rec, item])
     learn.fit(1)
     expected = 0.0
     for v in item.losses:
@@ -87,8 +88,8 @@ class PoisonLoss(Callback):
 @pytest.mark.parametrize("every", [1, 4])
 def test_deferred_guard_names_the_first_bad_step(every):
     rec = cbs.Recorder(None, "s")
-    learn = tiny_learner([cbs.NonFiniteGuard("stop", check_every=every), rec, PoisonLoss(6)])
-    with pytest.raises(cbs.TrainingDiverged) as e:
+    learn = tiny_learner([NonFiniteGuard("stop", check_every=every), rec, PoisonLoss(6)])
+    with pytest.raises(TrainingDiverged) as e:
         learn.fit(2)
     assert str(e.value).startswith("the loss is not finite at epoch 1, batch 6 (step 6 of 20")
     assert f"last finite loss {rec.steps[4]['loss']:.4g}" in str(e.value)
@@ -96,14 +97,14 @@ def test_deferred_guard_names_the_first_bad_step(every):
 
 
 def test_deferred_guard_checks_before_validation():
-    learn = tiny_learner([cbs.NonFiniteGuard("stop", check_every=1000), PoisonLoss(9)])
-    with pytest.raises(cbs.TrainingDiverged, match="batch 9 "):
+    learn = tiny_learner([NonFiniteGuard("stop", check_every=1000), PoisonLoss(9)])
+    with pytest.raises(TrainingDiverged, match="batch 9 "):
         learn.fit(2)
     assert learn.state.epoch == 0  # stopped at the end of the first epoch, before validating it
 
 
 def test_skip_mode_always_checks_every_step():
-    assert cbs.NonFiniteGuard("skip", check_every=50).check_every == 1
+    assert NonFiniteGuard("skip", check_every=50).check_every == 1
 
 
 @pytest.mark.parametrize("arch", ["resnet9", "bnresnet2d"])

@@ -196,10 +196,10 @@ def lr_find(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
                                                "(default runs/<name>/lr_find-<time>).")):
     """The learning-rate range test: loss against an exponentially growing lr, with suggestions.
     The model and optimizer are left exactly as they were; the same config gives the same curve."""
-    from trainer import launch, pipeline
+    from trainer import launch, lr_find_command
 
     cfg = load(config, sets)
-    result, folder = guarded(lambda: pipeline.lr_find_stage(cfg, stage, start_lr, end_lr, num_it, out, console))
+    result, folder = guarded(lambda: lr_find_command.lr_find_stage(cfg, stage, start_lr, end_lr, num_it, out, console))
     if not launch.is_main_process():  # under torchrun, rank 0 reports
         return
     table = Table("suggestion", "lr", "")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.callbacks import FreezeNorms, GradClip, current_lr
+from trainer.callbacks import FreezeNorms, GradClip
+from trainer.optim import current_lr
 from trainer.loop import Callback, CancelFit, Learner
 from trainer.rundir import write_table
 from trainer.runtime import rng_state, set_rng_state

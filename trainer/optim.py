@@ -87,3 +87,8 @@ def set_momentum(opt: torch.optim.Optimizer, value: float) -> None:
             g["betas"] = (value, g["betas"][1])
         elif "momentum" in g:
             g["momentum"] = value
+
+
+def current_lr(opt: torch.optim.Optimizer) -> float:
+    """The last layer group's lr: the one people quote (the head's)."""
+    return opt.param_groups[-1]["lr"]

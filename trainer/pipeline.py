@@ -16,8 +16,9 @@ from trainer.config import Config, dump_config
 from trainer.data.bundle import build_bundle
 from trainer.data.shard import shard_train, shard_valid
 from trainer.data.images import resolve_stats
+from trainer.guard import NonFiniteGuard
 from trainer.loop import Learner
-from trainer.lr_find import LrFindResult, check_range, lr_find, save_result
+from trainer.lr_find import LrFindResult, lr_find, save_result
 from trainer.metrics import check_loss, make_task
 from trainer.models import Built, check_input, create_model
 from trainer.optim import create_optimizer, param_groups
@@ -28,7 +29,7 @@ from trainer.rundir import RunDir, new_run_dir
 from trainer.runtime import (compile_model, compile_ready, pick_device, pick_precision, random_seed, rng_state,
                              seed_everything, set_deterministic, set_threads)
 from trainer.signals import Interrupted, SaveOnSignal, graceful_stop
-from trainer.stages import (StageError, apply_freeze, cycle_ends, expand_stages, freeze_points, is_auto, per_group,
+from trainer.stages import (apply_freeze, cycle_ends, expand_stages, freeze_points, is_auto, per_group,
                             stage_schedule)
 
 SMOKE_BATCHES = 2
@@ -166,7 +167,7 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
     callbacks = [cbs.ScheduleLR(stage_schedule(stage)),
                  cbs.Recorder(sess.run, stage.name, epoch_offset, len(steps), steps), RunPlots(sess.run, sess.history),
                  cbs.FreezeNorms(frozen, stage.train_bn, stage.bn_freeze, sess.built.model),
-                 cbs.NonFiniteGuard(cfg.train.on_nan, guard_every(sess.device)), cbs.ResetState(),
+                 NonFiniteGuard(cfg.train.on_nan, guard_every(sess.device)), cbs.ResetState(),
                  ProgressReport(sess.console, log=sess.log)]
     if cfg.train.clip:
         callbacks.append(cbs.GradClip(cfg.train.clip))
@@ -300,38 +301,3 @@ def use_found_lr(sess: Session, learner: Learner, stage) -> LrFindResult:
     rec.extra["peak_lr"] = result.lr
     sess.log(f"stage '{stage.name}': {result.summary()}; using lr {result.lr:.3g}")
     return result
-
-
-def find_stage(stages: list, name: str | None) -> int:
-    if name is None:
-        return 0
-    names = [st.name for st in stages]
-    if name not in names:
-        raise StageError(f"no stage named '{name}' (stages: {', '.join(names)})")
-    return names.index(name)
-
-
-def lr_find_stage(cfg: Config, stage: str | None = None, start_lr: float = 1e-7, end_lr: float = 10.0,
-                  num_it: int = 100, out: str | Path | None = None, console=None) -> tuple[LrFindResult, Path]:
-    """`trainer lr-find`: the range test with a stage's freeze state, image size, batch size and
-    lr shape (differential lrs keep their ratios), on the model as built. Writes lr_find.csv,
-    lr_find.json and lr_find.png into a run directory (runs/<name>/lr_find-<time>/ by default)."""
-    from datetime import datetime
-
-    check_range(start_lr, end_lr, num_it)
-    out = out or Path("runs") / cfg.name / f"lr_find-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    sess = prepare(cfg, out, console=console)
-    done = False
-    try:
-        stages = expand_stages(sess.cfg.train.stages)
-        k = find_stage(stages, stage)
-        freeze_to = freeze_points(stages, len(sess.built.groups))[k]
-        learner = make_learner(sess, stages[k], k, freeze_to)
-        result = lr_find(learner, start_lr, end_lr, num_it, seed=sess.cfg.seed or 0)
-        if sess.world.is_main:
-            save_result(result, sess.run.path, "lr_find")
-        done = True
-    finally:
-        distributed.stop(wait=done)
-    sess.log(f"stage '{stages[k].name}' (first trainable group {freeze_to}): {result.summary()}")
-    return result, sess.run.path

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from trainer import checkpoint
-from trainer.callbacks import TrainingDiverged
+from trainer.guard import TrainingDiverged
 from trainer.config import Config, dump_config
 from trainer.distributed import own_state, rank_states, unwrap
 from trainer.rundir import RunDir
