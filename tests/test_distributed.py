@@ -52,7 +52,7 @@ def free_port() -> int:
 def run_processes(args: list[str], cwd: Path, signal_rank: int | None = None, at_step: int = 0):
     """A real multi-process run where rank 1 cannot write a file (tests/rank_instruments); with
     signal_rank, that rank's process alone gets SIGTERM at a step."""
-    paths = [str(ROOT), str(ROOT / "tests" / "rank_instruments")]
+    paths = [str(ROOT), str(ROOT / "tests" / "rank_instruments"), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1",
            "TRAINER_TEST_READONLY_RANK": "1"}
     if signal_rank is not None:

@@ -51,6 +51,19 @@ def test_lazy_loss_sum_equals_per_batch_item():
     assert all(isinstance(r["loss"], float) for r in rec.steps)
 
 
+def test_a_loss_set_by_a_callback_stays_on_the_models_device():
+    # SyncLoss and Accumulate set state.loss; on a GPU a CPU loss then met CUDA tensors in the
+    # NaN guard and the epoch's sum (seen under torchrun with NCCL). "meta" stands for the GPU here.
+    from trainer.loop import FitState
+
+    s = FitState(loss_t=torch.tensor(2.0, device="meta"))
+    s.loss = 1.5
+    assert s.loss_t.device.type == "meta"
+    fresh = FitState()
+    fresh.loss = 0.5
+    assert fresh.loss_t.device.type == "cpu" and fresh.loss == 0.5
+
+
 def test_restored_sum_continues_in_the_same_order():
     item = ItemEveryBatch()
     learn = tiny_learner([item])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ def guarded(fn):
     """Known user errors become one clear line and exit code 2, never a traceback."""
     from trainer.stages import StageError
 
+    if os.environ.get("TRAINER_DEBUG"):  # the whole traceback, for a bug report
+        return fn()
     try:
         return fn()
     except (DataError, StageError, FileNotFoundError, ValueError) as e:

@@ -66,7 +66,9 @@ class FitState:
 
     @loss.setter
     def loss(self, value: float) -> None:
-        self.loss_t = torch.tensor(float(value))
+        # stays where the model is: the NaN guard and the epoch's sum combine it with device tensors
+        device = self.loss_t.device if self.loss_t is not None else None
+        self.loss_t = torch.tensor(float(value), device=device)
 
     @property
     def epoch_loss_sum(self) -> float:

@@ -111,10 +111,12 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
                      cfg.train.label_smoothing)
     n_params = sum(p.numel() for p in built.model.parameters())
-    log(f"run {run.path}: seed {seed}, device {device} ({threads} CPU threads), {n_params:,} parameters"
+    precision = pick_precision(cfg.amp, device)
+    log(f"run {run.path}: seed {seed}, device {device} ({threads} CPU threads), amp {precision.name}, "
+        f"{n_params:,} parameters"
         + (f", {world.world_size} processes ({distributed.backend_for(cfg.distributed.backend, device)})"
            if world.enabled else ""))
-    return Session(cfg, run, bundle, built, device, pick_precision(cfg.amp, device), task, smoke, log, console,
+    return Session(cfg, run, bundle, built, device, precision, task, smoke, log, console,
                    world=world)
 
 

@@ -108,6 +108,10 @@ class Precision:
         return self.dtype is not None
 
     @property
+    def name(self) -> str:
+        return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+    @property
     def needs_scaler(self) -> bool:
         return self.dtype == torch.float16
 
