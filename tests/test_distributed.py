@@ -26,6 +26,7 @@ from trainer.data.loaders import ImageBatches
 from trainer.data.shard import shard_train, shard_valid
 from trainer.data.text import TextStreams
 from trainer.launch import exit_code, resume_command
+from trainer.models.layers import BnLayer
 from trainer.parallel import check_batch
 from trainer.resume import read_status
 from trainer.rundir import read_table
@@ -208,10 +209,33 @@ def test_sync_bn_converts_every_batchnorm_in_place():
     assert [id(p) for p in built.model.parameters()] == params
 
 
-def test_sync_bn_on_cpu_processes_is_refused(monkeypatch):
+def test_sync_bn_with_torch_batchnorm_on_cpu_processes_is_refused(monkeypatch):
+    from trainer.config.schema import ModelConfig
+    from trainer.models import create_model
+
     monkeypatch.setattr(distributed, "current", lambda: distributed.World(0, 2, 0, True))
-    with pytest.raises(ValueError, match="train.sync_bn needs CUDA GPUs"):
-        distributed.use_sync_bn(True, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="train.sync_bn needs CUDA GPUs for this model's 22 torch BatchNorm"):
+        distributed.use_sync_bn(True, create_model(ModelConfig(arch="resnet18"), 3, 3, 32), torch.device("cpu"))
+    course = create_model(ModelConfig(arch="bnresnet", layers=[4, 8, 16]), 3, 3, 32)
+    assert distributed.use_sync_bn(True, course, torch.device("cpu")) == 6  # the BnLayers sync over gloo
+    assert all(m.sync for m in course.model.modules() if isinstance(m, BnLayer))
+
+
+def test_sync_bn_two_processes_match_one_process_with_the_course_bnlayer(folder_data, tmp_path):
+    """Batch norm over 2 half-batches is the whole batch's only when synced: the statistics, the
+    gradients through them and the running averages all match one process. (Without sync_bn the
+    same two runs differ: train loss 1.468 against 1.508.)"""
+    cfg = tmp_path / "bn.yaml"
+    cfg.write_text(plain_config(folder_data, extra="  sync_bn: true\n").replace("bs: 8", "bs: 12")
+                   .replace("arch: convnet2", "arch: bnresnet, layers: [4, 8, 16]"))
+    single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
+    res = run_processes(["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                         f"--rdzv-endpoint=localhost:{free_port()}", "-m", "trainer", "fit", str(cfg)], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    two = next((tmp_path / "runs" / "eq").iterdir())
+    assert "sync_bn: 6 BatchNorm layer(s)" in (two / "log.txt").read_text()
+    assert_close_metrics(single, two)
+    assert_close_weights(single, two)  # running_mean and running_var included
 
 
 def test_launcher_exit_codes_and_resume_command(monkeypatch):

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from trainer.models.layers import BnLayer
+
 TIMEOUT = timedelta(minutes=30)  # a collective waits this long for a slow rank (checkpoint saves, decoding)
 
 
@@ -193,15 +195,19 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def use_sync_bn(on: bool, built, device: torch.device) -> int | None:
-    """train.sync_bn under DDP on GPUs (a single process has the whole batch already): how many
-    layers were converted, or None when nothing was to be done."""
+    """train.sync_bn under DDP (a single process has the whole batch already): how many layers
+    now share their statistics, or None when nothing was to be done. torch's SyncBatchNorm needs
+    CUDA; the course's BnLayer syncs over any backend, gloo on the CPU included."""
     world = current()
     if not on or not world.enabled:
         return None
-    if device.type != "cuda":
-        if world.world_size > 1:
-            raise ValueError("train.sync_bn needs CUDA GPUs (torch's SyncBatchNorm does not run on the CPU); "
-                             "set it to false for CPU processes")
+    if device.type != "cuda" and world.world_size > 1:
+        torch_norms = [m for m in built.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if torch_norms:
+            raise ValueError(f"train.sync_bn needs CUDA GPUs for this model's {len(torch_norms)} torch BatchNorm "
+                             "layer(s) (torch's SyncBatchNorm does not run on the CPU); set it to false for CPU "
+                             "processes, or use a course model (bnresnet, convbnnet) whose BnLayer syncs over gloo")
+    if device.type != "cuda" and world.world_size == 1:
         return None
     return convert_sync_bn(built)
 
@@ -209,8 +215,12 @@ def use_sync_bn(on: bool, built, device: torch.device) -> int | None:
 def convert_sync_bn(built) -> int:
     """Every BatchNorm becomes a SyncBatchNorm (nn.SyncBatchNorm.convert_sync_batchnorm, which
     keeps the same parameters and buffers, so checkpoints keep their keys). Replaced in place
-    wherever the model, its layer groups and its split hold it, so freezing still finds them."""
+    wherever the model, its layer groups and its split hold it, so freezing still finds them.
+    The course's BnLayers are switched to syncing in place."""
     new: dict[int, nn.Module] = {}
+    course = [m for m in built.model.modules() if isinstance(m, BnLayer)]
+    for layer in course:
+        layer.sync = True
 
     def converted(bn: nn.Module) -> nn.Module:
         if id(bn) not in new:
@@ -228,4 +238,4 @@ def convert_sync_bn(built) -> int:
     for m in holders:
         walk(m)
     built.groups = [converted(g) if isinstance(g, nn.modules.batchnorm._BatchNorm) else g for g in built.groups]
-    return len(new)
+    return len(new) + len(course)

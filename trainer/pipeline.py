@@ -89,7 +89,7 @@ def prepare(cfg: Config, out: str | Path | None = None, smoke: bool = False, con
     sizes = [s.size for s in cfg.train.stages if s.size]
     built = create_model(cfg.model, bundle.n_out, bundle.in_channels, sizes[0] if sizes else bundle_size(bundle))
     synced = distributed.use_sync_bn(cfg.train.sync_bn, built, device)
-    if synced is not None:  # torch's BatchNorm layers only (the course's BnLayer keeps per-process statistics)
+    if synced is not None:  # torch BatchNorm (CUDA) and the course's BnLayer (any backend)
         run.log(f"sync_bn: {synced} BatchNorm layer(s) now compute their statistics over every process's batch")
     if world.rank > 0:  # every rank built the same weights; each draws its own dropout masks from here
         torch.manual_seed((seed + world.rank) % 2**63)

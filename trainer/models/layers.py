@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -10,7 +12,11 @@ import torch.nn.functional as F
 class BnLayer(nn.Module):
     """Conv -> ReLU -> the course's hand-written batch norm: learned per-channel add `a` and
     multiply `m`. Unlike the course version it keeps running statistics and uses them in eval
-    mode, so predictions do not depend on what else is in the batch."""
+    mode, so predictions do not depend on what else is in the batch. With `sync` (train.sync_bn)
+    the statistics cover every process's share of the batch, as torch's SyncBatchNorm does for
+    nn.BatchNorm2d; it works on gloo (CPU) as well as NCCL."""
+
+    sync: bool = False
 
     def __init__(self, ni: int, nf: int, stride: int = 2, kernel_size: int = 3, momentum: float = 0.1):
         super().__init__()
@@ -24,14 +30,27 @@ class BnLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv(x))
         if self.training:
-            mean = x.mean(dim=(0, 2, 3), keepdim=True)[0]
-            var = x.var(dim=(0, 2, 3), keepdim=True, unbiased=False)[0]
+            mean, var = batch_stats(x, self.sync and dist.is_initialized() and dist.get_world_size() > 1)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().float(), self.momentum)
                 self.running_var.lerp_(var.detach().float(), self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
         return (x - mean) / (var + 1e-5).sqrt() * self.m + self.a
+
+
+def batch_stats(x: torch.Tensor, across_processes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance, (C, 1, 1), over N, H, W; across_processes: over
+    every process's batch. Two passes (the mean, then squared deviations from it) keep the
+    variance as exact as one process computing it; the all-reduces carry gradients both ways."""
+    if not across_processes:
+        return x.mean(dim=(0, 2, 3), keepdim=True)[0], x.var(dim=(0, 2, 3), keepdim=True, unbiased=False)[0]
+    count = x.new_tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=torch.float32)
+    sums = dist_fn.all_reduce(torch.cat([x.float().sum(dim=(0, 2, 3)), count]))
+    mean = (sums[:-1] / sums[-1]).view(-1, 1, 1)
+    squares = dist_fn.all_reduce((x.float() - mean).pow(2).sum(dim=(0, 2, 3)))
+    var = (squares / sums[-1]).view(-1, 1, 1)
+    return mean.to(x.dtype), var.to(x.dtype)
 
 
 class ResnetLayer(BnLayer):
