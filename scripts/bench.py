@@ -203,6 +203,9 @@ def main(argv=None) -> None:
         results[name] = run_child(name, args)
     floor = results.get("floor", {}).get("seconds")
     print(table(results, steady(floor) if floor else None))
+    for name, r in results.items():
+        if r.get("note"):
+            print(f"{name}: {r['note']}")
     print(f"(python + import torch alone: {import_rss_mib():.0f} MiB resident)")
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs (others' work inflates every row)")
     if args.json:
