@@ -110,6 +110,23 @@ def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
     assert ev.exit_code == 0, ev.output
 
 
+def test_a_character_model_under_two_processes_matches_one_process(text_file, tmp_path):
+    """Each rank carries the hidden state of its own streams (half of the bs), so the 2-process
+    run is the 1-process run: same random bptt per batch, same metrics, same weights."""
+    cfg = tmp_path / "lm.yaml"
+    cfg.write_text(f"name: lm\nseed: 0\ndata: {{layout: text, path: '{text_file}', bs: 8, bptt: 10}}\n"
+                   "model: {arch: gru, n_fac: 8, n_hidden: 32}\n"
+                   "train:\n  clip: 0.5\n  stages: [{epochs: 2, lr: 1.0e-2}]\n")
+    single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
+    res = run_processes(["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                         f"--rdzv-endpoint=localhost:{free_port()}", "-m", "trainer", "fit", str(cfg)], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    two = next((tmp_path / "runs" / "lm").iterdir())
+    assert "2 processes (gloo)" in (two / "log.txt").read_text()
+    assert_close_metrics(single, two)
+    assert_close_weights(single, two)
+
+
 def found_lr(run: Path) -> float:
     import json
 
