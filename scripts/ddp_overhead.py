@@ -38,7 +38,8 @@ def command(kind: str, nproc: int, config: str, sets: list[str], out: Path) -> l
 
 def time_run(kind: str, nproc: int, args, folder: Path) -> dict:
     out = folder / f"{kind}-{nproc}-{time.monotonic_ns()}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # keep the caller's packages
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": path}
     start = time.perf_counter()
     res = subprocess.run(command(kind, nproc, args.config, args.set, out), env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -1,7 +1,10 @@
-"""Helpers for the reliability tests: a resumable config, simulated crashes, run comparisons."""
+"""Helpers for the reliability tests: a resumable config, simulated crashes, run comparisons,
+and starting trainer under torchrun."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -9,6 +12,27 @@ import torch
 from trainer import checkpoint
 from trainer.loop import Callback
 from trainer.rundir import read_table
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *trainer_args: str) -> list[str]:
+    """`python -m torch.distributed.run ... -m trainer ARGS` on this machine, on a free port."""
+    return ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=localhost:{free_port()}", "-m", "trainer", *trainer_args]
+
+
+def pythonpath(*paths: Path) -> str:
+    """This checkout (and `paths`) first, then whatever PYTHONPATH the tests run under (the packages
+    of a machine that installs them outside the interpreter's site, as the GPU machine does)."""
+    return os.pathsep.join([str(ROOT), *map(str, paths), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def resumable_config(data: Path, every: int = 1, name: str = "tiny") -> str:

@@ -4,7 +4,6 @@ progressive resizing, and DDP over NCCL. Skipped on machines without a GPU (CI h
 them on one with `python -m pytest tests/test_cuda.py`."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +16,9 @@ from trainer import checkpoint, pipeline
 from trainer.cli import app
 from trainer.config import load_config
 from trainer.rundir import read_table
-from tests.runs import Crash, CrashAt, assert_same_run, resumable_config
+from tests.runs import Crash, CrashAt, assert_same_run, pythonpath, resumable_config, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -111,23 +109,15 @@ def test_speedrun_shape_compiled_with_progressive_resizing_then_tta(tmp_path, fo
     assert "tta" in ev.output.lower()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_one_gpu_over_nccl_matches_the_plain_run(tmp_path, folder_data):
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(f"name: ddp\nseed: 0\ndevice: cuda\ndeterministic: true\n"
                    f"data: {{layout: folder, path: '{folder_data}', bs: 8}}\nmodel: {{arch: convnet2}}\n"
                    "train:\n  stages: [{name: all, epochs: 2, lr: 1.0e-2}]\n")
     plain = pipeline.fit(load_config(cfg), tmp_path / "plain").run_dir
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
-                          f"--rdzv-endpoint=localhost:{free_port()}", "--rdzv-backend=c10d", "-m", "trainer", "fit",
-                          str(cfg), "--out", str(tmp_path / "ddp")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": pythonpath(), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, *torchrun(1, "fit", str(cfg), "--out", str(tmp_path / "ddp"))],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     log = (tmp_path / "ddp" / "log.txt").read_text()
     assert "nccl" in log, log

@@ -10,7 +10,6 @@ differences are ~1e-7 on the weights and below the 6 digits of metrics.csv.
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +30,8 @@ from trainer.parallel import check_batch
 from trainer.resume import read_status
 from trainer.rundir import read_table
 from trainer.signals import StopRequest
-from tests.runs import assert_same_run, resumable_config
+from tests.runs import ROOT, assert_same_run, pythonpath, resumable_config, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL, WEIGHT_ATOL = 1e-4, 1e-5, 1e-5
 runner = CliRunner()
 
@@ -44,17 +42,10 @@ def plain_config(data: Path, extra: str = "", stages: str = "[{name: all, epochs
             f"train:\n{extra}  stages: {stages}\n")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def run_processes(args: list[str], cwd: Path, signal_rank: int | None = None, at_step: int = 0):
     """A real multi-process run where rank 1 cannot write a file (tests/rank_instruments); with
     signal_rank, that rank's process alone gets SIGTERM at a step."""
-    paths = [str(ROOT), str(ROOT / "tests" / "rank_instruments"), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": pythonpath(ROOT / "tests" / "rank_instruments"), "OMP_NUM_THREADS": "1",
            "TRAINER_TEST_READONLY_RANK": "1"}
     if signal_rank is not None:
         env.update(TRAINER_TEST_SIGNAL_RANK=str(signal_rank), TRAINER_TEST_SIGNAL_STEP=str(at_step))
@@ -89,8 +80,7 @@ def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
     cfg.write_text(plain_config(folder_data, stages="[{name: find, epochs: 1, lr: auto}, "
                                                     "{name: all, epochs: 2, lr: 1.0e-2}]"))
     single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
-    res = run_processes(["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                         f"--rdzv-endpoint=localhost:{free_port()}", "-m", "trainer", "fit", str(cfg)], tmp_path)
+    res = run_processes(torchrun(2, "fit", str(cfg)), tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     runs = list((tmp_path / "runs" / "eq").iterdir())
     assert len(runs) == 1, runs  # one run directory, made by rank 0
@@ -118,8 +108,7 @@ def test_a_character_model_under_two_processes_matches_one_process(text_file, tm
                    "model: {arch: gru, n_fac: 8, n_hidden: 32}\n"
                    "train:\n  clip: 0.5\n  stages: [{epochs: 2, lr: 1.0e-2}]\n")
     single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
-    res = run_processes(["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                         f"--rdzv-endpoint=localhost:{free_port()}", "-m", "trainer", "fit", str(cfg)], tmp_path)
+    res = run_processes(torchrun(2, "fit", str(cfg)), tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     two = next((tmp_path / "runs" / "lm").iterdir())
     assert "2 processes (gloo)" in (two / "log.txt").read_text()
@@ -246,8 +235,7 @@ def test_sync_bn_two_processes_match_one_process_with_the_course_bnlayer(folder_
     cfg.write_text(plain_config(folder_data, extra="  sync_bn: true\n").replace("bs: 8", "bs: 12")
                    .replace("arch: convnet2", "arch: bnresnet, layers: [4, 8, 16]"))
     single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
-    res = run_processes(["-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                         f"--rdzv-endpoint=localhost:{free_port()}", "-m", "trainer", "fit", str(cfg)], tmp_path)
+    res = run_processes(torchrun(2, "fit", str(cfg)), tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     two = next((tmp_path / "runs" / "eq").iterdir())
     assert "sync_bn: 6 BatchNorm layer(s)" in (two / "log.txt").read_text()

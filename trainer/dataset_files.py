@@ -33,7 +33,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-
 # ---------------------------------------------------------------- writing images
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:

@@ -201,14 +201,14 @@ def use_sync_bn(on: bool, built, device: torch.device) -> int | None:
     world = current()
     if not on or not world.enabled:
         return None
-    if device.type != "cuda" and world.world_size > 1:
+    if device.type != "cuda":
+        if world.world_size == 1:
+            return None
         torch_norms = [m for m in built.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if torch_norms:
             raise ValueError(f"train.sync_bn needs CUDA GPUs for this model's {len(torch_norms)} torch BatchNorm "
                              "layer(s) (torch's SyncBatchNorm does not run on the CPU); set it to false for CPU "
-                             "processes, or use a course model (bnresnet, convbnnet) whose BnLayer syncs over gloo")
-    if device.type != "cuda" and world.world_size == 1:
-        return None
+                             "processes, or use a course model (bnresnet, bnconvnet) whose BnLayer syncs over gloo")
     return convert_sync_bn(built)
 
 
