@@ -144,3 +144,55 @@ def test_show_batch_writes_a_png_grid(tmp_path, folder_data):
 
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > 300
+
+
+def test_cutout_blanks_exactly_one_square_per_image_inside_the_image():
+    x = pixels(n=200, size=16) * 0.5 + 0.25  # no pixel equals the fill
+    fill = torch.tensor([0.1, 0.2, 0.3])
+    out = augment_batch(x, AugmentSpec(cutout=5), 16, torch.Generator().manual_seed(0), fill=fill)
+    blanked = (out == fill.view(1, 3, 1, 1)).all(1)  # (n, h, w): every channel at the fill
+    changed = (out != x).any(1)
+    assert torch.equal(blanked, changed)  # nothing else moved
+    for mask in blanked:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        assert len(rows) == len(cols) == 5 and mask.sum() == 25  # one whole 5x5 square
+        assert rows.max() - rows.min() == 4 and cols.max() - cols.min() == 4
+    # every placement is possible: top-left corners cover 0..11 on both axes
+    tops = blanked.any(2).float().argmax(1)
+    assert set(tops.tolist()) == set(range(12))
+
+
+def test_cutout_is_reproducible_and_comes_after_the_geometry():
+    x = pixels()
+    spec = preset("pad_crop", cutout=4, size=16)
+    a = augment_batch(x, spec, 16, torch.Generator().manual_seed(3), fill=0.5)
+    b = augment_batch(x, spec, 16, torch.Generator().manual_seed(3), fill=0.5)
+    assert torch.equal(a, b)
+    plain = augment_batch(x, preset("pad_crop", size=16), 16, torch.Generator().manual_seed(3))
+    # the same crops and flips (cutout draws after them), with one 4x4 square at the fill
+    differs = (a != plain).any(1)
+    assert ((a == 0.5).all(1) | ~differs).all() and (differs.sum((1, 2)) <= 16).all()
+
+
+def test_cutout_is_off_for_tta_views():
+    from trainer.tta import tta_views
+
+    spec = preset("side_on", max_zoom=1.1, cutout=8, size=128)
+    views = tta_views(spec, 3, 128, mode="random")
+    assert len(views) == 3 and all(v.spec.cutout == 0 for v in views)
+    assert tta_views(AugmentSpec(cutout=8), 3, 128, mode="random") == []
+
+
+def test_cutout_squares_are_zero_after_normalising(tmp_path, folder_data):
+    from trainer.config import load_config
+    from trainer.pipeline import prepare
+    from tests.playbook_util import learner_for
+
+    path = tmp_path / "c.yaml"
+    path.write_text(tiny_config(folder_data, data_extra=", stats: [[0.3, 0.4, 0.5], [0.2, 0.2, 0.2]]")
+                    + "transforms: {preset: pad_crop, cutout: 3}\n")
+    dl = learner_for(prepare(load_config(path), tmp_path / "run")).train_dl
+    assert dl.augment.cutout == 3
+    _, x, _ = next(iter(dl.iterate()))
+    zero = (x == 0).all(1)  # (n, h, w)
+    assert (zero.sum((1, 2)) >= 9).all()  # each image has its 3x3 square at the mean colour

@@ -372,6 +372,21 @@ def config_zero_epochs(tmp):
     return cfg_case(tmp, lambda t: t.replace("epochs: 2", "epochs: 0"))
 
 
+@case(2, "train: nesterov needs optimizer: sgd with momentum > 0")
+def config_nesterov_with_adamw(tmp):
+    return cfg_case(tmp, lambda t: t.replace("train:\n", "train:\n  nesterov: true\n"))
+
+
+@case(2, "train.ema: Input should be less than 1")
+def config_ema_of_one(tmp):
+    return cfg_case(tmp, lambda t: t.replace("train:\n", "train:\n  ema: 1.0\n"))
+
+
+@case(2, "transforms.cutout: Input should be greater than or equal to 0")
+def config_negative_cutout(tmp):
+    return cfg_case(tmp, lambda t: t + "transforms: {preset: pad_crop, cutout: -8}\n")
+
+
 @case(2, "model: required key is missing")
 def config_missing_section(tmp):
     return cfg_case(tmp, lambda t: "\n".join(l for l in t.splitlines() if not l.startswith("model")))

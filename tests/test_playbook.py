@@ -180,3 +180,12 @@ def test_smoke_scales_image_sizes_keeping_their_ratio(tmp_path, folder_data):
     assert [s.size for s in small.train.stages] == [48, 64]
     cfg.write_text(tiny_config(folder_data, stages="[{epochs: 1, size: 32}]"))
     assert smoke_sizes(load_config(cfg)).train.stages[0].size == 32
+
+
+def test_nesterov_reaches_the_sgd_optimizer(tmp_path, folder_data):
+    def opt(extra):
+        sess = session(tmp_path, folder_data, "[{epochs: 1, lr: 1.0e-2}]", name=f"n{len(extra)}")
+        sess.cfg.train = sess.cfg.train.model_copy(update={"optimizer": "sgd", **extra})
+        return learner_for(sess).opt
+    assert all(g["nesterov"] for g in opt({"nesterov": True}).param_groups)
+    assert not any(g["nesterov"] for g in opt({}).param_groups)

@@ -45,7 +45,7 @@ def param_groups(groups: Sequence[nn.Module], lrs: Sequence[float], wds: Sequenc
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(groups: list[dict], momentum: float, betas, eps: float) -> torch.optim.Optimizer:
+def _adamw(groups: list[dict], momentum: float, betas, eps: float, nesterov: bool = False) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=tuple(betas), eps=eps, foreach=True)
 
 
@@ -64,10 +64,10 @@ class SGDW(torch.optim.SGD):
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(groups: list[dict], momentum: float, betas, eps: float) -> torch.optim.Optimizer:
+def _sgd(groups: list[dict], momentum: float, betas, eps: float, nesterov: bool = False) -> torch.optim.Optimizer:
     for g in groups:
         g["decoupled_wd"], g["weight_decay"] = g["weight_decay"], 0.0
-    return SGDW(groups, momentum=momentum, foreach=True)
+    return SGDW(groups, momentum=momentum, nesterov=nesterov, foreach=True)
 
 
 # foreach=True everywhere: torch picks it by itself only on GPUs, and on the CPU its fused
@@ -76,8 +76,10 @@ def _sgd(groups: list[dict], momentum: float, betas, eps: float) -> torch.optim.
 
 
 def create_optimizer(name: str, groups: list[dict], momentum: float = 0.9, betas=(0.9, 0.99),
-                     eps: float = 1e-5) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(name)(groups, momentum, betas, eps)
+                     eps: float = 1e-5, nesterov: bool = False) -> torch.optim.Optimizer:
+    """nesterov: SGD's look-ahead momentum (the DAWNBench ResNet-9 recipe's); the config refuses
+    it with adamw."""
+    return OPTIMIZERS.get(name)(groups, momentum, betas, eps, nesterov=nesterov)
 
 
 def set_momentum(opt: torch.optim.Optimizer, value: float) -> None:

@@ -16,7 +16,8 @@ from trainer.config import Config, dump_config
 from trainer.data.bundle import build_bundle
 from trainer.data.shard import shard_train, shard_valid
 from trainer.data.images import resolve_stats
-from trainer.guard import NonFiniteGuard
+from trainer.ema import WeightAverage
+from trainer.guard import NonFiniteGuard, guard_every
 from trainer.loop import Learner
 from trainer.lr_find import LrFindResult, lr_find, save_result
 from trainer.metrics import check_loss, make_task
@@ -148,7 +149,7 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
     lrs = per_group(stage.lr, n, "lr", stage.name)
     wds = per_group(stage.wd if stage.wd is not None else cfg.train.wd, n, "wd", stage.name)
     opt = create_optimizer(cfg.train.optimizer, param_groups(groups, lrs, wds), cfg.train.momentum,
-                           cfg.train.betas, cfg.train.eps)
+                           cfg.train.betas, cfg.train.eps, cfg.train.nesterov)
     world = sess.world
     check_batch(stage.bs or cfg.data.bs, world.world_size, cfg.train.accumulate, cfg.data.layout)
     train_dl, valid_dl = sess.bundle.loaders(stage.bs or cfg.data.bs, stage.size)
@@ -177,6 +178,8 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
         callbacks.append(cbs.CycleSaver(sess.run, cycle_ends(stage), sess.cycles_saved + 1, stage_index))
     if cfg.train.accumulate > 1:
         callbacks.append(Accumulate(cfg.train.accumulate))
+    if cfg.train.ema:
+        callbacks.append(WeightAverage(model, cfg.train.ema))
     if world.enabled:
         callbacks.append(SyncLoss())
     if not world.is_main:  # rank 0 prints and draws for all
@@ -190,12 +193,6 @@ def make_learner(sess: Session, stage, stage_index: int, freeze_to: int, epoch_o
     if sess.task.name == "multi_label":
         learner.add(cbs.SaveThreshold(sess.run, ckpt))
     return learner
-
-
-def guard_every(device: torch.device) -> int:
-    """Steps between reads of the non-finite guard's flags: every step on the CPU (reading is
-    free there), every 50 on a GPU (each read waits for the GPU)."""
-    return 1 if device.type == "cpu" else 50
 
 
 def snapshot(learn: Learner, stage_index: int, epoch_end: bool, run: RunDir | None = None, model=None) -> dict:

@@ -9,7 +9,7 @@ views from the training augmentation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -59,6 +59,9 @@ def tta_views(spec: AugmentSpec | None, n: int, size: int, mode: str = "auto", s
         return []
     if mode == "flips" or (mode == "auto" and size <= SMALL):
         return flip_views(spec, n, size)
+    spec = replace(spec, cutout=0)  # blanking part of the image helps training, never a prediction
+    if spec.is_identity:
+        return []
     return [View(f"random{k}", spec=spec, seed=seed + k) for k in range(n)]
 
 

@@ -88,6 +88,7 @@ class Stage(Strict):
 class Train(Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False  # sgd only
     betas: tuple[float, float] = (0.9, 0.99)
     eps: PosFloat = 1e-5
     wd: Annotated[float, Field(ge=0)] = 0.01
@@ -100,7 +101,16 @@ class Train(Strict):
     # optimizer sees stays data.bs, across all processes together
     accumulate: PosInt = 1
     sync_bn: bool = False  # several processes: BatchNorm statistics over the whole batch
+    # decay per step of an exponential moving average of the weights (e.g. 0.999): validation,
+    # checkpoints and predictions use the average; None: off
+    ema: Annotated[float, Field(gt=0, lt=1)] | None = None
     stages: Annotated[list[Stage], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _nesterov_with_sgd(self):
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer: sgd with momentum > 0")
+        return self
 
 
 class Distributed(Strict):
@@ -118,6 +128,7 @@ class Transforms(Strict):
     p_affine: Annotated[float, Field(ge=0, le=1)] = 0.75
     p_lighting: Annotated[float, Field(ge=0, le=1)] = 0.75
     pad: Annotated[int, Field(ge=0)] | None = None
+    cutout: Annotated[int, Field(ge=0)] = 0  # side of a square blanked per image, in pixels (0: off)
 
 
 class Tta(Strict):

@@ -26,6 +26,7 @@ class AugmentSpec:
     p_flip: float = 0.5
     p_affine: float = 0.75
     p_lighting: float = 0.75
+    cutout: int = 0             # side in pixels of one square blanked per image (DeVries & Taylor)
 
     @property
     def has_geometry(self) -> bool:
@@ -34,20 +35,20 @@ class AugmentSpec:
     @property
     def is_identity(self) -> bool:
         return not (self.flip or self.dihedral or self.max_rotate or self.max_zoom > 1
-                    or self.pad or self.max_lighting)
+                    or self.pad or self.max_lighting or self.cutout)
 
 
 def preset(name: str, max_zoom: float = 1.0, max_rotate: float = 10.0, max_lighting: float = 0.2,
            p_flip: float = 0.5, p_affine: float = 0.75, p_lighting: float = 0.75,
-           pad: int | None = None, size: int = 32) -> AugmentSpec:
-    common = dict(max_zoom=max_zoom, p_flip=p_flip, p_affine=p_affine, p_lighting=p_lighting)
+           pad: int | None = None, size: int = 32, cutout: int = 0) -> AugmentSpec:
+    common = dict(max_zoom=max_zoom, p_flip=p_flip, p_affine=p_affine, p_lighting=p_lighting, cutout=cutout)
     if name == "side_on":
         return AugmentSpec(flip=True, max_rotate=max_rotate, max_lighting=max_lighting, **common)
     if name == "top_down":
         return AugmentSpec(dihedral=True, max_rotate=max_rotate, max_lighting=max_lighting, **common)
     if name == "pad_crop":
         return AugmentSpec(flip=True, pad=pad if pad is not None else max(1, size // 8), **common)
-    return AugmentSpec(max_zoom=max_zoom, p_affine=p_affine)
+    return AugmentSpec(max_zoom=max_zoom, p_affine=p_affine, cutout=cutout)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -136,8 +137,27 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def augment_batch(x: torch.Tensor, spec: AugmentSpec, out_size: int, g: torch.Generator) -> torch.Tensor:
-    """x: float pixels in [0, 1], (N, C, H, W). The generator makes the batch reproducible."""
+def cutout(x: torch.Tensor, side: int, g: torch.Generator, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """One side x side square per image set to `fill` (the data's mean colour, so it is zero after
+    normalising, as in Cutout), placed uniformly with the whole square inside the image. The
+    mask is built from coordinate comparisons for the whole batch at once."""
+    n, _, h, w = x.shape
+    side = min(side, h, w)
+    top = torch.randint(0, h - side + 1, (n, 1), generator=g).to(x.device)
+    left = torch.randint(0, w - side + 1, (n, 1), generator=g).to(x.device)
+    rows = torch.arange(h, device=x.device).view(1, h)
+    cols = torch.arange(w, device=x.device).view(1, w)
+    inside_rows = (rows >= top) & (rows < top + side)    # (n, h)
+    inside_cols = (cols >= left) & (cols < left + side)  # (n, w)
+    mask = (inside_rows[:, :, None] & inside_cols[:, None, :]).unsqueeze(1)  # (n, 1, h, w)
+    fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+    return torch.where(mask, fill, x)
+
+
+def augment_batch(x: torch.Tensor, spec: AugmentSpec, out_size: int, g: torch.Generator,
+                  fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """x: float pixels in [0, 1], (N, C, H, W). The generator makes the batch reproducible.
+    `fill`: the colour of cutout squares (per channel or one value)."""
     if x.shape[-1] > 2 * out_size:
         x = resize(x, out_size)  # antialias big reductions before sampling
     if spec.is_identity:
@@ -148,4 +168,6 @@ def augment_batch(x: torch.Tensor, spec: AugmentSpec, out_size: int, g: torch.Ge
         x = resize(x, out_size)
     if spec.max_lighting:
         x = lighting(x, spec, g)
+    if spec.cutout:
+        x = cutout(x, spec.cutout, g, fill)
     return x

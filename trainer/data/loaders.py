@@ -74,7 +74,7 @@ class ImageBatches:
         if view is not None:
             x = view(x, self.size)
         elif spec is not None and g is not None:
-            x = augment_batch(x, spec, self.size, g)
+            x = augment_batch(x, spec, self.size, g, fill=self._mean)
         else:
             x = resize(x, self.size)
         x = (x - self._mean) / self._std

@@ -1,0 +1,82 @@
+"""train.ema: an exponential moving average of the weights, the model people evaluate.
+
+Every optimizer step moves the average towards the current weights by (1 - decay) (torch's own
+`get_ema_multi_avg_fn`, one foreach lerp over all tensors). Validation, checkpoints and the
+stage's result use the average; training goes on from the raw weights. BatchNorm's running
+statistics are averaged with the weights (as timm's ModelEma does), so the averaged model needs
+no extra pass over the data.
+
+How the two sets of weights take turns in the one model (no second copy of the network runs):
+before validation the raw weights are put aside and the average copied in; the epoch's
+checkpoints then hold the average as "model" (what predict and export load) and the raw weights
+in this callback's state (what resume continues from); the next epoch copies the raw weights
+back. At the end of the stage the average stays: the next stage starts from it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+from trainer.loop import Callback, Learner
+
+
+class WeightAverage(Callback):
+    # after_batch before the Checkpointer (20) and SaveOnSignal (25): a save includes this step
+    order = 15
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay = model, decay
+        self.update = get_ema_multi_avg_fn(decay)
+        self.live = model.state_dict()  # the model's own tensors (shared storage), updated in place
+        self.avg = {k: v.detach().clone() for k, v in self.live.items()}
+        self.floats = [k for k, v in self.live.items() if v.is_floating_point()]
+        self.raw: dict[str, torch.Tensor] | None = None  # set aside while the average is in the model
+        self.loaded = False
+
+    def before_fit(self, learn: Learner) -> None:
+        self.live = self.model.state_dict()  # the tensors as training will see them
+        if not self.loaded:  # a resumed stage continues its average; a new one starts from its weights
+            self._copy(self.live, self.avg)
+
+    def before_epoch(self, learn: Learner) -> None:
+        self._training_weights()
+
+    def after_batch(self, learn: Learner) -> None:
+        with torch.no_grad():
+            self.update([self.avg[k] for k in self.floats], [self.live[k] for k in self.floats], None)
+            for k, v in self.live.items():
+                if not v.is_floating_point():  # counters (num_batches_tracked) follow the model
+                    self.avg[k].copy_(v)
+
+    def before_validate(self, learn: Learner) -> None:
+        self.raw = {k: v.detach().clone() for k, v in self.live.items()}
+        self._copy(self.avg, self.live)
+
+    def after_fit(self, learn: Learner) -> None:
+        self._copy(self.avg, self.live)  # the stage's result is the average
+        self.raw = None
+
+    def _training_weights(self) -> None:
+        if self.raw is not None:
+            self._copy(self.raw, self.live)
+            self.raw = None
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy(src: dict, dst: dict) -> None:
+        for k, v in dst.items():
+            v.copy_(src[k])
+
+    def state_dict(self) -> dict:
+        raw = self.raw if self.raw is not None else self.live
+        return {"decay": self.decay, "avg": {k: v.detach().clone() for k, v in self.avg.items()},
+                "raw": {k: v.detach().clone() for k, v in raw.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """After the checkpoint's "model" was loaded: the training weights go back in."""
+        self.live = self.model.state_dict()
+        self._copy(state["avg"], self.avg)
+        self._copy(state["raw"], self.live)
+        self.raw, self.loaded = None, True
