@@ -94,8 +94,9 @@ def test_checkpoints_and_metrics_are_of_the_average(runs):
     assert rows[-1]["valid_loss"] != metrics_without_seconds(runs[None])[-1]["valid_loss"]
 
 
-@pytest.mark.parametrize("crash", [(2, "after_batch", 99), (1, "after_epoch", 99), (7, "after_batch", 99)],
-                         ids=["mid-epoch", "stage-boundary", "stage2-mid"])
+@pytest.mark.parametrize("crash", [(2, "after_batch", 99), (1, "after_epoch", 99), (7, "after_batch", 99),
+                                   (2, "after_epoch", 99)],
+                         ids=["mid-epoch", "stage-boundary", "stage2-mid", "epoch-end-average-in-the-model"])
 def test_a_run_with_an_average_resumes_exactly(runs, tmp_path, folder_data, crash):
     path = config(tmp_path, folder_data, 0.7)
     out = tmp_path / "run"

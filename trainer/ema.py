@@ -32,6 +32,7 @@ class WeightAverage(Callback):
         self.live = model.state_dict()  # the model's own tensors (shared storage), updated in place
         self.avg = {k: v.detach().clone() for k, v in self.live.items()}
         self.floats = [k for k, v in self.live.items() if v.is_floating_point()]
+        self.counters = [k for k in self.live if k not in self.floats]  # num_batches_tracked
         self.raw: dict[str, torch.Tensor] | None = None  # set aside while the average is in the model
         self.loaded = False
 
@@ -41,14 +42,15 @@ class WeightAverage(Callback):
             self._copy(self.live, self.avg)
 
     def before_epoch(self, learn: Learner) -> None:
-        self._training_weights()
+        if self.raw is not None:  # the last validation's swap: training goes on from the raw weights
+            self._copy(self.raw, self.live)
+            self.raw = None
 
     def after_batch(self, learn: Learner) -> None:
         with torch.no_grad():
             self.update([self.avg[k] for k in self.floats], [self.live[k] for k in self.floats], None)
-            for k, v in self.live.items():
-                if not v.is_floating_point():  # counters (num_batches_tracked) follow the model
-                    self.avg[k].copy_(v)
+            for k in self.counters:  # counts are not averaged: they follow the model
+                self.avg[k].copy_(self.live[k])
 
     def before_validate(self, learn: Learner) -> None:
         self.raw = {k: v.detach().clone() for k, v in self.live.items()}
@@ -57,11 +59,6 @@ class WeightAverage(Callback):
     def after_fit(self, learn: Learner) -> None:
         self._copy(self.avg, self.live)  # the stage's result is the average
         self.raw = None
-
-    def _training_weights(self) -> None:
-        if self.raw is not None:
-            self._copy(self.raw, self.live)
-            self.raw = None
 
     @staticmethod
     @torch.no_grad()
