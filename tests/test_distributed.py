@@ -72,6 +72,15 @@ def assert_close_weights(a: Path, b: Path) -> None:
         assert torch.allclose(wa[k].float(), wb[k].float(), rtol=0, atol=WEIGHT_ATOL), k
 
 
+def one_then_two_processes(cfg: Path, tmp_path: Path, name: str):
+    """The config trained by one process (in this one), then by 2 under torchrun: the single
+    run's directory, the run directories rank 0 made, and torchrun's result."""
+    single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
+    res = run_processes(torchrun(2, "fit", str(cfg)), tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return single, list((tmp_path / "runs" / name).iterdir()), res
+
+
 # ---- two processes for real --------------------------------------------------------------
 
 def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
@@ -79,10 +88,7 @@ def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
     cfg = tmp_path / "eq.yaml"
     cfg.write_text(plain_config(folder_data, stages="[{name: find, epochs: 1, lr: auto}, "
                                                     "{name: all, epochs: 2, lr: 1.0e-2}]"))
-    single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
-    res = run_processes(torchrun(2, "fit", str(cfg)), tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    runs = list((tmp_path / "runs" / "eq").iterdir())
+    single, runs, res = one_then_two_processes(cfg, tmp_path, "eq")
     assert len(runs) == 1, runs  # one run directory, made by rank 0
     two = runs[0]
     assert_close_metrics(single, two)
@@ -107,10 +113,7 @@ def test_a_character_model_under_two_processes_matches_one_process(text_file, tm
     cfg.write_text(f"name: lm\nseed: 0\ndata: {{layout: text, path: '{text_file}', bs: 8, bptt: 10}}\n"
                    "model: {arch: gru, n_fac: 8, n_hidden: 32}\n"
                    "train:\n  clip: 0.5\n  stages: [{epochs: 2, lr: 1.0e-2}]\n")
-    single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
-    res = run_processes(torchrun(2, "fit", str(cfg)), tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    two = next((tmp_path / "runs" / "lm").iterdir())
+    single, (two, *_), _ = one_then_two_processes(cfg, tmp_path, "lm")
     assert "2 processes (gloo)" in (two / "log.txt").read_text()
     assert_close_metrics(single, two)
     assert_close_weights(single, two)
@@ -234,10 +237,7 @@ def test_sync_bn_two_processes_match_one_process_with_the_course_bnlayer(folder_
     cfg = tmp_path / "bn.yaml"
     cfg.write_text(plain_config(folder_data, extra="  sync_bn: true\n").replace("bs: 8", "bs: 12")
                    .replace("arch: convnet2", "arch: bnresnet, layers: [4, 8, 16]"))
-    single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
-    res = run_processes(torchrun(2, "fit", str(cfg)), tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
-    two = next((tmp_path / "runs" / "eq").iterdir())
+    single, (two, *_), _ = one_then_two_processes(cfg, tmp_path, "eq")
     assert "sync_bn: 6 BatchNorm layer(s)" in (two / "log.txt").read_text()
     assert_close_metrics(single, two)
     assert_close_weights(single, two)  # running_mean and running_var included

@@ -1,6 +1,8 @@
 """train.ema: the average follows its formula, validation and checkpoints use it, training itself
 is untouched by it, and a run with it resumes exactly."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -46,7 +48,7 @@ def test_validation_sees_the_average_and_training_the_raw_weights():
     assert torch.equal(model.weight, raw)
 
 
-def config(tmp_path, data, ema: float | None, name="ema", one_stage=False) -> str:
+def config(tmp_path, data, ema: float | None, name="ema", one_stage=False) -> Path:
     text = resumable_config(data, name=name)
     if one_stage:  # 3 epochs of one stage: the average is swapped in and out at each epoch end
         text = text.split("    - {name: head")[0] + "    - {name: all, epochs: 3, lr: 5.0e-3}\n"

@@ -29,15 +29,23 @@ class WeightAverage(Callback):
     def __init__(self, model: nn.Module, decay: float):
         self.model, self.decay = model, decay
         self.update = get_ema_multi_avg_fn(decay)
-        self.live = model.state_dict()  # the model's own tensors (shared storage), updated in place
-        self.avg = {k: v.detach().clone() for k, v in self.live.items()}
-        self.floats = [k for k, v in self.live.items() if v.is_floating_point()]
-        self.counters = [k for k in self.live if k not in self.floats]  # num_batches_tracked
+        self.avg = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self._bind()
         self.raw: dict[str, torch.Tensor] | None = None  # set aside while the average is in the model
         self.loaded = False
 
+    def _bind(self) -> None:
+        """The model's own tensors (shared storage, updated in place), paired once with the
+        average's into what is averaged and the counters (num_batches_tracked), so that a step
+        is two foreach calls over ready lists."""
+        self.live = self.model.state_dict()
+        floats = [k for k, v in self.live.items() if v.is_floating_point()]
+        counters = [k for k in self.live if k not in floats]
+        self._avg_floats, self._live_floats = [self.avg[k] for k in floats], [self.live[k] for k in floats]
+        self._avg_counts, self._live_counts = [self.avg[k] for k in counters], [self.live[k] for k in counters]
+
     def before_fit(self, learn: Learner) -> None:
-        self.live = self.model.state_dict()  # the tensors as training will see them
+        self._bind()  # the tensors as training will see them
         if not self.loaded:  # a resumed stage continues its average; a new one starts from its weights
             self._copy(self.live, self.avg)
 
@@ -48,9 +56,9 @@ class WeightAverage(Callback):
 
     def after_batch(self, learn: Learner) -> None:
         with torch.no_grad():
-            self.update([self.avg[k] for k in self.floats], [self.live[k] for k in self.floats], None)
-            for k in self.counters:  # counts are not averaged: they follow the model
-                self.avg[k].copy_(self.live[k])
+            self.update(self._avg_floats, self._live_floats, None)
+            if self._avg_counts:  # counts are not averaged: they follow the model
+                torch._foreach_copy_(self._avg_counts, self._live_counts)
 
     def before_validate(self, learn: Learner) -> None:
         self.raw = {k: v.detach().clone() for k, v in self.live.items()}
@@ -73,7 +81,7 @@ class WeightAverage(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         """After the checkpoint's "model" was loaded: the training weights go back in."""
-        self.live = self.model.state_dict()
+        self._bind()
         self._copy(state["avg"], self.avg)
         self._copy(state["raw"], self.live)
         self.raw, self.loaded = None, True
