@@ -35,7 +35,7 @@ def build(args, n_out: int):
 
     from trainer.config.schema import ModelConfig
     from trainer.models import create_model
-    from trainer.optim import create_optimizer, param_groups
+    from trainer.train.optim import create_optimizer, param_groups
 
     torch.manual_seed(args.seed)
     built = create_model(ModelConfig(arch=args.arch, layers=[10, 20, 40, 80, 160]), n_out, 3, 32)
@@ -98,9 +98,9 @@ def run_floor(args) -> dict:
 
 
 def run_trainer(args) -> dict:
-    from trainer import pipeline
+    from trainer.run import fit as spine
     from trainer.config.schema import Config
-    from trainer.loop import Callback
+    from trainer.train.loop import Callback
 
     class EpochTimer(Callback):
         """Training time of each epoch (before_epoch to before_validate)."""
@@ -125,7 +125,7 @@ def run_trainer(args) -> dict:
         "model": {"arch": args.arch, "layers": [10, 20, 40, 80, 160]}, "transforms": {"preset": "pad_crop"},
         "train": {"wd": args.wd, "stages": [{"name": "all", "epochs": args.epochs, "lr": args.lr}]}})
     timer = EpochTimer()
-    result = pipeline.fit(cfg, out=tempfile.mkdtemp(prefix="bench-trainer-"), callbacks=[timer])
+    result = spine.fit(cfg, out=tempfile.mkdtemp(prefix="bench-trainer-"), callbacks=[timer])
     return {"seconds": timer.times, "images": timer.n, "accuracy": result.final.get("accuracy")}
 
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from trainer.config.schema import ModelConfig  # noqa: E402
 from trainer.models import create_model  # noqa: E402
-from trainer.optim import create_optimizer  # noqa: E402
+from trainer.train.optim import create_optimizer  # noqa: E402
 
 
 def make_step(arch: str, bs: int, size: int, bf16: bool, channels_last: bool):

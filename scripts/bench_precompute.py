@@ -11,6 +11,7 @@ and the one-time cost.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -18,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import pipeline, precompute  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.stages import expand_stages, freeze_points  # noqa: E402
+from trainer.run.learner import stage_learner  # noqa: E402
+from trainer.run.session import open_session  # noqa: E402
+from trainer.train import precompute  # noqa: E402
 
 
 def main() -> None:
@@ -30,17 +32,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args()
     cfg = load_config(Path(args.config), args.set)
-    sess = pipeline.prepare(cfg, tempfile.mkdtemp(prefix="bench-precompute-"))
-    stages = expand_stages(sess.cfg.train.stages)
-    points = freeze_points(stages, len(sess.built.groups))
-    k = next((i for i, s in enumerate(stages) if s.precompute), None)
-    if k is None:
+    sess = open_session(cfg, tempfile.mkdtemp(prefix="bench-precompute-"))
+    stage = next((s for s in sess.plan.stages if s.precompute), None)
+    if stage is None:
         sys.exit("the config has no stage with precompute: true")
-    stage = stages[k].model_copy(update={"epochs": args.epochs})
+    stage = dataclasses.replace(stage, epochs=args.epochs)
 
     results = {}
     for mode in ("full images", "precomputed"):
-        st = stage.model_copy(update={"precompute": mode == "precomputed"})
+        st = dataclasses.replace(stage, precompute=mode == "precomputed")
         real = precompute.cached_activations
         timing = {}
 
@@ -52,7 +52,7 @@ def main() -> None:
 
         precompute.cached_activations = uncached
         try:
-            learner = pipeline.make_learner(sess, st, k, points[k])
+            learner, _ = stage_learner(sess, st)
         finally:
             precompute.cached_activations = real
         start = len(sess.run.metrics)

@@ -2,7 +2,7 @@
 
 Both train the same model (same factory, same seed) on the same batches (the training loader's
 streams and its variable-length boundaries for epoch 0), with AdamW and gradient clipping as
-the config says. The trainer side is the real thing: pipeline.prepare + make_learner with every
+the config says. The trainer side is the real thing: open_session + stage_learner with every
 default callback (schedule, recorder, non-finite guard, state reset, progress, clipping,
 checkpointer). Rounds alternate raw/trainer so a busy machine hurts both alike; the first
 `--warmup` batches of each measurement are not timed.
@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from trainer import pipeline  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.loop import Callback  # noqa: E402
-from trainer.models import check_model, create_model  # noqa: E402
-from trainer.stages import expand_stages  # noqa: E402
+from trainer.models import create_model  # noqa: E402
+from trainer.run.learner import stage_learner  # noqa: E402
+from trainer.run.session import open_session  # noqa: E402
+from trainer.train.loop import Callback  # noqa: E402
+from trainer.train.plan import CONFIG_CHECKS  # noqa: E402
 
 
 class Timer(Callback):
@@ -49,7 +50,7 @@ class Timer(Callback):
 
 
 def trainer_speed(sess, stage, warmup: int, n: int) -> float:
-    learner = pipeline.make_learner(sess, stage, 0, 0)
+    learner, _ = stage_learner(sess, stage)
     learner.train_dl.limit, learner.valid_dl.limit = warmup + n, 1
     timer = Timer(warmup)
     learner.add(timer)
@@ -61,10 +62,10 @@ def raw_speed(sess, stage, warmup: int, n: int) -> float:
     cfg = sess.cfg
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, sess.bundle.n_out, 0, 0).model.to(sess.device).train()
-    lr = stage.lr if isinstance(stage.lr, float) else 1e-3
+    lr = stage.lrs[-1] if not stage.find_lr else 1e-3
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=cfg.train.betas, eps=cfg.train.eps,
                             weight_decay=cfg.train.wd)
-    train, _ = sess.bundle.loaders(stage.bs or cfg.data.bs)
+    train, _ = sess.bundle.loaders(stage.bs)
     data, bounds = train.data, train.bounds().tolist()
     chars, t0 = 0, None
     for i in range(warmup + n):
@@ -84,11 +85,11 @@ def raw_speed(sess, stage, warmup: int, n: int) -> float:
 
 
 def bench(config: str, sets: list[str], warmup: int, n: int, rounds: int) -> dict:
-    cfg = load_config(config, sets, checks=[check_model])
+    cfg = load_config(config, sets, checks=CONFIG_CHECKS)
     with tempfile.TemporaryDirectory() as tmp:
-        sess = pipeline.prepare(cfg, tmp)
+        sess = open_session(cfg, tmp)
         sess.log = lambda m: None
-        stage = expand_stages(cfg.train.stages)[0]
+        stage = sess.plan.stages[0]
         raw, ours = [], []
         for r in range(rounds):
             order = [("raw", raw_speed, raw), ("trainer", trainer_speed, ours)]

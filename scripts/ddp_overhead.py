@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.rundir import read_table  # noqa: E402
+from trainer.run.rundir import read_table  # noqa: E402
 
 
 def command(kind: str, nproc: int, config: str, sets: list[str], out: Path) -> list[str]:

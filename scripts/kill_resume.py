@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer import checkpoint  # noqa: E402
+from trainer import storage as checkpoint  # noqa: E402
 
 
 def trainer(args: list[str], log: Path) -> subprocess.Popen:

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.rundir import read_table  # noqa: E402
+from trainer.run.rundir import read_table  # noqa: E402
 
 # the tricks of the DAWNBench ResNet-9 line (Page, "How to train your ResNet"), one at a time, then together
 VARIANTS = {

@@ -1,6 +1,6 @@
 """Train a language-model config for a bounded time and report its validation curve.
 
-Runs `trainer fit` (pipeline.fit, the real thing) with two extra callbacks: one validates every
+Runs `trainer fit` (trainer.run.fit.fit, the real thing) with two extra callbacks: one validates every
 `--every` seconds of training (besides the loop's own validation at each epoch end), keeping
 the training streams' hidden state across the pause; the other stops at `--target` validation
 loss (nats/char) or when `--minutes` run out, validating once more at a mid-epoch stop. Prints
@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import torch  # noqa: E402
 
-from trainer import pipeline  # noqa: E402
+from trainer.run import fit as spine  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.loop import Callback, CancelFit  # noqa: E402
-from trainer.models import check_model  # noqa: E402
-from trainer.rundir import write_table  # noqa: E402
+from trainer.train.loop import Callback, CancelFit  # noqa: E402
+from trainer.train.plan import CONFIG_CHECKS  # noqa: E402
+from trainer.run.rundir import write_table  # noqa: E402
 
 
 class Curve(Callback):
@@ -98,9 +98,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.sets, checks=[check_model])
+    cfg = load_config(args.config, args.sets, checks=CONFIG_CHECKS)
     curve = Curve(args.minutes, args.every, args.target)
-    result = pipeline.fit(cfg, args.out, callbacks=[curve])
+    result = spine.fit(cfg, args.out, callbacks=[curve])
     write_table(result.run_dir / "curve.csv", curve.rows)
     best = min(curve.rows, key=lambda r: r["valid_loss"]) if curve.rows else {}
     print(f"config {args.config} {' '.join('--set ' + s for s in args.sets)}; torch threads "

@@ -7,21 +7,20 @@ import copy
 import torch
 
 from trainer.config import load_config
-from trainer.models import check_model
-from trainer.pipeline import make_learner, prepare
-from trainer.stages import expand_stages, freeze_points
+from trainer.run.learner import stage_learner
+from trainer.run.session import open_session as prepare
+from trainer.train.plan import CONFIG_CHECKS
 from tests.conftest import tiny_config
 
 
 def session(tmp_path, data, stages: str, arch: str = "convnet2", name: str = "run", **over):
     path = tmp_path / f"{name}.yaml"
     path.write_text(tiny_config(data, arch=arch, stages=stages, **over))
-    return prepare(load_config(path, [], checks=[check_model]), tmp_path / name)
+    return prepare(load_config(path, [], checks=CONFIG_CHECKS), tmp_path / name)
 
 
 def learner_for(sess, k: int = 0):
-    stages = expand_stages(sess.cfg.train.stages)
-    return make_learner(sess, stages[k], k, freeze_points(stages, len(sess.built.groups))[k])
+    return stage_learner(sess, sess.plan.stages[k])[0]
 
 
 def snapshot(obj) -> dict:

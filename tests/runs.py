@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint
-from trainer.loop import Callback
-from trainer.rundir import read_table
+from trainer import storage as checkpoint
+from trainer.train.loop import Callback
+from trainer.run.rundir import read_table
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -175,7 +175,7 @@ def test_cutout_is_reproducible_and_comes_after_the_geometry():
 
 
 def test_cutout_is_off_for_tta_views():
-    from trainer.tta import tta_views
+    from trainer.inference.tta import tta_views
 
     spec = preset("side_on", max_zoom=1.1, cutout=8, size=128)
     views = tta_views(spec, 3, 128, mode="random")
@@ -185,8 +185,7 @@ def test_cutout_is_off_for_tta_views():
 
 def test_cutout_squares_are_zero_after_normalising(tmp_path, folder_data):
     from trainer.config import load_config
-    from trainer.pipeline import prepare
-    from tests.playbook_util import learner_for
+    from tests.playbook_util import learner_for, prepare
 
     path = tmp_path / "c.yaml"
     path.write_text(tiny_config(folder_data, data_extra=", stats: [[0.3, 0.4, 0.5], [0.2, 0.2, 0.2]]")

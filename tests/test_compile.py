@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from trainer.data.loaders import ImageBatches
-from trainer.loop import Learner
-from trainer.metrics import make_task
-from trainer.runtime import compile_model
+from trainer.train.loop import Learner
+from trainer.train.tasks import make_task
+from trainer.run.runtime import compile_model
 
 dynamo = pytest.importorskip("torch._dynamo")
 
@@ -63,7 +63,7 @@ def test_compiled_model_keeps_its_state_dict_keys():
 
 def test_inductor_compiles_once_per_shape_and_matches_eager():
     """The real compiler on a tiny model (skipped without a C++ toolchain)."""
-    from trainer.runtime import compile_ready
+    from trainer.run.runtime import compile_ready
 
     why_not = compile_ready(torch.device("cpu"))
     if why_not:

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from trainer.cli import app
 from trainer.config import ConfigError, load_config
-from trainer.models import check_model
+from trainer.train.plan import CONFIG_CHECKS
 from tests.conftest import tiny_config
 
 runner = CliRunner()
@@ -19,7 +19,7 @@ def write(tmp_path, text, name="c.yaml"):
 
 def error_of(path, sets=()):
     with pytest.raises(ConfigError) as e:
-        load_config(path, sets, checks=[check_model])
+        load_config(path, sets, checks=CONFIG_CHECKS)
     return str(e.value)
 
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer import checkpoint, pipeline
+from trainer import storage as checkpoint
+from trainer.run import fit as spine
+from tests.playbook_util import prepare
 from trainer.cli import app
 from trainer.config import load_config
-from trainer.rundir import read_table
+from trainer.run.rundir import read_table
 from tests.runs import Crash, CrashAt, assert_same_run, pythonpath, resumable_config, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,7 +42,7 @@ def finite_losses(run: Path) -> list[float]:
 def test_amp_on_cuda_resumes_exactly(tmp_path, folder_data, amp):
     # fp16 carries a GradScaler whose scale and growth tracker a resume must restore; bf16 has none
     cfg_path = cuda_config(tmp_path, folder_data, amp)
-    reference = pipeline.fit(load_config(cfg_path), tmp_path / "reference").run_dir
+    reference = spine.fit(load_config(cfg_path), tmp_path / "reference").run_dir
     finite_losses(reference)
     state = checkpoint.load(reference / "checkpoints" / "last.pt")
     if amp == "fp16":
@@ -50,18 +52,18 @@ def test_amp_on_cuda_resumes_exactly(tmp_path, folder_data, amp):
     assert "device cuda" in (reference / "log.txt").read_text() and f"amp {amp}" in (reference / "log.txt").read_text()
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        pipeline.fit(load_config(cfg_path), out, callbacks=[CrashAt(6)])
-    pipeline.fit(load_config(cfg_path), resume=out)
+        spine.fit(load_config(cfg_path), out, callbacks=[CrashAt(6)])
+    spine.fit(load_config(cfg_path), resume=out)
     assert_same_run(reference, out)
 
 
 def test_lr_find_on_cuda_restores_weights_and_the_scaler(tmp_path, folder_data):
-    from trainer import lr_find as LF
+    from trainer.train import lr_find as LF
     from tests.conftest import tiny_config
     from tests.playbook_util import assert_same, learner_for, snapshot
 
     text = tiny_config(folder_data, arch="resnet18", stages="[{epochs: 1, lr: 1.0e-2, schedule: constant}]")
-    sess = pipeline.prepare(load_config(text=text, overrides=["device=cuda", "amp=fp16"]), tmp_path / "run")
+    sess = prepare(load_config(text=text, overrides=["device=cuda", "amp=fp16"]), tmp_path / "run")
     learn = learner_for(sess)
     learn.fit(1)
     assert learn.scaler.is_enabled()
@@ -79,7 +81,7 @@ def test_images_on_the_gpu_give_the_same_batches_as_from_the_cpu(tmp_path, folde
     for on in ("false", "true"):
         cfg = load_config(text=tiny_config(folder_data), overrides=["device=cuda", f"data.on_device={on}",
                                                                     "transforms.preset=side_on"])
-        sess = pipeline.prepare(cfg, tmp_path / f"run-{on}")
+        sess = prepare(cfg, tmp_path / f"run-{on}")
         assert sess.bundle.on_device is (on == "true")
         train, valid = sess.bundle.loaders(8)
         train.set_epoch(1)
@@ -102,7 +104,7 @@ def test_speedrun_shape_compiled_with_progressive_resizing_then_tta(tmp_path, fo
                    "train:\n  label_smoothing: 0.2\n  stages:\n"
                    "    - {name: small, epochs: 1, lr: 1.0e-2, size: 16}\n"
                    "    - {name: big, epochs: 1, lr: 1.0e-2, size: 24}\n")
-    run = pipeline.fit(load_config(cfg), tmp_path / "run").run_dir
+    run = spine.fit(load_config(cfg), tmp_path / "run").run_dir
     finite_losses(run)
     ev = runner.invoke(app, ["evaluate", str(run), "--tta", "--out", str(tmp_path / "eval")])
     assert ev.exit_code == 0, ev.output
@@ -114,7 +116,7 @@ def test_torchrun_one_gpu_over_nccl_matches_the_plain_run(tmp_path, folder_data)
     cfg.write_text(f"name: ddp\nseed: 0\ndevice: cuda\ndeterministic: true\n"
                    f"data: {{layout: folder, path: '{folder_data}', bs: 8}}\nmodel: {{arch: convnet2}}\n"
                    "train:\n  stages: [{name: all, epochs: 2, lr: 1.0e-2}]\n")
-    plain = pipeline.fit(load_config(cfg), tmp_path / "plain").run_dir
+    plain = spine.fit(load_config(cfg), tmp_path / "plain").run_dir
     env = {**os.environ, "PYTHONPATH": pythonpath(), "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, *torchrun(1, "fit", str(cfg), "--out", str(tmp_path / "ddp"))],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

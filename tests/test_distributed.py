@@ -18,18 +18,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer import checkpoint, distributed, pipeline
+from trainer import storage as checkpoint
+from trainer.run import fit as spine
+from trainer.train import parallel
 from trainer.cli import app
 from trainer.config import load_config
 from trainer.data.loaders import ImageBatches
 from trainer.data.shard import shard_train, shard_valid
 from trainer.data.text import TextStreams
-from trainer.launch import exit_code, resume_command
+from trainer.run.launch import exit_code, resume_command
 from trainer.models.layers import BnLayer
-from trainer.parallel import check_batch
-from trainer.resume import read_status
-from trainer.rundir import read_table
-from trainer.signals import StopRequest
+from trainer.train.parallel import check_batch
+from trainer.run.status import read_status
+from trainer.run.rundir import read_table
+from trainer.run.signals import StopRequest
 from tests.runs import ROOT, assert_same_run, pythonpath, resumable_config, torchrun
 
 RTOL, ATOL, WEIGHT_ATOL = 1e-4, 1e-5, 1e-5
@@ -75,7 +77,7 @@ def assert_close_weights(a: Path, b: Path) -> None:
 def one_then_two_processes(cfg: Path, tmp_path: Path, name: str):
     """The config trained by one process (in this one), then by 2 under torchrun: the single
     run's directory, the run directories rank 0 made, and torchrun's result."""
-    single = pipeline.fit(load_config(cfg), tmp_path / "single").run_dir
+    single = spine.fit(load_config(cfg), tmp_path / "single").run_dir
     res = run_processes(torchrun(2, "fit", str(cfg)), tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     return single, list((tmp_path / "runs" / name).iterdir()), res
@@ -194,11 +196,11 @@ def test_the_global_batch_must_divide(tmp_path):
 def test_accumulate_equals_the_whole_batch(folder_data, tmp_path):
     cfg = tmp_path / "acc.yaml"
     cfg.write_text(plain_config(folder_data).replace("bs: 8", "bs: 12"))
-    whole = pipeline.fit(load_config(cfg), tmp_path / "whole").run_dir
-    micro = pipeline.fit(load_config(cfg, ["train.accumulate=3"]), tmp_path / "micro").run_dir
+    whole = spine.fit(load_config(cfg), tmp_path / "whole").run_dir
+    micro = spine.fit(load_config(cfg, ["train.accumulate=3"]), tmp_path / "micro").run_dir
     assert_close_metrics(whole, micro)
     assert_close_weights(whole, micro)
-    steps = checkpoint.load(micro / "checkpoints" / "last.pt")["callbacks"]["Recorder"]["steps"]
+    steps = checkpoint.load(micro / "checkpoints" / "last.pt")["callbacks"]["recorder"]["steps"]
     assert steps["n"] == 6  # one optimizer step per batch of 12, not per micro-batch of 4
 
 
@@ -209,7 +211,7 @@ def test_sync_bn_converts_every_batchnorm_in_place():
     built = create_model(ModelConfig(arch="resnet18"), 3, 3, 32)
     keys, params = list(built.model.state_dict()), [id(p) for p in built.model.parameters()]
     before = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in built.model.modules())
-    assert before >= 20 and distributed.convert_sync_bn(built) == before
+    assert before >= 20 and parallel.convert_sync_bn(built) == before
     norms = [m for m in built.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
     for holder in [*built.groups, *(m for m in built.extra.values() if isinstance(m, torch.nn.Module))]:
@@ -218,15 +220,16 @@ def test_sync_bn_converts_every_batchnorm_in_place():
     assert [id(p) for p in built.model.parameters()] == params
 
 
-def test_sync_bn_with_torch_batchnorm_on_cpu_processes_is_refused(monkeypatch):
+def test_sync_bn_with_torch_batchnorm_on_cpu_processes_is_refused():
     from trainer.config.schema import ModelConfig
     from trainer.models import create_model
+    from trainer.train.world import World
 
-    monkeypatch.setattr(distributed, "current", lambda: distributed.World(0, 2, 0, True))
+    two = World(0, 2, 0, True)
     with pytest.raises(ValueError, match="train.sync_bn needs CUDA GPUs for this model's 22 torch BatchNorm"):
-        distributed.use_sync_bn(True, create_model(ModelConfig(arch="resnet18"), 3, 3, 32), torch.device("cpu"))
+        parallel.use_sync_bn(True, create_model(ModelConfig(arch="resnet18"), 3, 3, 32), torch.device("cpu"), two)
     course = create_model(ModelConfig(arch="bnresnet", layers=[4, 8, 16]), 3, 3, 32)
-    assert distributed.use_sync_bn(True, course, torch.device("cpu")) == 6  # the BnLayers sync over gloo
+    assert parallel.use_sync_bn(True, course, torch.device("cpu"), two) == 6  # the BnLayers sync over gloo
     assert all(m.sync for m in course.model.modules() if isinstance(m, BnLayer))
 
 
@@ -247,9 +250,7 @@ def test_launcher_exit_codes_and_resume_command(monkeypatch):
     assert exit_code([143, -signal.SIGTERM]) == 143 and exit_code([130, 130]) == 130
     assert exit_code([143, 1]) == 1 and exit_code([]) == 1 and exit_code([2, 2]) == 2
     base = ["trainer", "fit", "c.yaml", "--resume", "runs/x"]
-    monkeypatch.setenv("TRAINER_DEVICES", "4")
-    assert resume_command(base) == ["trainer", "fit", "c.yaml", "--devices", "4", "--resume", "runs/x"]
-    monkeypatch.delenv("TRAINER_DEVICES")
+    assert resume_command(base, devices=4) == ["trainer", "fit", "c.yaml", "--devices", "4", "--resume", "runs/x"]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert resume_command(base)[:4] == ["torchrun", "--nproc-per-node=8", "-m", "trainer"]
 
@@ -267,9 +268,9 @@ def test_accumulate_under_ddp_sends_the_gradients_once_per_step(tmp_path):
     import torch.distributed as dist
     import torch.nn as nn
 
-    from trainer.loop import Learner
-    from trainer.metrics import make_task
-    from trainer.parallel import Accumulate
+    from trainer.train.loop import Learner
+    from trainer.train.tasks import make_task
+    from trainer.train.parallel import Accumulate
 
     x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 2
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)

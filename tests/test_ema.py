@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer import checkpoint, pipeline
+from trainer import storage as checkpoint
+from trainer.run import fit as spine
 from trainer.config import load_config
-from trainer.ema import WeightAverage
-from trainer.interpret import scores, validation_batches
-from trainer.predict import load_run, predict_probs
+from trainer.train.ema import WeightAverage
+from trainer.inference.evaluate import scores, validation_batches
+from trainer.inference.finished import load_run
+from trainer.inference.predict import predict_probs
 from tests.runs import CrashAt, assert_same_run, assert_same_state, metrics_without_seconds, resumable_config
 
 
@@ -65,9 +67,9 @@ def runs(tmp_path_factory, folder_data):
     out = {}
     for ema in (None, 0.7):
         out[ema] = tmp / f"run-{ema}"
-        pipeline.fit(load_config(config(tmp, folder_data, ema, one_stage=True)), out[ema])
+        spine.fit(load_config(config(tmp, folder_data, ema, one_stage=True)), out[ema])
     out["two stages"] = tmp / "run-two-stages"
-    pipeline.fit(load_config(config(tmp, folder_data, 0.7)), out["two stages"])
+    spine.fit(load_config(config(tmp, folder_data, 0.7)), out["two stages"])
     return out
 
 
@@ -75,7 +77,7 @@ def test_training_with_an_average_follows_the_same_path(runs):
     """The swaps around validation leave the optimizer's path bitwise as without the average."""
     plain = checkpoint.load(runs[None] / "checkpoints" / "last.pt")
     averaged = checkpoint.load(runs[0.7] / "checkpoints" / "last.pt")
-    assert_same_state(plain["model"], averaged["callbacks"]["WeightAverage"]["raw"], "raw weights")
+    assert_same_state(plain["model"], averaged["callbacks"]["ema"]["raw"], "raw weights")
     assert_same_state(plain["optimizer"], averaged["optimizer"], "optimizer")
     assert [r["train_loss"] for r in metrics_without_seconds(runs[None])] == \
         [r["train_loss"] for r in metrics_without_seconds(runs[0.7])]
@@ -83,9 +85,9 @@ def test_training_with_an_average_follows_the_same_path(runs):
 
 def test_checkpoints_and_metrics_are_of_the_average(runs):
     last = checkpoint.load(runs[0.7] / "checkpoints" / "last.pt")
-    assert_same_state(last["model"], last["callbacks"]["WeightAverage"]["avg"], "model is the average")
+    assert_same_state(last["model"], last["callbacks"]["ema"]["avg"], "model is the average")
     differ = [k for k, v in last["model"].items()
-              if v.is_floating_point() and not torch.equal(v, last["callbacks"]["WeightAverage"]["raw"][k])]
+              if v.is_floating_point() and not torch.equal(v, last["callbacks"]["ema"]["raw"][k])]
     assert differ  # and the average is not simply the raw weights
     # the model predict loads, run over the validation set again, gives the recorded valid_loss
     run = load_run(runs[0.7], "last", device="cpu")
@@ -103,6 +105,6 @@ def test_a_run_with_an_average_resumes_exactly(runs, tmp_path, folder_data, cras
     path = config(tmp_path, folder_data, 0.7)
     out = tmp_path / "run"
     with pytest.raises(Exception, match="after_"):
-        pipeline.fit(load_config(path), out, callbacks=[CrashAt(*crash)])
-    pipeline.fit(load_config(path), resume=out)
+        spine.fit(load_config(path), out, callbacks=[CrashAt(*crash)])
+    spine.fit(load_config(path), resume=out)
     assert_same_run(runs["two stages"], out)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer import checkpoint
+from trainer import storage as checkpoint
 from trainer.cli import app
-from trainer.rundir import read_table
+from trainer.run.rundir import read_table
 from tests.conftest import CLASSES, tiny_config
 
 runner = CliRunner()
@@ -87,12 +87,12 @@ def test_progress_is_a_table_on_a_terminal_and_plain_lines_otherwise(tmp_path, f
 
     from rich.console import Console
 
-    from trainer import pipeline
+    from trainer.run import fit as spine
     from trainer.config import load_config
 
     cfg = load_config(text=tiny_config(folder_data, stages="[{epochs: 2, lr: 1.0e-2}]"))
     buf = io.StringIO()
-    pipeline.fit(cfg, tmp_path / "tty", console=Console(file=buf, force_terminal=True, width=120))
+    spine.fit(cfg, tmp_path / "tty", console=Console(file=buf, force_terminal=True, width=120))
     import re
 
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())
@@ -100,7 +100,7 @@ def test_progress_is_a_table_on_a_terminal_and_plain_lines_otherwise(tmp_path, f
     assert len(rows) == 2  # one aligned row per epoch under a single header
     assert text.count("valid_loss") == 1
     capsys.readouterr()
-    pipeline.fit(cfg, tmp_path / "plain", console=Console(file=io.StringIO(), force_terminal=False))
+    spine.fit(cfg, tmp_path / "plain", console=Console(file=io.StringIO(), force_terminal=False))
     out = capsys.readouterr().out
     assert out.count("train_loss") == 2 and "\x1b[" not in out
 
@@ -108,22 +108,29 @@ def test_progress_is_a_table_on_a_terminal_and_plain_lines_otherwise(tmp_path, f
 def test_best_pt_is_chosen_among_epochs_at_the_last_image_size(tmp_path, folder_data):
     """Validation losses at 16 px and at 24 px do not compare: when a stage changes the size, the
     best so far starts again, so best.pt is a model of the size the run ends at."""
-    from trainer import pipeline
-    from trainer.callbacks import Checkpointer
     from trainer.config import load_config
-    from trainer.loop import Callback
+    from trainer.run import fit as spine
+    from trainer.train.loop import Callback
 
     class BestAtStart(Callback):
         seen: list = []
 
         def before_fit(self, learn):
-            self.seen.append(next(c for c in learn.callbacks if isinstance(c, Checkpointer)).best)
+            self.seen.append(self.sess.best.loss)  # the run's best loss as each stage starts
+
+    real = spine.open_session
+
+    def open_session(*a, **k):
+        BestAtStart.sess = real(*a, **k)
+        return BestAtStart.sess
 
     stages = "[{epochs: 2, lr: 1.0e-2, size: 16}, {epochs: 1, lr: 1.0e-3, size: 24}, {epochs: 1, lr: 1.0e-3, size: 24}]"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(tiny_config(folder_data, stages=stages))
     spy = BestAtStart()
-    pipeline.fit(load_config(cfg), tmp_path / "run", callbacks=[spy])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(spine, "open_session", open_session)
+        spine.fit(load_config(cfg), tmp_path / "run", callbacks=[spy])
     assert spy.seen[:2] == [math.inf, math.inf] and math.isfinite(spy.seen[2])  # same size: kept
     rows = read_table(tmp_path / "run" / "metrics.csv")
     best = checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")

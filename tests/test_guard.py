@@ -8,15 +8,16 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from trainer import callbacks as cbs
-from trainer.guard import NonFiniteGuard, TrainingDiverged
-from trainer import pipeline
+from trainer.train import callbacks as cbs
+from trainer.train.guard import NonFiniteGuard, TrainingDiverged
+from trainer.run import fit as spine
 from trainer.cli import app
 from trainer.config import load_config
 from trainer.data.loaders import ImageBatches
-from trainer.loop import Callback, Learner
-from trainer.metrics import make_task
-from trainer.resume import read_status
+from trainer.run.learner import ORDER
+from trainer.train.loop import Callback, Learner
+from trainer.train.tasks import make_task
+from trainer.run.status import read_status
 from tests.conftest import tiny_config
 
 runner = CliRunner()
@@ -62,8 +63,11 @@ def tiny_learner(mode: str, poison: Poison, n: int = 64, bs: int = 8) -> Learner
     dl = ImageBatches(images, labels, bs, 8, torch.tensor([0.5]), torch.tensor([0.25]), shuffle=True)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return Learner(model, opt, make_task("single_label"), dl, dl.with_(shuffle=False),
-                   [NonFiniteGuard(mode), cbs.Recorder(None, "s"), poison])
+    guard, recorder = NonFiniteGuard(mode), cbs.Recorder("s")
+    guard.order, recorder.order = ORDER["guard"], ORDER["recorder"]  # as the learner builder places them
+    learn = Learner(model, opt, make_task("single_label"), dl, dl.with_(shuffle=False), [guard, recorder, poison])
+    learn.recorder = recorder
+    return learn
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
@@ -74,7 +78,7 @@ def test_stop_names_the_step_the_lr_and_the_last_finite_loss(kind):
         learn.fit(2)
     msg = str(e.value)
     what = "the loss" if kind == "loss" else "the gradient norm"
-    last = next(c for c in learn.callbacks if isinstance(c, cbs.Recorder)).steps[-1]["loss"]  # step 4's
+    last = learn.recorder.steps[-1]["loss"]  # step 4's
     assert msg.startswith(f"{what} is not finite at epoch 1, batch 5 (step 5 of 16), lr 0.1; ")
     assert f"last finite loss {last:.4g}" in msg and math.isfinite(last)
     for k, v in learn.model.state_dict().items():  # the bad step changed nothing
@@ -85,7 +89,7 @@ def test_skip_mode_skips_and_counts_bad_steps():
     poison = Poison(loss_steps=[2, 9], grad_steps=[5])
     learn = tiny_learner("skip", poison)
     rows = []
-    learn.add(type("Rows", (Callback,), {"order": 50, "after_epoch": lambda self, l: rows.append(l.last_row)})())
+    learn.add(type("Rows", (Callback,), {"order": 50, "after_epoch": lambda self, l: rows.append(learn.recorder.last_row)})())
     state = learn.fit(2)
     assert state.skipped_steps == 3
     assert [r.get("skipped_steps") for r in rows] == [2, 3]
@@ -126,7 +130,7 @@ def test_a_diverged_run_leaves_last_and_best_as_they_were(cfg_path, tmp_path, ki
     poison = Poison(**{f"{kind}_steps": [6]})
     snap = Snapshot(out, 6)
     with pytest.raises(TrainingDiverged) as e:
-        pipeline.fit(load_config(cfg_path), out, callbacks=[poison, snap])
+        spine.fit(load_config(cfg_path), out, callbacks=[poison, snap])
     assert "not finite" in str(e.value)
     assert checkpoint_bytes(out) == snap.files  # nothing written after the bad step
     assert read_status(out) == "diverged"
@@ -147,12 +151,14 @@ def test_cli_divergence_is_a_clean_error(folder_data, tmp_path):
 def test_best_pt_only_ever_improves(tmp_path):
     from types import SimpleNamespace
 
-    from trainer import checkpoint
-    from trainer.loop import FitState
-    from trainer.rundir import RunDir, new_run_dir
+    from trainer import storage as checkpoint
+    from trainer.run.checkpoints import BestSoFar, Checkpointer
+    from trainer.run.rundir import RunDir, new_run_dir
+    from trainer.train.loop import FitState
 
     run = RunDir(new_run_dir("x", tmp_path / "run"))
-    saver = cbs.Checkpointer(run, lambda learn, end: {"model": {"w": torch.tensor([float(learn.state.epoch)])}})
+    saver = Checkpointer(run, lambda learn, end: {"model": {"w": torch.tensor([float(learn.state.epoch)])}},
+                         BestSoFar())
     learn = SimpleNamespace(state=FitState(), opt=None)
     for epoch, loss in enumerate([1.0, 0.5, 0.7, math.nan, math.inf, 0.6]):
         learn.state.epoch, learn.state.valid = epoch, {"valid_loss": loss}
@@ -160,9 +166,8 @@ def test_best_pt_only_ever_improves(tmp_path):
     best = checkpoint.load(run.checkpoints / "best.pt")
     assert best["best_valid_loss"] == 0.5 and best["model"]["w"].item() == 1.0
     assert checkpoint.load(run.checkpoints / "last.pt")["model"]["w"].item() == 5.0
-    # after a resume, the best loss so far comes back with the callback state: 0.55 is no better
-    resumed = cbs.Checkpointer(run, saver.snapshot)
-    resumed.load_state_dict(saver.state_dict())
+    # after a resume, the best loss so far comes back with the checkpoint: 0.55 is no better
+    resumed = Checkpointer(run, saver.snapshot, BestSoFar(saver.best.loss))
     learn.state.epoch, learn.state.valid = 6, {"valid_loss": 0.55}
     resumed.after_epoch(learn)
     assert checkpoint.load(run.checkpoints / "best.pt")["model"]["w"].item() == 1.0

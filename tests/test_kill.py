@@ -14,11 +14,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer import checkpoint, pipeline
+from trainer import storage as checkpoint
+from trainer.run import fit as spine
 from trainer.cli import app
 from trainer.config import load_config
-from trainer.resume import read_status
-from trainer.signals import StopRequest, graceful_stop
+from trainer.run.status import read_status
+from trainer.run.signals import StopRequest, graceful_stop
 from tests.runs import assert_same_run, resumable_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def setup(tmp_path_factory, folder_data):
     tmp = tmp_path_factory.mktemp("kill")
     cfg = tmp / "tiny.yaml"
     cfg.write_text(resumable_config(folder_data))
-    pipeline.fit(load_config(cfg), tmp / "reference")
+    spine.fit(load_config(cfg), tmp / "reference")
     return cfg, tmp / "reference"
 
 
@@ -167,6 +168,6 @@ def test_ctrl_c_before_training_starts_is_a_clean_exit(setup, tmp_path, monkeypa
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "prepare", interrupted)
+    monkeypatch.setattr(spine, "open_session", interrupted)
     res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / "run")])
     assert res.exit_code == 130 and "interrupted before training started: nothing to save" in res.output

@@ -7,10 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer import lr_find as LF
+from trainer.train import lr_find as LF
 from trainer.cli import app
-from trainer.plots import smoothed
-from trainer.rundir import read_table
+from trainer.run.plots import smoothed
+from trainer.run.rundir import read_table
 from tests.conftest import tiny_config
 from tests.playbook_util import assert_same, differs, learner_for, session, snapshot
 
@@ -81,7 +81,7 @@ def test_ramp_smoothing_and_stop_at_four_times_the_best(trained):
 
 
 def test_differential_lrs_keep_their_ratios_and_the_last_group_is_reported():
-    groups = [{"lr": 0.0, "peak_lr": 1 / 9}, {"lr": 0.0, "peak_lr": 1 / 3}, {"lr": 0.0, "peak_lr": 1.0}]
+    groups = [{"lr": 1 / 9}, {"lr": 1 / 3}, {"lr": 1.0}]  # the stage's lrs, as its fresh optimizer holds them
     learn = SimpleNamespace(opt=SimpleNamespace(param_groups=groups), state=SimpleNamespace(loss=1.0))
     finder = LF.LrFinder(1e-6, 1.0, num_it=7)
     finder.before_fit(learn)

@@ -5,16 +5,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer import checkpoint
+from trainer import storage as checkpoint
 from trainer.cli import app
 from trainer.config import load_config
 from trainer.models.layers import is_norm
-from trainer.pipeline import run_stages, smoke_sizes
-from trainer.predict import load_run, predict_folder
-from trainer.rundir import read_table
-from trainer.schedule import one_cycle, sgdr
-from trainer.stages import StageError
+from trainer.run.fit import train_stages as run_stages
+from trainer.run.session import smoke_sizes
+from trainer.inference.finished import load_run
+from trainer.inference.predict import predict_folder
+from trainer.run.rundir import read_table
+from trainer.train.schedule import one_cycle, sgdr
+from trainer.train.plan import StageError
 from tests.conftest import CLASSES, tiny_config
+from trainer.run.learner import stage_learner
 from tests.playbook_util import differs, learner_for, session, snapshot
 
 runner = CliRunner()
@@ -70,15 +73,15 @@ def test_resnet_layer_groups_as_fastai(tmp_path, folder_data):
 def test_differential_lrs_and_weight_decay_per_group(tmp_path, folder_data):
     sess = session(tmp_path, folder_data, "[{epochs: 1, lr: {max: 9.0e-2, ratio: 3}, wd: [0.3, 0.2, 0.1]}]",
                    arch="resnet18")
-    opt = learner_for(sess).opt
-    peaks = {g["layer_group"]: g["peak_lr"] for g in opt.param_groups}
+    learn, handles = stage_learner(sess, sess.plan.stages[0])
+    opt = learn.opt
+    peaks = {g["layer_group"]: handles.schedule.peaks[g["layer_group"]] for g in opt.param_groups}
     assert [peaks[i] for i in range(3)] == pytest.approx([0.01, 0.03, 0.09])  # [lr/9, lr/3, lr]
     for g in opt.param_groups:
         has_matrix = any(p.ndim > 1 for p in g["params"])
         assert g["weight_decay"] == (pytest.approx([0.3, 0.2, 0.1][g["layer_group"]]) if has_matrix else 0.0)
-    sess = session(tmp_path, folder_data, "[{epochs: 1, lr: [1.0e-4, 1.0e-3]}]", arch="resnet18", name="bad")
     with pytest.raises(StageError, match="lists 2 values but the model has 3 layer groups"):
-        learner_for(sess)
+        session(tmp_path, folder_data, "[{epochs: 1, lr: [1.0e-4, 1.0e-3]}]", arch="resnet18", name="bad")
 
 
 def test_unfrozen_stage_trains_with_the_ratios_of_the_groups(tmp_path, folder_data):

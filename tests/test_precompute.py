@@ -4,14 +4,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer import checkpoint, pipeline, precompute
+from trainer import storage as checkpoint
+from trainer.run import fit as spine
+from trainer.train import precompute
 from trainer.cli import app
 from trainer.config import load_config
 from trainer.config.schema import ModelConfig
 from trainer.data import decode
-from trainer.loop import Callback
+from trainer.train.loop import Callback
 from trainer.models import create_model
-from trainer.rundir import read_table
+from trainer.run.rundir import read_table
 from tests.conftest import tiny_config
 
 runner = CliRunner()
@@ -53,7 +55,7 @@ class Spy(Callback):
 @pytest.fixture
 def spy(monkeypatch):
     spy = Spy()
-    real = pipeline.prepare
+    real = spine.open_session
 
     def prepare(*a, **k):
         sess = real(*a, **k)
@@ -61,7 +63,7 @@ def spy(monkeypatch):
         spy.sess = sess
         return sess
 
-    monkeypatch.setattr(pipeline, "prepare", prepare)
+    monkeypatch.setattr(spine, "open_session", prepare)
     return spy
 
 
@@ -96,7 +98,7 @@ def test_precomputed_validation_equals_the_full_model(tmp_path, folder_data, spy
     run, _ = fit(tmp_path, tiny_config(folder_data, stages=stages))
     sess = spy.sess
     _, valid_dl = sess.bundle.loaders(8)
-    from trainer.loop import Learner
+    from trainer.train.loop import Learner
 
     full = Learner(sess.built.model, torch.optim.SGD(sess.built.model.parameters(), 0.1), sess.task, None, None)
     expected = full.validate(valid_dl)

@@ -1,4 +1,4 @@
-"""trainer.prepare on tiny synthetic sources (fake IDX, JPEG and pickle tarballs, text)."""
+"""trainer.datasets.get_data on tiny synthetic sources (fake IDX, JPEG and pickle tarballs, text)."""
 import csv
 import gzip
 import io
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import prepare as P
+from trainer.datasets import get_data as G
 
 RNG = np.random.default_rng(0)
 
@@ -74,8 +74,8 @@ def trust(monkeypatch, *roots: Path) -> None:
     for root in roots:
         for f in root.rglob("*"):
             if f.is_file():
-                table.setdefault(f.name, {})[P.sha256(f)] = "test"
-    monkeypatch.setattr(P, "CHECKSUMS", table)
+                table.setdefault(f.name, {})[G.sha256(f)] = "test"
+    monkeypatch.setattr(G, "CHECKSUMS", table)
 
 
 @pytest.fixture
@@ -94,10 +94,10 @@ def read_csv(path: Path) -> list[list[str]]:
 def test_fashion_mnist_layouts(src, tmp_path):
     root, fm = src
     dest = tmp_path / "data"
-    assert P.prepare("fashion_mnist", dest, root) == dest / "fashion_mnist"
+    assert G.get_dataset("fashion_mnist", dest, root) == dest / "fashion_mnist"
     imgs, labels = fm["train"]
     for i, lab in enumerate(labels):
-        img = Image.open(dest / "fashion_mnist" / "train" / P.FMNIST_CLASSES[lab] / f"{i:05d}.png")
+        img = Image.open(dest / "fashion_mnist" / "train" / G.FMNIST_CLASSES[lab] / f"{i:05d}.png")
         assert img.mode == "L" and (np.array(img) == imgs[i]).all()
     assert len(list((dest / "fashion_mnist" / "test").rglob("*.png"))) == 3
     assert sorted(p.name for p in (dest / "fashion_mnist" / "train").iterdir()) == \
@@ -106,19 +106,19 @@ def test_fashion_mnist_layouts(src, tmp_path):
     csv_dir = dest / "fashion_mnist_csv"
     rows = read_csv(csv_dir / "labels.csv")
     assert rows[0] == ["id", "label"]
-    assert rows[1:] == [[f"{i:05d}", P.FMNIST_CLASSES[l]] for i, l in enumerate(labels)]
+    assert rows[1:] == [[f"{i:05d}", G.FMNIST_CLASSES[l]] for i, l in enumerate(labels)]
     test_rows = read_csv(csv_dir / "test_labels.csv")[1:]
-    assert test_rows == [[f"{i:05d}", P.FMNIST_CLASSES[l]] for i, l in enumerate(fm["test"][1])]
+    assert test_rows == [[f"{i:05d}", G.FMNIST_CLASSES[l]] for i, l in enumerate(fm["test"][1])]
     for i, _ in enumerate(labels):  # csv images are the same pixels as the folder ones
         assert (np.array(Image.open(csv_dir / "train" / f"{i:05d}.png")) == imgs[i]).all()
-    assert (dest / "fashion_mnist" / P.MARKER).is_file() and (csv_dir / P.MARKER).is_file()
+    assert (dest / "fashion_mnist" / G.MARKER).is_file() and (csv_dir / G.MARKER).is_file()
     assert not list(dest.glob(".tmp-*"))
 
 
 def test_cifar_jpeg_layouts(src, tmp_path):
     root, _ = src
     dest = tmp_path / "data"
-    P.prepare("cifar10", dest, root)
+    G.get_dataset("cifar10", dest, root)
     files = sorted(str(p.relative_to(dest / "cifar10")) for p in (dest / "cifar10").rglob("*.jpg"))
     assert files == ["test/cat/0000.jpg", "test/truck/0000.jpg", "train/cat/0000.jpg",
                      "train/cat/0001.jpg", "train/dog/0000.jpg"]
@@ -134,9 +134,9 @@ def test_cifar_pickle_source_writes_pngs(tmp_path, monkeypatch):
     data = make_cifar_pickle(root)
     trust(monkeypatch, root)
     dest = tmp_path / "data"
-    P.prepare("cifar10", dest, root, layouts=("folder",))
+    G.get_dataset("cifar10", dest, root, layouts=("folder",))
     x, y = data["data_batch_3"]
-    img = Image.open(dest / "cifar10" / "train" / P.CIFAR_CLASSES[y[1]] / "00005.png")  # batch 3, item 1
+    img = Image.open(dest / "cifar10" / "train" / G.CIFAR_CLASSES[y[1]] / "00005.png")  # batch 3, item 1
     assert img.mode == "RGB" and (np.array(img) == x[1].reshape(3, 32, 32).transpose(1, 2, 0)).all()
     assert len(list((dest / "cifar10" / "train").rglob("*.png"))) == 10
     assert len(list((dest / "cifar10" / "test").rglob("*.png"))) == 2
@@ -148,23 +148,23 @@ def test_text_and_all_from_flat_source(tmp_path, monkeypatch):
     make_sources(root, flat=True)
     trust(monkeypatch, root)
     dest = tmp_path / "data"
-    assert P.prepare("all", dest, root) == dest
+    assert G.get_dataset("all", dest, root) == dest
     assert (dest / "text" / "tinyshakespeare.txt").read_text().startswith("First Citizen")
     assert (dest / "text" / "nietzsche.txt").read_bytes() == (root / "nietzsche.txt").read_bytes()
     for d in ("fashion_mnist", "fashion_mnist_csv", "cifar10", "cifar10_csv"):
-        assert (dest / d / P.MARKER).is_file()
+        assert (dest / d / G.MARKER).is_file()
 
 
 def test_second_run_is_noop(src, tmp_path, capsys):
     root, _ = src
     dest = tmp_path / "data"
-    P.prepare("all", dest, root)
+    G.get_dataset("all", dest, root)
     watched = [dest / "fashion_mnist" / "train" / "Trouser" / "00001.png",
                dest / "cifar10_csv" / "labels.csv",
-               dest / "text" / "nietzsche.txt", dest / "fashion_mnist" / P.MARKER]
+               dest / "text" / "nietzsche.txt", dest / "fashion_mnist" / G.MARKER]
     before = [p.stat().st_mtime_ns for p in watched]
     capsys.readouterr()
-    P.prepare("all", dest, root)
+    G.get_dataset("all", dest, root)
     out = capsys.readouterr().out
     assert out.count("already prepared") == 4 and "writing" not in out
     assert [p.stat().st_mtime_ns for p in watched] == before
@@ -173,50 +173,50 @@ def test_second_run_is_noop(src, tmp_path, capsys):
 def test_half_written_output_is_redone(src, tmp_path):
     root, _ = src
     dest = tmp_path / "data"
-    P.prepare("fashion_mnist", dest, root)
-    (dest / "fashion_mnist" / P.MARKER).unlink()  # as if killed before the marker
+    G.get_dataset("fashion_mnist", dest, root)
+    (dest / "fashion_mnist" / G.MARKER).unlink()  # as if killed before the marker
     (dest / "fashion_mnist" / "train" / "Trouser" / "00001.png").unlink()
     (dest / "fashion_mnist" / "junk.txt").write_text("x")
     (dest / ".tmp-fashion_mnist-folder-999").mkdir()  # a crashed run's temp dir
-    P.prepare("fashion_mnist", dest, root)
+    G.get_dataset("fashion_mnist", dest, root)
     assert (dest / "fashion_mnist" / "train" / "Trouser" / "00001.png").is_file()
     assert not (dest / "fashion_mnist" / "junk.txt").exists()
-    assert (dest / "fashion_mnist" / P.MARKER).is_file() and not list(dest.glob(".tmp-*"))
+    assert (dest / "fashion_mnist" / G.MARKER).is_file() and not list(dest.glob(".tmp-*"))
 
 
 def test_changed_source_rebuilds(src, tmp_path, monkeypatch, capsys):
     root, _ = src
     dest = tmp_path / "data"
-    P.prepare("cifar10", dest, root)
+    G.get_dataset("cifar10", dest, root)
     with tarfile.open(root / "cifar10" / "cifar10-jpg.tar.gz", "w:gz") as tar:
         _tar_add(tar, "train/ship/0000.jpg", _jpeg((0, 0, 255)))
         _tar_add(tar, "test/ship/0000.jpg", _jpeg((0, 0, 255)))
     trust(monkeypatch, root)
-    P.prepare("cifar10", dest, root)
+    G.get_dataset("cifar10", dest, root)
     assert sorted(p.name for p in (dest / "cifar10" / "train").iterdir()) == ["ship"]
 
 
 def test_checksum_mismatch(src, tmp_path, monkeypatch):
     root, _ = src
-    monkeypatch.setitem(P.CHECKSUMS, "nietzsche.txt", {"0" * 64: "elsewhere"})
-    with pytest.raises(P.PrepareError, match="checksum mismatch"):
-        P.prepare("nietzsche", tmp_path / "data", root)
+    monkeypatch.setitem(G.CHECKSUMS, "nietzsche.txt", {"0" * 64: "elsewhere"})
+    with pytest.raises(G.GetDataError, match="checksum mismatch"):
+        G.get_dataset("nietzsche", tmp_path / "data", root)
     assert not (tmp_path / "data" / "text" / "nietzsche.txt").exists()
 
 
 def test_unknown_checksum_real_table(tmp_path):
     root = tmp_path / "src"
     make_sources(root)  # fakes against the real table: rejected
-    with pytest.raises(P.PrepareError, match="checksum mismatch.*expected"):
-        P.prepare("fashion_mnist", tmp_path / "data", root)
+    with pytest.raises(G.GetDataError, match="checksum mismatch.*expected"):
+        G.get_dataset("fashion_mnist", tmp_path / "data", root)
 
 
 def test_missing_source(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(P.PrepareError, match="no source files"):
-        P.prepare("cifar10", tmp_path / "data", tmp_path / "empty")
-    with pytest.raises(P.PrepareError, match="does not exist"):
-        P.prepare("cifar10", tmp_path / "data", tmp_path / "nope")
+    with pytest.raises(G.GetDataError, match="no source files"):
+        G.get_dataset("cifar10", tmp_path / "data", tmp_path / "empty")
+    with pytest.raises(G.GetDataError, match="does not exist"):
+        G.get_dataset("cifar10", tmp_path / "data", tmp_path / "nope")
 
 
 def test_download_mode_uses_urls_and_caches(tmp_path, monkeypatch):
@@ -224,9 +224,9 @@ def test_download_mode_uses_urls_and_caches(tmp_path, monkeypatch):
     make_sources(root, flat=True)
     trust(monkeypatch, root)
     url = (root / "nietzsche.txt").as_uri()  # urlretrieve reads file:// URLs: no network needed
-    monkeypatch.setitem(P.SOURCES, "nietzsche", [(("nietzsche.txt", url, "text"),)])
+    monkeypatch.setitem(G.SOURCES, "nietzsche", [(("nietzsche.txt", url, "text"),)])
     dest = tmp_path / "data"
-    P.prepare("nietzsche", dest)
+    G.get_dataset("nietzsche", dest)
     assert (dest / "text" / "nietzsche.txt").read_bytes() == (root / "nietzsche.txt").read_bytes()
     assert (dest / ".downloads" / "nietzsche.txt").is_file()
 
@@ -234,23 +234,23 @@ def test_download_mode_uses_urls_and_caches(tmp_path, monkeypatch):
 def test_offline_is_clear_error(tmp_path, monkeypatch):
     def offline(url, filename):
         raise urllib.error.URLError("Temporary failure in name resolution")
-    monkeypatch.setattr(P.urllib.request, "urlretrieve", offline)
-    with pytest.raises(P.PrepareError, match="could not download .*--source"):
-        P.prepare("shakespeare", tmp_path / "data")
+    monkeypatch.setattr(G.urllib.request, "urlretrieve", offline)
+    with pytest.raises(G.GetDataError, match="could not download .*--source"):
+        G.get_dataset("shakespeare", tmp_path / "data")
     assert not list((tmp_path / "data" / ".downloads").glob("*"))
 
 
 def test_main_exit_codes(src, tmp_path, capsys, monkeypatch):
     root, _ = src
-    assert P.main(["shakespeare", "--source", str(root), "--dest", str(tmp_path / "d")]) == 0
-    monkeypatch.setitem(P.CHECKSUMS, "tinyshakespeare.txt", {"0" * 64: "x"})
+    assert G.main(["shakespeare", "--source", str(root), "--dest", str(tmp_path / "d")]) == 0
+    monkeypatch.setitem(G.CHECKSUMS, "tinyshakespeare.txt", {"0" * 64: "x"})
     capsys.readouterr()
-    assert P.main(["shakespeare", "--source", str(root), "--dest", str(tmp_path / "e")]) == 2
+    assert G.main(["shakespeare", "--source", str(root), "--dest", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checksum mismatch") and "Traceback" not in err
-    assert P.main(["cifar10", "--source", str(tmp_path / "missing"), "--dest", str(tmp_path / "e")]) == 2
+    assert G.main(["cifar10", "--source", str(tmp_path / "missing"), "--dest", str(tmp_path / "e")]) == 2
     with pytest.raises(SystemExit) as e:  # argparse usage errors share the exit code
-        P.main(["imagenet"])
+        G.main(["imagenet"])
     assert e.value.code == 2
 
 
@@ -259,7 +259,7 @@ def test_script_runs_without_torch(tmp_path):
     code = ("import runpy, sys; sys.argv = ['get_data.py', '--help']\n"
             "try: runpy.run_path(%r, run_name='__main__')\n"
             "except SystemExit: pass\n"
-            "assert 'torch' not in sys.modules, 'prepare must stay torch-free'" % str(script))
+            "assert 'torch' not in sys.modules, 'get_data must stay torch-free'" % str(script))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "fashion_mnist" in r.stdout
@@ -268,12 +268,12 @@ def test_script_runs_without_torch(tmp_path):
 def test_csv_layout_added_later_links_existing_folder(src, tmp_path):
     root, _ = src
     dest = tmp_path / "data"
-    P.prepare("fashion_mnist", dest, root, layouts=("folder",))
+    G.get_dataset("fashion_mnist", dest, root, layouts=("folder",))
     assert not (dest / "fashion_mnist_csv").exists()
     png = dest / "fashion_mnist" / "train" / "Trouser" / "00001.png"
     before = png.stat().st_mtime_ns
-    P.prepare("fashion_mnist", dest, root, layouts=("folder", "csv"))
+    G.get_dataset("fashion_mnist", dest, root, layouts=("folder", "csv"))
     assert png.stat().st_mtime_ns == before  # folder layout left alone
     assert (dest / "fashion_mnist_csv" / "train" / "00001.png").samefile(png)  # hardlinked, not copied
-    with pytest.raises(P.PrepareError, match="layouts"):
-        P.prepare("fashion_mnist", dest, root, layouts=("zip",))
+    with pytest.raises(G.GetDataError, match="layouts"):
+        G.get_dataset("fashion_mnist", dest, root, layouts=("zip",))

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from trainer.cli import app
 from trainer.config import load_config
-from trainer.data.images import IMAGENET_STATS, channel_stats, resolve_stats
+from trainer.config import IMAGENET_STATS
+from trainer.data.images import channel_stats, resolve_stats
 from trainer.models import backbones, create_model
 from trainer.models import efficientnet_lite as E
 from trainer.config.schema import ModelConfig
@@ -74,20 +75,28 @@ def test_resolve_stats_every_option():
     x = torch.zeros(10, 3, 4, 4, dtype=torch.uint8)
     x[:, 0] = 255
     x[:5, 2] = 255
-    mean, std = resolve_stats("auto", x, pretrained=False)
+    mean, std = resolve_stats("auto", x)
     assert mean == pytest.approx([1.0, 0.0, 0.5]) and std[2] == pytest.approx(0.5, abs=0.01)
     assert std[0] == pytest.approx(1e-3)  # a constant channel does not divide by zero
-    assert resolve_stats("none", x, False) == ([0.0] * 3, [1.0] * 3)
-    assert resolve_stats("imagenet", x, False) == IMAGENET_STATS
-    assert resolve_stats(None, x, pretrained=True, model_stats=E.NORMALIZE_STATS) == E.NORMALIZE_STATS
-    assert resolve_stats(None, x, pretrained=False) == resolve_stats("auto", x, False)
+    assert resolve_stats("none", x) == ([0.0] * 3, [1.0] * 3)
+    assert resolve_stats("imagenet", x) == IMAGENET_STATS
+    assert resolve_stats(None, x, model_stats=E.NORMALIZE_STATS) == E.NORMALIZE_STATS  # a pretrained body's
+    assert resolve_stats(None, x) == resolve_stats("auto", x)  # not pretrained: the data's own
     explicit = ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
-    assert resolve_stats(explicit, x, True) == explicit
+    assert resolve_stats(explicit, x, model_stats=E.NORMALIZE_STATS) == explicit
+
+
+def test_pretrained_stats_are_known_from_the_config_alone():
+    from trainer.models import input_stats
+
+    assert input_stats(ModelConfig(arch="resnet18", pretrained=True)) == IMAGENET_STATS
+    assert input_stats(ModelConfig(arch="efficientnet_lite0", pretrained=True)) == E.NORMALIZE_STATS
+    assert input_stats(ModelConfig(arch="resnet18")) is None and input_stats(ModelConfig(arch="bnresnet")) is None
 
 
 def test_grayscale_data_with_rgb_stats_averages_them():
     x = torch.full((4, 1, 2, 2), 128, dtype=torch.uint8)
-    mean, std = resolve_stats("imagenet", x, False)
+    mean, std = resolve_stats("imagenet", x)
     assert mean == pytest.approx([sum(IMAGENET_STATS[0]) / 3]) and len(std) == 1
 
 
@@ -128,9 +137,9 @@ def load_config_text(tmp_path, text):
 
 
 def _prepared_stats(tmp_path, text, name):
-    from trainer import pipeline
+    from tests.playbook_util import prepare
 
-    sess = pipeline.prepare(load_config_text(tmp_path, text), tmp_path / name)
+    sess = prepare(load_config_text(tmp_path, text), tmp_path / name)
     return json.loads((sess.run.path / "stats.json").read_text())
 
 

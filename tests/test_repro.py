@@ -5,15 +5,16 @@ deterministic algorithms on (and false switches them off again)."""
 import pytest
 import torch
 
-from trainer import checkpoint, pipeline
+from trainer import storage as checkpoint
+from trainer.run import fit as spine
 from trainer.config import load_config
-from trainer.loop import Callback
+from trainer.train.loop import Callback
 from tests.conftest import tiny_config
 from tests.runs import assert_same_state, metrics_without_seconds
 
 
 def run(cfg_path, out, sets=(), callbacks=()):
-    pipeline.fit(load_config(cfg_path, sets), out, callbacks=callbacks)
+    spine.fit(load_config(cfg_path, sets), out, callbacks=callbacks)
     return out
 
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer import checkpoint, pipeline
+from trainer import storage as checkpoint
+from trainer.run import fit as spine
 from trainer.cli import app
 from trainer.config import load_config
-from trainer.resume import read_status
-from trainer.signals import Interrupted
+from trainer.run.status import read_status
+from trainer.run.signals import Interrupted
 from tests.runs import (Crash, CrashAt, SendSignal, assert_same_run, metrics_without_seconds,
                         resumable_config)
 
@@ -31,16 +32,16 @@ def cfg_path(tmp_path_factory, folder_data):
 @pytest.fixture(scope="module")
 def reference(cfg_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
-    pipeline.fit(load_config(cfg_path), out)
+    spine.fit(load_config(cfg_path), out)
     return out
 
 
 def crash_then_resume(cfg_path, out, crash: CrashAt, sets=()):
     cfg = load_config(cfg_path, sets)
     with pytest.raises(Crash):
-        pipeline.fit(cfg, out, callbacks=[crash])
+        spine.fit(cfg, out, callbacks=[crash])
     assert read_status(out) == "failed"
-    pipeline.fit(load_config(cfg_path), resume=out)
+    spine.fit(load_config(cfg_path), resume=out)
     assert read_status(out) == "finished"
 
 
@@ -65,10 +66,10 @@ def test_work_since_the_last_checkpoint_is_redone_exactly(cfg_path, reference, t
     out = tmp_path / "run"
     cfg = load_config(cfg_path, ["train.checkpoint_every=3"])
     with pytest.raises(Crash):
-        pipeline.fit(cfg, out, callbacks=[CrashAt(6)])
+        spine.fit(cfg, out, callbacks=[CrashAt(6)])
     stale = out / "checkpoints" / ".last.pt.x1y2.tmp"
     stale.write_bytes(b"half a checkpoint")
-    pipeline.fit(load_config(cfg_path), resume=out)
+    spine.fit(load_config(cfg_path), resume=out)
     assert not stale.exists()
     assert_same_run(reference, out)
     assert "resuming" in (out / "log.txt").read_text()
@@ -78,10 +79,10 @@ def test_metrics_rows_after_the_checkpoint_are_dropped_then_recomputed(cfg_path,
     out = tmp_path / "run"
     cfg = load_config(cfg_path)
     with pytest.raises(Crash):
-        pipeline.fit(cfg, out, callbacks=[CrashAt(2, "after_epoch", order=15)])
+        spine.fit(cfg, out, callbacks=[CrashAt(2, "after_epoch", order=15)])
     assert len(metrics_without_seconds(out)) == 2  # written before the crash, not in last.pt
     assert len(checkpoint.load(out / "checkpoints" / "last.pt")["metrics"]) == 1
-    pipeline.fit(cfg, resume=out)
+    spine.fit(cfg, resume=out)
     assert metrics_without_seconds(out) == metrics_without_seconds(reference)
 
 
@@ -91,7 +92,7 @@ def test_checkpoint_holds_the_whole_loop_state(reference):
             "train_loss_count", "metrics", "callbacks", "skipped_steps"} <= set(state)
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
     assert (state["stage"], state["epoch"], state["batch"]) == (1, 2, 0)
-    steps = state["callbacks"]["Recorder"]["steps"]
+    steps = state["callbacks"]["recorder"]["steps"]
     assert steps["n"] == 12 and steps["columns"]["step"].tolist() == list(range(12))  # the whole run
     assert len(state["metrics"]) == 3
 
@@ -101,10 +102,10 @@ def test_resume_auto_takes_the_newest_unfinished_run(cfg_path, tmp_path, monkeyp
     cfg = load_config(cfg_path)
     res = runner.invoke(app, ["fit", str(cfg_path), "--resume", "auto"])
     assert res.exit_code == 2 and "no unfinished run of 'tiny'" in res.output
-    finished = pipeline.fit(cfg).run_dir
+    finished = spine.fit(cfg).run_dir
     for n in (2, 5):  # two crashed runs; the second was checkpointed last
         with pytest.raises(Crash):
-            pipeline.fit(cfg, callbacks=[CrashAt(n)])
+            spine.fit(cfg, callbacks=[CrashAt(n)])
     runs = sorted(p for p in (tmp_path / "runs" / "tiny").iterdir() if p.name != finished.name)
     os.utime(runs[0] / "checkpoints" / "last.pt", ns=(1, 1))  # make the older one clearly older
     res = runner.invoke(app, ["fit", str(cfg_path), "--resume", "auto"])
@@ -118,7 +119,7 @@ def test_resume_auto_takes_the_newest_unfinished_run(cfg_path, tmp_path, monkeyp
 def test_a_different_config_is_refused(cfg_path, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        pipeline.fit(load_config(cfg_path), out, callbacks=[CrashAt(2)])
+        spine.fit(load_config(cfg_path), out, callbacks=[CrashAt(2)])
     res = runner.invoke(app, ["fit", str(cfg_path), "--resume", str(out), "--set", "train.stages.1.lr=0.1"])
     assert res.exit_code == 2
     assert "differs from the run's config.yaml (train.stages.1.lr: 0.005 -> 0.1)" in res.output
@@ -133,7 +134,7 @@ def test_seed_comes_from_the_run_when_the_config_has_none(cfg_path, folder_data,
     path.write_text(text)
     out = tmp_path / "run"
     with pytest.raises(Crash):
-        pipeline.fit(load_config(path), out, callbacks=[CrashAt(3)])
+        spine.fit(load_config(path), out, callbacks=[CrashAt(3)])
     seed = load_config(out / "config.yaml").seed
     assert isinstance(seed, int)
     res = runner.invoke(app, ["fit", str(path), "--resume", str(out)])
@@ -159,7 +160,7 @@ def test_status_file_tracks_the_run(reference):
 def test_a_signal_saves_at_the_step_boundary_and_prints_the_resume_command(
         cfg_path, reference, tmp_path, monkeypatch, signum, code, at):
     out = tmp_path / "run"
-    monkeypatch.setattr(pipeline, "fit", functools.partial(pipeline.fit, callbacks=[SendSignal(signum, at)]))
+    monkeypatch.setattr(spine, "fit", functools.partial(spine.fit, callbacks=[SendSignal(signum, at)]))
     res = runner.invoke(app, ["fit", str(cfg_path), "--set", "train.checkpoint_every=epoch", "--out", str(out)])
     assert res.exit_code == code, res.output
     assert f"interrupted by {signal.Signals(signum).name}: saved checkpoints/last.pt at stage" in res.output
@@ -178,7 +179,7 @@ def test_a_signal_saves_at_the_step_boundary_and_prints_the_resume_command(
 def test_a_signal_during_validation_stops_after_the_epoch_checkpoint(cfg_path, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as e:
-        pipeline.fit(load_config(cfg_path), out, callbacks=[SendSignal(signal.SIGINT, 2, "before_validate")])
+        spine.fit(load_config(cfg_path), out, callbacks=[SendSignal(signal.SIGINT, 2, "before_validate")])
     assert "(end of the epoch)" in str(e.value) and e.value.exit_code == 130
     state = checkpoint.load(out / "checkpoints" / "last.pt")
     assert (state["stage"], state["epoch"], state["batch"]) == (1, 1, 0)
@@ -186,11 +187,11 @@ def test_a_signal_during_validation_stops_after_the_epoch_checkpoint(cfg_path, t
 
 
 def test_a_run_in_use_is_neither_resumed_nor_picked_by_auto(cfg_path, tmp_path, monkeypatch):
-    from trainer.resume import _lock
+    from trainer.run.status import lock as _lock
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Crash):
-        pipeline.fit(load_config(cfg_path), callbacks=[CrashAt(2)])
+        spine.fit(load_config(cfg_path), callbacks=[CrashAt(2)])
     run = next((tmp_path / "runs" / "tiny").iterdir())
     held = _lock(run)  # as a live training process holds it
     try:

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from trainer import schedule as S
+from trainer.train import schedule as S
 
 
 def test_cos_anneal_endpoints_and_midpoint():

@@ -7,11 +7,18 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer import callbacks as cbs
-from trainer.guard import NonFiniteGuard, TrainingDiverged
+from trainer.train import callbacks as cbs
+from trainer.train.guard import NonFiniteGuard, TrainingDiverged
 from trainer.data.loaders import ImageBatches
-from trainer.loop import Callback, Learner
-from trainer.metrics import make_task
+from trainer.run.learner import ORDER
+from trainer.train.loop import Callback, Learner
+from trainer.train.tasks import make_task
+
+
+def placed(name: str, cb: Callback) -> Callback:
+    """A callback at its place in the run's table (as the learner builder puts it)."""
+    cb.order = ORDER[name]
+    return cb
 
 
 class ItemEveryBatch(Callback):
@@ -39,8 +46,8 @@ def tiny_learner(callbacks, n: int = 80, bs: int = 8) -> Learner:
 
 def test_lazy_loss_sum_equals_per_batch_item():
     item = ItemEveryBatch()
-    rec = cbs.Recorder(None, "s")
-    learn = tiny_learner([NonFiniteGuard("stop"), rec, item])
+    rec = placed("recorder", cbs.Recorder("s"))
+    learn = tiny_learner([placed("guard", NonFiniteGuard("stop")), rec, item])
     learn.fit(1)
     expected = 0.0
     for v in item.losses:
@@ -54,7 +61,7 @@ def test_lazy_loss_sum_equals_per_batch_item():
 def test_a_loss_set_by_a_callback_stays_on_the_models_device():
     # SyncLoss and Accumulate set state.loss; on a GPU a CPU loss then met CUDA tensors in the
     # NaN guard and the epoch's sum (seen under torchrun with NCCL). "meta" stands for the GPU here.
-    from trainer.loop import FitState
+    from trainer.train.loop import FitState
 
     s = FitState(loss_t=torch.tensor(2.0, device="meta"))
     s.loss = 1.5
@@ -76,7 +83,7 @@ def test_restored_sum_continues_in_the_same_order():
 
 
 def test_recorder_state_dict_flushes_pending_losses():
-    rec = cbs.Recorder(None, "s")
+    rec = placed("recorder", cbs.Recorder("s"))
     learn = tiny_learner([rec, cbs.StopAfter(3)])
     learn.fit(1)
     rec.steps.append({"stage": "s", "step": len(rec.steps), "lr": 0.1, "mom": 0.0, "loss": torch.tensor(2.5)})
@@ -100,8 +107,8 @@ class PoisonLoss(Callback):
 
 @pytest.mark.parametrize("every", [1, 4])
 def test_deferred_guard_names_the_first_bad_step(every):
-    rec = cbs.Recorder(None, "s")
-    learn = tiny_learner([NonFiniteGuard("stop", check_every=every), rec, PoisonLoss(6)])
+    rec = placed("recorder", cbs.Recorder("s"))
+    learn = tiny_learner([placed("guard", NonFiniteGuard("stop", check_every=every)), rec, PoisonLoss(6)])
     with pytest.raises(TrainingDiverged) as e:
         learn.fit(2)
     assert str(e.value).startswith("the loss is not finite at epoch 1, batch 6 (step 6 of 20")
@@ -145,7 +152,7 @@ def test_resnet9_needs_four_widths():
 
 
 def test_data_on_device_gives_the_same_batches(tmp_path):
-    from trainer import pipeline
+    from tests.playbook_util import prepare
     from trainer.config import load_config
     from tests.conftest import make_folder_dataset, tiny_config
 
@@ -154,7 +161,7 @@ def test_data_on_device_gives_the_same_batches(tmp_path):
     for on in (False, True):
         cfg = load_config(text=tiny_config(data), overrides=[f"data.on_device={str(on).lower()}",
                                                         "transforms.preset=pad_crop"])
-        sess = pipeline.prepare(cfg, tmp_path / f"run-{on}")
+        sess = prepare(cfg, tmp_path / f"run-{on}")
         assert sess.bundle.on_device is on
         train, valid = sess.bundle.loaders(8)
         train.set_epoch(1)
@@ -177,14 +184,14 @@ def test_on_device_auto_keeps_images_on_a_gpu_only_when_they_fit():
 
 
 def test_threads_never_exceed_the_cpu_budget():
-    from trainer.runtime import cpu_budget, set_threads
+    from trainer.run.runtime import cpu_budget, set_threads
 
     assert 1 <= set_threads() <= max(cpu_budget(), torch.get_num_threads())
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_foreach_optimizers_match_the_per_parameter_loop(name):
-    from trainer.optim import create_optimizer
+    from trainer.train.optim import create_optimizer
 
     weights = {}
     for foreach in (True, False):

@@ -12,9 +12,10 @@ from trainer.cli import app
 from trainer.config import load_config
 from trainer.data.items import DataError
 from trainer.data.text import UNK, TextStreams, Vocab, build_text_bundle, draw_lengths, streams
-from trainer.generate import generate
-from trainer.models import check_model, create_model
-from trainer.rundir import read_table
+from trainer.inference.generate import generate
+from trainer.models import create_model
+from trainer.train.plan import CONFIG_CHECKS
+from trainer.run.rundir import read_table
 
 runner = CliRunner()
 
@@ -28,7 +29,7 @@ def text_config(path, arch="gru", model="n_fac: 8, n_hidden: 32", stages="[{epoc
 def load(tmp_path, text, sets=()):
     p = tmp_path / "lm.yaml"
     p.write_text(text)
-    return load_config(p, sets, checks=[check_model])
+    return load_config(p, sets, checks=CONFIG_CHECKS)
 
 
 # --- vocabulary -------------------------------------------------------------------------------
@@ -265,13 +266,24 @@ def test_text_config_smoke_writes_the_vocabulary(text_file, tmp_path):
     assert (tmp_path / "run" / "vocab.json").is_file()
 
 
+def test_a_corpus_with_a_byte_order_mark_is_read_once_without_it(tmp_path, text_file):
+    """Notepad writes UTF-8 with a BOM: it is not a character of the text, in training or in vocab.json."""
+    corpus = tmp_path / "bom.txt"
+    corpus.write_bytes(b"\xef\xbb\xbf" + text_file.read_bytes())
+    load(tmp_path, text_config(corpus, stages="[{epochs: 1, lr: 1.0e-2}]"))  # writes lm.yaml
+    res = runner.invoke(app, ["fit", str(tmp_path / "lm.yaml"), "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    itos = json.loads((tmp_path / "run" / "vocab.json").read_text(encoding="utf-8"))["itos"]
+    assert "\ufeff" not in itos and set(itos[1:]) <= set(text_file.read_text(encoding="utf-8"))
+
+
 def test_state_is_reset_at_each_epoch_and_before_validation(tmp_path, text_file):
-    from trainer import pipeline
-    from trainer.loop import Callback
-    from trainer.stages import expand_stages
+    from trainer.run.learner import stage_learner
+    from trainer.train.loop import Callback
+    from tests.playbook_util import prepare
 
     cfg = load(tmp_path, text_config(text_file))
-    sess = pipeline.prepare(cfg, tmp_path / "run")
+    sess = prepare(cfg, tmp_path / "run")
     seen = []
 
     class Spy(Callback):
@@ -281,7 +293,7 @@ def test_state_is_reset_at_each_epoch_and_before_validation(tmp_path, text_file)
             seen.append(learn.model.h is None)
 
     sess.extra_callbacks.append(Spy())
-    learn = pipeline.make_learner(sess, expand_stages(cfg.train.stages)[0], 0, 0)
+    learn, _ = stage_learner(sess, sess.plan.stages[0])
     learn.fit(2)
     assert seen == [True, True]
     first = learn.validate()
@@ -294,14 +306,14 @@ def test_state_is_reset_at_each_epoch_and_before_validation(tmp_path, text_file)
 def test_a_resumed_language_model_run_equals_the_uninterrupted_one(tmp_path, text_file, crash_at):
     """The training streams' hidden state is checkpointed: a crash mid-epoch and a resume give the
     same metrics and bitwise the same weights."""
-    from trainer import pipeline
+    from trainer.run import fit as spine
     from tests.runs import Crash, CrashAt, assert_same_run
 
     text = text_config(text_file, model="n_fac: 8, n_hidden: 16", data="bs: 4, bptt: 10",
                        arch="lstm") + "  checkpoint_every: 1\n"
     cfg = load(tmp_path, text)
-    pipeline.fit(cfg, tmp_path / "reference")
+    spine.fit(cfg, tmp_path / "reference")
     with pytest.raises(Crash):
-        pipeline.fit(cfg, tmp_path / "run", callbacks=[CrashAt(crash_at)])
-    pipeline.fit(cfg, resume=tmp_path / "run")
+        spine.fit(cfg, tmp_path / "run", callbacks=[CrashAt(crash_at)])
+    spine.fit(cfg, resume=tmp_path / "run")
     assert_same_run(tmp_path / "reference", tmp_path / "run")

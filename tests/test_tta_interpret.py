@@ -9,13 +9,13 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from trainer import tta
+from trainer.inference import tta
 from trainer.cli import app
 from trainer.data.augment import AugmentSpec, preset
 from trainer.data.loaders import ImageBatches
-from trainer.gradcam import grad_cam
-from trainer.interpret import confusion_matrix, most_confused, per_class
-from trainer.predict import load_run
+from trainer.inference.gradcam import grad_cam
+from trainer.inference.evaluate import confusion_matrix, most_confused, per_class
+from trainer.inference.finished import load_run
 from tests.conftest import CLASSES, make_csv_dataset, tiny_config
 
 runner = CliRunner()

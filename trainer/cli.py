@@ -33,17 +33,17 @@ def fail(message: str, code: int = 2, show: bool = True):
 
 
 def load(config: Path, sets: Optional[List[str]]) -> Config:
-    from trainer.models import check_model
+    from trainer.train.plan import CONFIG_CHECKS
 
     try:
-        return load_config(config, sets or [], checks=[check_model])
+        return load_config(config, sets or [], checks=CONFIG_CHECKS)
     except ConfigError as e:
         fail(str(e))
 
 
 def guarded(fn):
     """Known user errors become one clear line and exit code 2, never a traceback."""
-    from trainer.stages import StageError
+    from trainer.train.plan import StageError
 
     if os.environ.get("TRAINER_DEBUG"):  # the whole traceback, for a bug report
         return fn()
@@ -62,24 +62,26 @@ def fit(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
         resume: Optional[str] = typer.Option(None, help="RUN_DIR, or auto (the newest unfinished run of this "
                                              "config): continue exactly from its last checkpoint."),
         devices: Optional[int] = typer.Option(None, "--devices", min=1, help="Train with N processes on this "
-                                              "machine (DDP; one per GPU), started as torchrun would.")):
+                                              "machine (DDP; one per GPU), started as torchrun would."),
+        launched_with: Optional[int] = typer.Option(None, "--launched-with-devices", hidden=True)):
     """Train: run every stage of the config and write a run directory."""
-    from trainer import launch, pipeline
-    from trainer.signals import Interrupted
+    from trainer.run import launch
+    from trainer.run.fit import fit as run_fit
+    from trainer.run.signals import Interrupted
 
     cfg = load(config, sets)
     if resume is not None and out is not None:
         fail("--resume continues in the run's own directory; leave out --out")
     if devices is not None:
-        raise typer.Exit(launch.launch(devices, launch.fit_args(config, sets, out, smoke, resume),
+        raise typer.Exit(launch.launch(devices, launch.fit_args(config, sets, out, smoke, resume, devices),
                                        log=lambda m: console.print(m, highlight=False, markup=False)))
     main = launch.is_main_process()  # under torchrun only rank 0 reports
     try:
-        result = guarded(lambda: pipeline.fit(cfg, out, smoke, console, resume=resume))
+        result = guarded(lambda: run_fit(cfg, out, smoke, console, resume=resume))
     except Interrupted as e:
         command = shlex.join(launch.resume_command(["trainer", "fit", str(config),
                                                     *[a for s in sets or [] for a in ("--set", s)],
-                                                    "--resume", str(e.run_dir)]))
+                                                    "--resume", str(e.run_dir)], launched_with))
         if main:
             console.print(f"{e}\nresume with: {command}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(e.exit_code)
@@ -108,7 +110,7 @@ def schema():
 @app.command()
 def summary(config: Path = CONFIG, sets: Optional[List[str]] = SETS):
     """A per-layer table: layer, output shape, parameters, trainable (like learn.summary())."""
-    from trainer.summary import summarize
+    from trainer.inference.summary import summarize
 
     cfg = load(config, sets)
     rows, total, trainable = guarded(lambda: summarize(cfg))
@@ -131,7 +133,8 @@ def predict(run_dir: Path = typer.Argument(..., help="A run directory."),
             ensemble: str = typer.Option("none", help="cycles: average the SGDR snapshots "
                                          "(checkpoints/cycle-<k>.pt of save_cycles: true).")):
     """Predict a folder of images: id, predicted label(s), one probability column per class."""
-    from trainer.predict import cycle_checkpoints, load_run, predict_ensemble, predict_folder, predictions_table
+    from trainer.inference.finished import load_run
+    from trainer.inference.predict import cycle_checkpoints, predict_ensemble, predict_folder, predictions_table
 
     if ensemble not in ("none", "cycles"):
         fail(f"--ensemble must be none or cycles, not '{ensemble}'")
@@ -162,7 +165,8 @@ def generate(run_dir: Path = typer.Argument(..., help="A language-model run dire
              seed: Optional[int] = typer.Option(None, help="Seed for the sampling (default: random)."),
              checkpoint: str = typer.Option("best", help="best or last.")):
     """Generate text from a character-level language model: the prime, then --chars more."""
-    from trainer.generate import generate as sample, load_text_run
+    from trainer.inference.generate import generate as sample
+    from trainer.inference.generate import load_text_run
 
     def work():
         run = load_text_run(run_dir, checkpoint)
@@ -178,7 +182,7 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
                checkpoint: str = typer.Option("best", help="best or last."),
                verify: bool = typer.Option(True, help="Reload the export and compare its outputs.")):
     """Export the trained model for deployment, with its classes and input statistics inside."""
-    from trainer.export import FORMATS, export_run
+    from trainer.inference.export import FORMATS, export_run
 
     if format not in FORMATS:
         fail(f"--format {format}: expected one of {', '.join(FORMATS)}")
@@ -199,10 +203,11 @@ def lr_find(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
                                                "(default runs/<name>/lr_find-<time>).")):
     """The learning-rate range test: loss against an exponentially growing lr, with suggestions.
     The model and optimizer are left exactly as they were; the same config gives the same curve."""
-    from trainer import launch, lr_find_command
+    from trainer.run import launch
+    from trainer.run.find_lr import lr_find_stage
 
     cfg = load(config, sets)
-    result, folder = guarded(lambda: lr_find_command.lr_find_stage(cfg, stage, start_lr, end_lr, num_it, out, console))
+    result, folder = guarded(lambda: lr_find_stage(cfg, stage, start_lr, end_lr, num_it, out, console))
     if not launch.is_main_process():  # under torchrun, rank 0 reports
         return
     table = Table("suggestion", "lr", "")
@@ -219,7 +224,7 @@ def show_batch(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
                out: Path = typer.Option(Path("batch.png"), help="Image file to write."),
                n: int = typer.Option(16, min=1, help="How many images.")):
     """A grid of augmented training images with their labels (check the transforms by eye)."""
-    from trainer.image_plots import show_batch as draw
+    from trainer.inference.pictures import show_batch as draw
 
     cfg = load(config, sets)
     path = guarded(lambda: draw(cfg, out, n, log=lambda m: console.print(m, highlight=False)))
@@ -236,8 +241,8 @@ def evaluate(run_dir: Path = typer.Argument(..., help="A run directory."),
              checkpoint: str = typer.Option("best", help="best or last.")):
     """Metrics and per-class accuracy on the validation set; confusion matrix, most confused
     pairs and top losses (with --heatmap, Grad-CAM over them)."""
-    from trainer.interpret import evaluate as run_eval
-    from trainer.predict import load_run
+    from trainer.inference.evaluate import evaluate as run_eval
+    from trainer.inference.finished import load_run
 
     ev = guarded(lambda: run_eval(load_run(run_dir, checkpoint), data, tta, heatmap, out, k,
                                   log=lambda m: console.print(m, highlight=False)))

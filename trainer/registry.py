@@ -29,9 +29,6 @@ class Registry(Generic[T]):
 
         return deco
 
-    def add(self, name: str, fn: T) -> None:
-        self._items[name] = fn
-
     def names(self) -> list[str]:
         return sorted(self._items)
 

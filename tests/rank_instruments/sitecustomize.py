@@ -14,7 +14,7 @@ _rank, _step = os.environ.get("TRAINER_TEST_SIGNAL_RANK"), int(os.environ.get("T
 if _rank is not None and _step > 0 and os.environ.get("RANK") == _rank:
     import signal
 
-    from trainer import loop
+    from trainer.train import loop
 
     _one_batch, _count = loop.Learner._one_batch, [0]
 
@@ -31,7 +31,8 @@ if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.g
 
     import matplotlib.figure
 
-    from trainer import checkpoint, rundir
+    from trainer import storage
+    from trainer.run import rundir
 
     def _refuse(*args, **kwargs):
         raise RuntimeError(f"rank {os.environ['RANK']} tried to write a file: {args[:1]}")
@@ -41,6 +42,6 @@ if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.g
             _refuse(file)
         return builtins.open(file, mode, *args, **kwargs)
 
-    checkpoint.atomic_write_bytes = _refuse
+    storage.atomic_write_bytes = _refuse
     matplotlib.figure.Figure.savefig = _refuse
     rundir.open = _open  # RunDir.log appends with the builtin open

@@ -9,7 +9,7 @@ _delay = float(os.environ.get("TRAINER_TEST_STEP_SECONDS", "0") or 0)
 if _delay > 0:
     import time
 
-    from trainer import loop
+    from trainer.train import loop
 
     _one_batch = loop.Learner._one_batch
 

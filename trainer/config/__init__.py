@@ -1,7 +1,7 @@
 """Typed configuration: schema, YAML loading with located errors, overrides."""
 
 from trainer.config.load import ConfigError, apply_override, dump_config, load_config, parse_yaml
-from trainer.config.schema import Config, CsvData, FolderData, ModelConfig, Stage, TextData, Train
+from trainer.config.schema import IMAGENET_STATS, Config, CsvData, FolderData, ModelConfig, Stage, TextData, Train
 
-__all__ = ["Config", "ConfigError", "CsvData", "FolderData", "ModelConfig", "Stage", "TextData",
+__all__ = ["IMAGENET_STATS", "Config", "ConfigError", "CsvData", "FolderData", "ModelConfig", "Stage", "TextData",
            "Train", "apply_override", "dump_config", "load_config", "parse_yaml"]

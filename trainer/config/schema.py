@@ -10,6 +10,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# What `data.stats: imagenet` means: ImageNet's mean and std per channel, in [0, 1] units.
+IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
 PosFloat = Annotated[float, Field(gt=0)]
 PosInt = Annotated[int, Field(ge=1)]
 

@@ -1,16 +1,16 @@
-"""What the pipeline needs from a dataset, whatever its layout: the task, the output size, and
+"""What training needs from a dataset, whatever its layout: the task, the output size, and
 loaders per stage (batch size and image size may change from stage to stage)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from trainer.config.schema import Config
 from trainer.data.augment import AugmentSpec, preset
 from trainer.data.images import ImageSet, list_items, load_images, resolve_stats
+from trainer.data.items import subsample
 from trainer.data.loaders import ImageBatches
 
 
@@ -25,8 +25,8 @@ class ImageBundle:
     channels_last: bool = False
     valid_bs: int | None = None
     smoke: bool = False
-    meta: dict = field(default_factory=dict)
     on_device: bool = False
+    _device_copy: tuple[torch.Tensor, ...] | None = None  # the tensors on the device, copied once
 
     @property
     def task_kind(self) -> str:
@@ -60,9 +60,9 @@ class ImageBundle:
         im = self.images
         if not self.on_device:
             return im.train_x, im.train_y, im.valid_x, im.valid_y
-        if "on_device" not in self.meta:
-            self.meta["on_device"] = tuple(t.to(self.device) for t in (im.train_x, im.train_y, im.valid_x, im.valid_y))
-        return self.meta["on_device"]
+        if self._device_copy is None:
+            self._device_copy = tuple(t.to(self.device) for t in (im.train_x, im.train_y, im.valid_x, im.valid_y))
+        return self._device_copy
 
     def files_to_save(self) -> dict:
         return {"classes.json": {"classes": self.images.classes, "multi_label": self.images.multi_label},
@@ -70,44 +70,27 @@ class ImageBundle:
                                "channels": self.in_channels}}
 
 
-def _subsample(items, n_train: int, n_valid: int, seed: int):
-    """A small random slice for smoke runs, so CI never decodes a whole dataset."""
-    rng = np.random.default_rng(seed)
-
-    def pick(files, labels, n):
-        keep = sorted(rng.permutation(len(files))[:n].tolist())
-        return [files[i] for i in keep], [labels[i] for i in keep]
-
-    items.train_files, items.train_labels = pick(items.train_files, items.train_labels, n_train)
-    items.valid_files, items.valid_labels = pick(items.valid_files, items.valid_labels, n_valid)
-    return items
-
-
-def build_bundle(cfg: Config, seed: int, device: torch.device, smoke: bool = False, log=print,
-                 model_stats=None, pretrained: bool = False):
+def build_bundle(cfg: Config, seed: int, device: torch.device, sizes: tuple[int, ...] = (),
+                 smoke_bs: int | None = None, log=print, model_stats=None):
+    """The run's data. sizes: every image size a stage asks for (the images are decoded once, at
+    the largest); smoke_bs: a smoke run's largest batch size (a small slice of the items is
+    enough); model_stats: the normalisation a pretrained body expects (data.stats unset)."""
     data = cfg.data
     if data.layout == "text":
-        from trainer.data.corpus import read_corpus
-
-        for key, path in (("data.path", data.path), ("data.valid_path", data.valid_path)):
-            if path:
-                read_corpus(path, key, min_chars=data.bptt + 1)  # a clear error before any work
         from trainer.data.text import build_text_bundle
 
-        return build_text_bundle(cfg, seed, device, smoke, log)
+        return build_text_bundle(cfg, seed, device, smoke_bs is not None, log)
     items = list_items(data, seed)
-    if smoke:
-        bs = max(s.bs or data.bs for s in cfg.train.stages)
-        items = _subsample(items, 3 * bs, 2 * bs, seed)
-    sizes = [s.size for s in cfg.train.stages if s.size]
-    images = load_images(data, seed, sizes, log, items=items)
-    mean, std = resolve_stats(data.stats, images.train_x, pretrained, model_stats)
+    if smoke_bs is not None:
+        items = subsample(items, 3 * smoke_bs, 2 * smoke_bs, seed)
+    images = load_images(data, seed, list(sizes), log, items=items)
+    mean, std = resolve_stats(data.stats, images.train_x, model_stats)
     transforms = cfg.transforms.model_dump()
     on_device = keep_on_device(data.on_device, images, device)
     if on_device and device.type != "cpu":
         log(f"keeping the {_nbytes(images) / 2**20:.0f} MiB of decoded images on {device} (data.on_device)")
     return ImageBundle(images, mean, std, {"name": transforms.pop("preset"), **transforms}, seed, device,
-                       cfg.channels_last, data.valid_bs, smoke, on_device=on_device)
+                       cfg.channels_last, data.valid_bs, smoke_bs is not None, on_device=on_device)
 
 
 def _nbytes(images: ImageSet) -> int:

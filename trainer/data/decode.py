@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from trainer.checkpoint import atomic_write_text
+from trainer.storage import atomic_write_text
 from trainer.data.items import DataError
 
 

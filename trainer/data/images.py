@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config.schema import CsvData, FolderData
+from trainer.config.schema import IMAGENET_STATS, CsvData, FolderData
 from trainer.data.decode import decode_all, native_size
 from trainer.data.items import DataError, ImageItems, csv_items, folder_items, subsample
-
-IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
 @dataclass
@@ -108,14 +106,16 @@ def channel_stats(x: torch.Tensor, max_items: int = 10_000) -> tuple[list[float]
     return sample.mean(1).tolist(), sample.std(1).clamp_min(1e-3).tolist()
 
 
-def resolve_stats(spec, train_x: torch.Tensor, pretrained: bool, model_stats=None) -> tuple[list[float], list[float]]:
+def resolve_stats(spec, train_x: torch.Tensor, model_stats=None) -> tuple[list[float], list[float]]:
+    """data.stats as numbers. Unset: the statistics a pretrained body was trained with
+    (`model_stats`, known before the model is built), else the data's own."""
     channels = train_x.shape[1]
     if spec is None:
-        spec = "imagenet" if pretrained else "auto"
+        spec = model_stats or "auto"
     if spec == "none":
         mean, std = [0.0] * channels, [1.0] * channels
     elif spec == "imagenet":
-        mean, std = model_stats or IMAGENET_STATS
+        mean, std = IMAGENET_STATS
     elif spec == "auto":
         mean, std = channel_stats(train_x)
     else:

@@ -7,7 +7,6 @@ space-separated tags make it multi-label).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,7 +164,3 @@ def subsample(items: ImageItems, n_train: int | None, n_valid: int | None, seed:
     items.train_files, items.train_labels = pick(items.train_files, items.train_labels, n_train)
     items.valid_files, items.valid_labels = pick(items.valid_files, items.valid_labels, n_valid)
     return items
-
-
-def save_classes(items: ImageItems, path: Path) -> None:
-    path.write_text(json.dumps({"classes": items.classes, "multi_label": items.multi_label}, indent=1))

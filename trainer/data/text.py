@@ -64,26 +64,33 @@ class Vocab:
         return "".join("\ufffd" if i == 0 else self.itos[i] for i in ids)
 
 
-def read_text(path: str | Path) -> str:
-    path = Path(path)
+def read_text(path: str | Path, key: str = "data.path", min_chars: int = 2) -> str:
+    """The file's text (UTF-8, a leading byte-order mark dropped), or a DataError saying what is
+    wrong: missing, not a file, not UTF-8, binary, empty, or shorter than min_chars. The one
+    reader of a corpus: training, `trainer summary` and the vocabulary all see the same text."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: {key} should name a UTF-8 text file ({'a folder' if p.is_dir() else 'not found'})")
+    raw = p.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: text file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder; data.path of layout text must be one text file") from None
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text:
-        raise DataError(f"{path}: the text file is empty")
+        raise DataError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}") from None
+    if "\x00" in text:
+        raise DataError(f"{p}: looks binary (NUL bytes at offset {text.index(chr(0))}), not a text corpus")
+    if not text.strip():
+        raise DataError(f"{p}: the text corpus is empty")
+    if len(text) < min_chars:
+        raise DataError(f"{p}: the text corpus has {len(text)} characters; it needs at least {min_chars}")
     return text
 
 
 def split_text(data: TextData) -> tuple[str, str]:
     """Training and validation text: a separate file, or the last valid_pct of one file."""
-    text = read_text(data.path)
+    text = read_text(data.path, "data.path", min_chars=data.bptt + 1)
     if data.valid_path:
-        return text, read_text(data.valid_path)
+        return text, read_text(data.valid_path, "data.valid_path", min_chars=data.bptt + 1)
     cut = int(len(text) * (1 - data.valid_pct))
     if cut < 1 or cut >= len(text):
         raise DataError(f"{data.path}: {len(text)} characters are too few to split by valid_pct {data.valid_pct}")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.nn as nn
 
-from trainer.config.schema import Config, ModelConfig
+from trainer.config.schema import IMAGENET_STATS, Config, ModelConfig
 from trainer.models import backbones, course, efficientnet_lite, rnn  # noqa: F401  (registers the archs)
 from trainer.models.registry import MODELS, Built, split
 from trainer.registry import did_you_mean
+
+# The input normalisation each pretrained body was trained with (torchvision's: ImageNet's).
+PRETRAINED_STATS = {"efficientnet_lite0": efficientnet_lite.NORMALIZE_STATS}
 
 
 @MODELS.register("efficientnet_lite0")
@@ -20,9 +24,8 @@ def _efficientnet_lite0(n_out: int, in_channels: int = 3, pretrained: bool | str
     if in_channels != 3:
         raise ValueError("efficientnet_lite0 expects 3-channel images; set data.channels: 3")
     model = efficientnet_lite.efficientnet_lite0(pretrained, num_classes=n_out, dropout=ps)
-    return Built(model, efficientnet_lite.layer_groups(model), efficientnet_lite.NORMALIZE_STATS,
-                 pretrained=bool(pretrained), extra=split(nn.Sequential(model.body, model.pool),
-                                                          model.classifier, model.body))
+    return Built(model, efficientnet_lite.layer_groups(model),
+                 extra=split(nn.Sequential(model.body, model.pool), model.classifier, model.body))
 
 
 def arch_names() -> list[str]:
@@ -39,6 +42,21 @@ def _factory(arch: str):
 
 def create_model(cfg: ModelConfig, n_out: int, in_channels: int = 3, size: int = 32) -> Built:
     return _factory(cfg.arch)(n_out=n_out, in_channels=in_channels, size=size, **cfg.arch_kwargs())
+
+
+def input_stats(cfg: ModelConfig) -> tuple[list[float], list[float]] | None:
+    """The normalisation a pretrained body expects (None: not pretrained): known from the config
+    alone, so the data is normalised right from the start."""
+    if not cfg.pretrained:
+        return None
+    if cfg.arch in PRETRAINED_STATS:
+        return PRETRAINED_STATS[cfg.arch]
+    return IMAGENET_STATS if cfg.arch not in MODELS else None
+
+
+def one_size_only(arch: str) -> bool:
+    """Architectures built for one input size (simplenet's first Linear layer)."""
+    return arch in MODELS and "size" in inspect.signature(MODELS.get(arch)).parameters
 
 
 CHAR_ARCHS = ("charrnn", "gru", "lstm")  # the models that read characters (data.layout: text)
@@ -58,11 +76,6 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
                  f"({', '.join(CHAR_ARCHS) if text_data else 'e.g. bnresnet, resnet34'})")]
     if arch in MODELS:
         params = inspect.signature(MODELS.get(arch)).parameters
-        sizes = sorted({st.size or getattr(cfg.data, "size", None) for st in cfg.train.stages},
-                       key=lambda s: (s is not None, s or 0))  # None: the images' own size
-        if "size" in params and len(sizes) > 1:  # built for one input size (simplenet's first Linear)
-            return [("train.stages", f"'{arch}' is built for one input size, but the stages use sizes "
-                     f"{', '.join(str(s or 'native') for s in sizes)}; give every stage the same size")]
         bad = [k for k in cfg.model.arch_kwargs() if k not in params]
         if bad:
             return [(f"model.{k}", f"'{arch}' does not take this option (it takes: "
@@ -71,13 +84,11 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
     return []
 
 
-def check_input(model, arch: str, channels: int, size: int, device) -> None:
+def check_input(model: nn.Module, arch: str, channels: int, size: int, device: torch.device) -> None:
     """One forward pass on a blank batch, so an input the model cannot take (an image too small for
     its strided convolutions, a size simplenet's first Linear layer was not built for) is a clear
     error before training, not a shape error in the middle of it. Eval mode, no gradients: no
     statistics or random numbers are touched."""
-    import torch
-
     was = model.training
     model.eval()
     try:
@@ -91,4 +102,5 @@ def check_input(model, arch: str, channels: int, size: int, device) -> None:
         model.train(was)
 
 
-__all__ = ["MODELS", "Built", "arch_names", "check_input", "check_model", "create_model"]
+__all__ = ["MODELS", "Built", "arch_names", "check_input", "check_model", "create_model", "input_stats",
+           "one_size_only"]

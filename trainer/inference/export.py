@@ -1,0 +1,130 @@
+"""Export a trained image classifier for deployment: safetensors, ONNX or TorchScript.
+
+Each file carries what a deployment needs besides the weights, as JSON metadata: the classes,
+the input size and channels, and the normalisation mean and std. The export is checked by
+loading it back and comparing its outputs with the model's on a sample batch.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.inference.finished import LoadedRun, load_run
+from trainer.models import create_model
+
+FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
+
+
+@dataclass
+class Exported:
+    path: Path
+    format: str
+    size_bytes: int
+    max_diff: float | None
+
+
+def metadata(run: LoadedRun) -> dict:
+    return {"arch": run.cfg.model.arch, "model": run.cfg.model.model_dump(mode="json"), "classes": run.classes,
+            "multi_label": run.multi_label, "size": run.size, "channels": run.stats["channels"],
+            "mean": run.stats["mean"], "std": run.stats["std"], "input": "float32 NCHW, pixels/255 then (x-mean)/std"}
+
+
+def sample_input(run: LoadedRun, n: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, run.stats["channels"], run.size, run.size, generator=g)
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, which: str = "best",
+               verify: bool = True) -> Exported:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format '{fmt}' (expected one of {', '.join(FORMATS)})")
+    run = load_run(run_dir, which, device="cpu")
+    path = Path(out) if out is not None else Path(run_dir) / "export" / f"model{FORMATS[fmt]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = run.built.model.eval()
+    x = sample_input(run)
+    with torch.no_grad():
+        expected = model(x)
+    {"safetensors": _safetensors, "onnx": _onnx, "torchscript": _torchscript}[fmt](run, model, x, path)
+    diff = None
+    if verify:
+        reload = {"safetensors": _reload_safetensors, "onnx": _run_onnx, "torchscript": _run_torchscript}[fmt]
+        got = reload(run, path, x)
+        diff = (got - expected).abs().max().item()
+        if not diff <= 1e-3 * max(1.0, expected.abs().max().item()):
+            raise RuntimeError(f"export check failed: {path} gives outputs up to {diff:.3g} away from the model's")
+    return Exported(path, fmt, path.stat().st_size, diff)
+
+
+def _safetensors(run: LoadedRun, model, x, path: Path) -> None:
+    from safetensors.torch import save_model
+
+    save_model(model, str(path), metadata={"trainer": json.dumps(metadata(run))})
+
+
+def _reload_safetensors(run: LoadedRun, path: Path, x) -> torch.Tensor:
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["trainer"])
+    fresh = create_model(run.cfg.model.model_copy(update={"pretrained": False}), len(meta["classes"]),
+                         meta["channels"], meta["size"]).model
+    load_model(fresh, str(path))
+    with torch.no_grad():
+        return fresh.eval()(x)
+
+
+def _onnx(run: LoadedRun, model, x, path: Path) -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401  (the exporter behind torch.onnx.export)
+    except ImportError as e:
+        raise ValueError(f"--format onnx needs the onnx and onnxscript packages ({e}): "
+                         "pip install 'trainer[export]'") from None
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5e9  # protobuf's 2 GB limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=big, verbose=False)
+        except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; say which model failed
+            raise RuntimeError(f"ONNX export of '{run.cfg.model.arch}' failed: {str(e).splitlines()[0]}") from None
+    if not big:
+        import onnx
+
+        proto = onnx.load(str(path))
+        proto.metadata_props.add(key="trainer", value=json.dumps(metadata(run)))
+        onnx.save(proto, str(path))
+
+
+def _run_onnx(run: LoadedRun, path: Path, x) -> torch.Tensor:
+    try:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    except ImportError:  # onnx's own reference runtime: slower, but always there with onnx
+        from onnx.reference import ReferenceEvaluator
+
+        return torch.from_numpy(ReferenceEvaluator(str(path)).run(None, {"input": x.numpy()})[0])
+
+
+def _torchscript(run: LoadedRun, model, x, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream; it still serves C++ deployments
+        traced = torch.jit.trace(model, x)
+        torch.jit.save(traced, str(path), _extra_files={"trainer.json": json.dumps(metadata(run))})
+
+
+def _run_torchscript(run: LoadedRun, path: Path, x) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return loaded(x)

@@ -1,0 +1,98 @@
+"""The spine of `trainer fit`: config -> session (run directory, data, model, plan) -> every
+stage -> metrics. Read it top to bottom; each line is a named step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from trainer.config import Config
+from trainer.run import distributed, state
+from trainer.run.find_lr import find_lr
+from trainer.run.learner import add_run_callbacks, step_learner
+from trainer.run.resume import ResumeError, check_fresh_out, reconcile, resolve
+from trainer.run.runtime import pick_device
+from trainer.run.session import Session, open_session
+from trainer.run.signals import Interrupted, StopRequest, graceful_stop
+from trainer.run.status import run_status
+from trainer.train.loop import Callback
+from trainer.train.plan import StagePlan, outline
+
+LAUNCHER_GRACE = 2.0  # s: a launcher forwards the Ctrl-C its processes already got (trainer/run/signals.py)
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    metrics: list[dict]
+    final: dict
+
+
+def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console: Console | None = None,
+        resume: str | Path | None = None, callbacks: tuple[Callback, ...] = ()) -> FitResult:
+    """Runs every stage. resume: a run directory, or "auto" for the newest unfinished run of this
+    config's name, to continue exactly where its last checkpoint left off. Under torchrun, rank 0
+    finds the run and reads its checkpoint, and hands both to every rank."""
+    world, device = distributed.start(cfg.distributed.backend, pick_device(cfg.device))
+    ended_alike = False  # every rank finished, or every rank stopped on a signal at the same step
+    try:
+        cfg, out, point = world.from_main(lambda: locate(cfg, out, smoke, resume))
+        sess = open_session(cfg, out, world, device, smoke, console)
+        sess.extra_callbacks += list(callbacks)
+        result = train_stages(sess, point)
+        ended_alike = True
+        return result
+    except Interrupted:
+        ended_alike = True
+        raise
+    finally:
+        distributed.stop(wait=ended_alike)
+
+
+def train_stages(sess: Session, point: state.ResumePoint | None = None) -> FitResult:
+    """Every stage in order (from the checkpoint's, when resuming), into one metrics.csv."""
+    if point is not None:
+        state.start_from(point, sess.run, sess.history.steps, sess.best, sess.plan.names, sess.log)
+    grace = LAUNCHER_GRACE if sess.world.enabled else 0.0
+    with run_status(sess.run), graceful_stop(grace=grace) as stop:
+        for stage in sess.plan.stages[point.stage if point is not None else 0:]:
+            train_stage(sess, stage, stop, point if point is not None and stage.index == point.stage else None)
+    final = sess.run.metrics[-1] if sess.run.metrics else {}
+    sess.log(f"done: {final}")
+    return FitResult(sess.run.path, sess.run.metrics, final)
+
+
+def train_stage(sess: Session, stage: StagePlan, stop: StopRequest, point: state.ResumePoint | None) -> None:
+    """One stage: its learner, its lr when lr_find picks it, then its epochs (from the checkpoint's
+    position when resuming)."""
+    sess.log(stage.describe(len(sess.plan.stages)))
+    if stage.new_size:
+        sess.best.loss = math.inf  # losses at another image size do not compare: best.pt is of the last size
+    if point is not None:
+        state.restore_weights(sess.built.model, point)
+    learner, handles = step_learner(sess, stage)
+    if stage.find_lr:
+        found = point.found_lr if point is not None else None
+        stage = stage.with_found_lr(found if found is not None else find_lr(sess, learner, stage))
+    add_run_callbacks(sess, learner, handles, stage, stop)
+    start = (0, 0)
+    if point is not None:
+        start = state.restore(learner, point, handles.with_state(), handles.per_rank(), sess.best, sess.world)
+    learner.fit(stage.epochs, *start)
+
+
+def locate(cfg: Config, out: str | Path | None, smoke: bool, resume_from: str | Path | None):
+    """(config, run directory, resume point) before any work: a resumed run's own seed and
+    checkpoint, or a check that --out is not a run already."""
+    if resume_from is None:
+        if out is not None:
+            check_fresh_out(Path(out))
+        return cfg, out, None
+    if smoke:
+        raise ResumeError("--resume and --smoke do not go together (a smoke run is throwaway)")
+    out = resolve(resume_from, cfg.name)
+    cfg = reconcile(cfg, out)
+    return cfg, out, state.load_point(out, outline(cfg).epochs)

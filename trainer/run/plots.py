@@ -1,0 +1,135 @@
+"""Plots of a run: schedule.csv/png (lr and momentum per step), losses.png, lr_find.png.
+
+matplotlib's object API with the Agg canvas: no pyplot global state, no display needed, safe on
+a headless CI box. Files are written atomically like every other file of a run directory.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.storage import atomic_write_bytes
+from trainer.run.rundir import RunDir, write_table
+from trainer.train.loop import Callback, Learner
+
+SCHEDULE_COLUMNS = ["stage", "step", "lr", "mom", "loss"]
+
+
+def smoothed(values: list[float], beta: float = 0.98) -> list[float]:
+    """Bias-corrected exponential moving average (the curve lr_find and fastai plot)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def _figure(rows: int = 1, height: float = 3.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, height * rows), layout="tight")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, 1, squeeze=False)[:, 0]
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(Path(path), lambda f: f.write(buf.getvalue()))
+    return Path(path)
+
+
+def _stage_lines(ax, steps: list[dict]) -> None:
+    """A dotted line where each stage after the first begins."""
+    for prev, row in zip(steps, steps[1:]):
+        if row["stage"] != prev["stage"]:
+            ax.axvline(row["step"], color="grey", linestyle=":", linewidth=1)
+
+
+def plot_schedule(steps: list[dict], path: Path) -> Path:
+    fig, (ax_lr, ax_mom) = _figure(2, 2.6)
+    x = [r["step"] for r in steps]
+    ax_lr.plot(x, [r["lr"] for r in steps])
+    ax_lr.set_ylabel("learning rate (last group)")
+    ax_mom.plot(x, [r["mom"] for r in steps], color="tab:orange")
+    ax_mom.set_ylabel("momentum / beta1")
+    ax_mom.set_xlabel("step")
+    for ax in (ax_lr, ax_mom):
+        _stage_lines(ax, steps)
+    return _save(fig, path)
+
+
+def plot_losses(steps: list[dict], valid: list[tuple[int, float]], path: Path) -> Path:
+    fig, (ax,) = _figure(1)
+    x = [r["step"] for r in steps]
+    loss = [r["loss"] for r in steps]
+    ax.plot(x, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
+    finite = [v if math.isfinite(v) else math.nan for v in loss]
+    ax.plot(x, smoothed(finite), color="tab:blue", label="train (smoothed)")
+    if valid:
+        ax.plot([s for s, _ in valid], [v for _, v in valid], "o-", color="tab:orange", label="valid (per epoch)")
+    _stage_lines(ax, steps)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_lr_find(result, path: Path) -> Path:
+    """Smoothed loss against lr on a log axis, the raw loss faintly, each suggestion marked."""
+    fig, (ax,) = _figure(1)
+    ax.plot(result.lrs, result.losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
+    ax.plot(result.lrs, result.smoothed, color="tab:blue", label="smoothed loss")
+    ax.set_xscale("log")
+    markers = {"valley": ("o", "tab:red"), "steep": ("^", "tab:green"), "minimum": ("s", "tab:purple")}
+    for name, lr in result.suggestions.items():
+        i = min(range(len(result.lrs)), key=lambda j: abs(math.log(result.lrs[j]) - math.log(lr)))
+        marker, colour = markers.get(name, ("x", "black"))
+        label = f"{name} {lr:.2g}" + (" (recommended)" if name == result.recommended else "")
+        ax.plot([lr], [result.smoothed[i]], marker, color=colour, markersize=9, label=label)
+    ax.set_xlabel("learning rate (last layer group), log scale")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return _save(fig, path)
+
+
+@dataclass
+class History:
+    """What the plots show across all stages of a run: every step and every validation."""
+
+    steps: list[dict] = field(default_factory=list)      # filled by the Recorder
+    valid: list[tuple[int, float]] = field(default_factory=list)
+
+
+class RunPlots(Callback):
+    """Writes schedule.csv, schedule.png and losses.png at the end of each stage, and refreshes
+    them after an epoch when the last write is at least `every` seconds old (cheap on long
+    epochs, no cost on tiny ones)."""
+
+    def __init__(self, run: RunDir, history: History, every: float = 30.0):
+        self.run, self.history, self.every = run, history, every
+        self.written_at, self.written_n = time.perf_counter(), -1
+
+    def after_epoch(self, learn: Learner) -> None:
+        loss = learn.state.valid.get("valid_loss")
+        if loss is not None and self.history.steps:
+            self.history.valid.append((self.history.steps[-1]["step"] + 1, loss))
+        if time.perf_counter() - self.written_at >= self.every:
+            self.write()
+
+    def after_fit(self, learn: Learner) -> None:
+        if len(self.history.steps) != self.written_n:
+            self.write()
+
+    def write(self) -> None:
+        steps = self.history.steps
+        self.written_at, self.written_n = time.perf_counter(), len(steps)
+        write_table(self.run.path / "schedule.csv", steps, SCHEDULE_COLUMNS)
+        if steps:
+            plot_schedule(steps, self.run.path / "schedule.png")
+            plot_losses(steps, self.history.valid, self.run.path / "losses.png")

@@ -1,0 +1,87 @@
+"""Which run to continue, and whether the config still matches it (the checkpoint itself is
+read and restored by trainer/run/state.py).
+
+`--resume RUN` names the run; `--resume auto` takes the newest run of this config's name that is
+not finished and not in use. A resumed run must be the same run: a different lr or batch size
+after a resume is a different run, so the config may change only where it does not change what
+is computed (MAY_CHANGE).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from trainer.config import Config, dump_config
+from trainer.run.status import in_use, read_status
+
+# Keys a resumed run may change: they do not change what is computed.
+MAY_CHANGE = {"name", "device", "compile", "data.cache_dir", "data.valid_bs", "data.on_device",
+              "train.checkpoint_every", "train.on_nan", "distributed.backend"}
+
+
+class ResumeError(ValueError):
+    """Nothing to resume, or not this way; the CLI prints it and exits 2."""
+
+
+def find_unfinished(name: str, root: str | Path = "runs") -> Path:
+    """The unfinished run of this config name that was checkpointed last."""
+    folder = Path(root) / name
+    found = [last.parent.parent for last in folder.glob("*/checkpoints/last.pt")
+             if read_status(last.parent.parent) != "finished" and not in_use(last.parent.parent)]
+    if not found:
+        raise ResumeError(f"--resume auto: no unfinished run of '{name}' with a checkpoint under {folder}/ "
+                          "(start one without --resume)")
+    return max(found, key=lambda d: ((d / "checkpoints" / "last.pt").stat().st_mtime_ns, d.name))
+
+
+def resolve(spec: str | Path, name: str, root: str | Path = "runs") -> Path:
+    run_dir = find_unfinished(name, root) if str(spec) == "auto" else Path(spec)
+    if not (run_dir / "config.yaml").is_file():
+        raise ResumeError(f"--resume {spec}: {run_dir} is not a run directory (no config.yaml)")
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise ResumeError(f"--resume {spec}: {run_dir} has no checkpoints/last.pt yet (it stopped before "
+                          "its first checkpoint): start it again without --resume")
+    if in_use(run_dir):
+        raise ResumeError(f"--resume {spec}: {run_dir} is being trained by another process right now")
+    if read_status(run_dir) == "finished":
+        raise ResumeError(f"--resume {spec}: {run_dir} finished; nothing to resume (start a new run without "
+                          "--resume)")
+    return run_dir
+
+
+def check_fresh_out(out: Path) -> None:
+    """--out into a folder that already holds a run would write over its checkpoints and metrics."""
+    if in_use(out):
+        raise ResumeError(f"--out {out}: that run is being trained by another process right now")
+    if (Path(out) / "checkpoints" / "last.pt").exists():
+        raise ResumeError(f"--out {out} already holds a run (checkpoints/last.pt): continue it with "
+                          f"--resume {out}, or choose another folder")
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        return {k: v for key, val in data.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    if isinstance(data, list) and any(isinstance(v, dict) for v in data):
+        return {k: v for i, val in enumerate(data) for k, v in _flat(val, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: data}
+
+
+def reconcile(cfg: Config, run_dir: Path) -> Config:
+    """The config to resume with: the run's own seed, and nothing changed that would change the
+    results (a different lr or batch size after a resume is a different run, not a resume)."""
+    try:
+        saved = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
+    except Exception as e:  # noqa: BLE001 - any damage to the saved config means we cannot check it
+        raise ResumeError(f"{run_dir / 'config.yaml'}: cannot read the run's config ({e})") from None
+    if cfg.seed is None:
+        cfg = cfg.model_copy(update={"seed": saved.seed})
+    new, old = _flat(yaml.safe_load(dump_config(cfg))), _flat(yaml.safe_load(dump_config(saved)))
+    changed = sorted(k for k in new.keys() | old.keys()
+                     if new.get(k) != old.get(k) and not any(k == m or k.startswith(m + ".") for m in MAY_CHANGE))
+    if changed:
+        diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise ResumeError(f"--resume {run_dir}: the config differs from the run's config.yaml ({diffs}). "
+                          "Resume with the same config and --set options, or start a new run")
+    return cfg

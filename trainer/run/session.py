@@ -1,0 +1,132 @@
+"""A run's session: what every stage shares, built once when the run starts (the run directory,
+the data, the model, the stage plan, the task, the machine's settings)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+
+from trainer.config import Config, dump_config
+from trainer.data.bundle import ImageBundle, build_bundle
+from trainer.data.text import TextBundle
+from trainer.models import Built, create_model, input_stats
+from trainer.run.checkpoints import BestSoFar
+from trainer.run.distributed import backend_for
+from trainer.run.plots import History
+from trainer.run.rundir import RunDir, new_run_dir
+from trainer.run.runtime import compile_model, compile_ready, pick_device, set_deterministic, set_threads
+from trainer.train.loop import Callback
+from trainer.train.parallel import use_sync_bn
+from trainer.train.plan import Plan, make_plan, outline
+from trainer.train.precision import Precision, pick_precision
+from trainer.train.randomness import random_seed, seed_everything
+from trainer.train.tasks import Task, check_loss, make_task
+from trainer.train.world import SINGLE, World
+
+SMOKE_MAX_SIZE = 64  # px: a smoke run checks the pipeline, not the accuracy
+
+
+@dataclass
+class Session:
+    cfg: Config
+    plan: Plan
+    run: RunDir
+    bundle: ImageBundle | TextBundle
+    built: Built
+    task: Task
+    device: torch.device
+    precision: Precision
+    world: World
+    smoke: bool = False
+    log: Callable[[str], None] = print
+    console: Console | None = None
+    best: BestSoFar = field(default_factory=BestSoFar)
+    history: History = field(default_factory=History)  # every step of every stage, for the plots
+    extra_callbacks: list[Callback] = field(default_factory=list)  # fit(callbacks=...): tests, tools
+
+
+def open_session(cfg: Config, out: str | Path | None = None, world: World = SINGLE, device: torch.device | None = None,
+                 smoke: bool = False, console: Console | None = None) -> Session:
+    """With several processes, rank 0 picks the seed and the run directory for all of them and
+    is the only one to write or print. device: the config's when not given."""
+    device = device if device is not None else pick_device(cfg.device)
+    seed = cfg.seed if cfg.seed is not None else world.from_main(random_seed)
+    cfg = cfg.model_copy(update={"seed": seed})  # a random seed is still recorded
+    if smoke:
+        cfg = smoke_sizes(cfg)
+    seed_everything(seed)
+    set_deterministic(cfg.deterministic)
+    threads = set_threads()
+    if smoke and out is None:
+        out = world.from_main(lambda: tempfile.mkdtemp(prefix=f"trainer-smoke-{cfg.name}-"))
+    run = RunDir(world.from_main(lambda: new_run_dir(cfg.name, out)), writes=world.is_main)
+    run.write_text("config.yaml", dump_config(cfg))
+    log = run.log
+
+    stages = outline(cfg)
+    with world.local_main_first():  # one decode per machine into the image cache
+        bundle = build_bundle(cfg, seed, device, stages.image_sizes, max(stages.batch_sizes) if smoke else None,
+                              log=lambda m: (log(m), world.is_main and print(m, flush=True)),
+                              model_stats=input_stats(cfg.model))
+    built = create_model(cfg.model, bundle.n_out, bundle.in_channels, stages.first_size or _decoded_size(bundle))
+    synced = use_sync_bn(cfg.train.sync_bn, built, device, world)
+    if synced is not None:  # torch BatchNorm (CUDA) and the course's BnLayer (any backend)
+        log(f"sync_bn: {synced} BatchNorm layer(s) now compute their statistics over every process's batch")
+    if world.rank > 0:  # every rank built the same weights; each draws its own dropout masks from here
+        torch.manual_seed((seed + world.rank) % 2**63)
+    for name, data in bundle.files_to_save().items():
+        run.write_json(name, data)
+    _place(built.model, cfg, device, smoke, log)
+    check_loss(cfg.train.loss, bundle.task_kind)
+    task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
+    task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
+                     cfg.train.label_smoothing)
+    n_params = sum(p.numel() for p in built.model.parameters())
+    precision = pick_precision(cfg.amp, device)
+    log(f"run {run.path}: seed {seed}, device {device} ({threads} CPU threads), amp {precision.name}, "
+        f"{n_params:,} parameters"
+        + (f", {world.world_size} processes ({backend_for(cfg.distributed.backend, device)})" if world.enabled else ""))
+    plan = make_plan(cfg, len(built.groups))
+    return Session(cfg, plan, run, bundle, built, task, device, precision, world, smoke, log, console)
+
+
+def _place(model: torch.nn.Module, cfg: Config, device: torch.device, smoke: bool, log) -> None:
+    """The model on its device, in its memory format, compiled when asked and possible."""
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        why_not = "a smoke run checks the pipeline, not the speed" if smoke else compile_ready(device)
+        if why_not:
+            log(f"compile: skipped ({why_not})")
+        else:
+            compile_model(model)
+
+
+def _decoded_size(bundle: ImageBundle | TextBundle) -> int:
+    images = getattr(bundle, "images", None)
+    return images.size if images is not None else 0
+
+
+def smoke_sizes(cfg: Config, limit: int = SMOKE_MAX_SIZE) -> Config:
+    """Smoke runs scale every image size down by one factor so the largest is `limit` px: a
+    ResNet-34 at 224 -> 299px then smokes in seconds on a CPU, and the sizes keep their ratios
+    (progressive resizing still changes the size between stages)."""
+    if cfg.data.layout == "text":
+        return cfg
+    sizes = [s for s in [cfg.data.size, cfg.data.cache_size, *(st.size for st in cfg.train.stages)] if s]
+    if not sizes or max(sizes) <= limit:
+        return cfg
+    f = limit / max(sizes)
+
+    def scale(s: int | None) -> int | None:
+        return max(8, round(s * f)) if s else s
+
+    data = cfg.data.model_copy(update={"size": scale(cfg.data.size), "cache_size": scale(cfg.data.cache_size)})
+    stages = [st.model_copy(update={"size": scale(st.size)}) for st in cfg.train.stages]
+    return cfg.model_copy(update={"data": data, "train": cfg.train.model_copy(update={"stages": stages})})
