@@ -22,7 +22,10 @@ data: install
 run: data
 	$(BIN)/trainer fit configs/quickstart.yaml
 
+# the habits that keep the code as it is: lint (pyflakes, import order, bugbear, pyupgrade), format, tests
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 # CIFAR-10 epoch: compute floor vs trainer vs raw PyTorch (vs fastai when installed); see README, Speed.

@@ -93,13 +93,13 @@ def run_floor(args) -> dict:
             sched.step()
         sync(device)
         times.append(time.perf_counter() - t)
-    acc = accuracy(model, zip(vx.split(args.bs * 2), vy.split(args.bs * 2)), device)
+    acc = accuracy(model, zip(vx.split(args.bs * 2), vy.split(args.bs * 2), strict=True), device)
     return {"seconds": times, "images": n_batches * args.bs, "accuracy": acc}
 
 
 def run_trainer(args) -> dict:
-    from trainer.run import fit as spine
     from trainer.config.schema import Config
+    from trainer.run import fit as spine
     from trainer.train.loop import Callback
 
     class EpochTimer(Callback):
@@ -132,7 +132,8 @@ def run_trainer(args) -> dict:
 def run_raw(args) -> dict:
     import torch
     from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     images, (mean, std) = load(args)  # only for the file list (same slice) and the stats
     device = torch.device(args.device)
@@ -179,8 +180,16 @@ def run_fastai(args) -> dict:
     """fastai 2.8 (pip install fastai; run here with 2.8.12 on torch 2.14.1): its own DataBlock
     pipeline, per-image PIL crop-pad and random crop, batch flips, fit_one_cycle."""
     import torch
-    from fastai.vision.all import (CategoryBlock, CropPad, DataBlock, Flip, ImageBlock, Normalize, RandomCrop,
-                                   parent_label)
+    from fastai.vision.all import (
+        CategoryBlock,
+        CropPad,
+        DataBlock,
+        Flip,
+        ImageBlock,
+        Normalize,
+        RandomCrop,
+        parent_label,
+    )
     from fastai.vision.all import Learner as FastLearner
 
     images, (mean, std) = load(args)

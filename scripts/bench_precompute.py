@@ -44,7 +44,7 @@ def main() -> None:
         real = precompute.cached_activations
         timing = {}
 
-        def uncached(features, dl, arch, precision, cache_dir, log=print):
+        def uncached(features, dl, arch, precision, cache_dir, log=print, timing=timing):
             t = time.perf_counter()
             x = precompute.compute_activations(features, dl, precision)
             timing["once"] = timing.get("once", 0.0) + time.perf_counter() - t

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import torch  # noqa: E402
 
-from trainer.run import fit as spine  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.run import fit as spine  # noqa: E402
+from trainer.run.rundir import write_table  # noqa: E402
 from trainer.train.loop import Callback, CancelFit  # noqa: E402
 from trainer.train.plan import CONFIG_CHECKS  # noqa: E402
-from trainer.run.rundir import write_table  # noqa: E402
 
 
 class Curve(Callback):

@@ -6,11 +6,11 @@ import copy
 
 import torch
 
+from tests.conftest import tiny_config
 from trainer.config import load_config
 from trainer.run.learner import stage_learner
 from trainer.run.session import open_session as prepare
 from trainer.train.plan import CONFIG_CHECKS
-from tests.conftest import tiny_config
 
 
 def session(tmp_path, data, stages: str, arch: str = "convnet2", name: str = "run", **over):
@@ -39,7 +39,7 @@ def assert_same(a, b, where: str = "") -> None:
             assert_same(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"

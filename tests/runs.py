@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 
 from trainer import storage as checkpoint
-from trainer.train.loop import Callback
 from trainer.run.rundir import read_table
-
+from trainer.train.loop import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +79,7 @@ def assert_same_state(a: dict, b: dict, path: str = "") -> None:
                 assert_same_state(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"{path}: lengths {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same_state(x, y, f"{path}[{i}]")
     else:
         assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.conftest import tiny_config
 from trainer import storage as checkpoint
 from trainer.cli import app
-from tests.conftest import tiny_config
 
 runner = CliRunner()
 PACKAGE = Path(__file__).resolve().parents[1] / "trainer"

@@ -7,7 +7,6 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -32,7 +31,7 @@ def fail(message: str, code: int = 2, show: bool = True):
     raise typer.Exit(code)
 
 
-def load(config: Path, sets: Optional[List[str]]) -> Config:
+def load(config: Path, sets: list[str] | None) -> Config:
     from trainer.train.plan import CONFIG_CHECKS
 
     try:
@@ -56,14 +55,14 @@ def guarded(fn):
 
 
 @app.command()
-def fit(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
-        out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<name>/<time>)."),
+def fit(config: Path = CONFIG, sets: list[str] | None = SETS,
+        out: Path | None = typer.Option(None, help="Run directory (default runs/<name>/<time>)."),
         smoke: bool = typer.Option(False, help="Every stage on a few batches: does the pipeline work?"),
-        resume: Optional[str] = typer.Option(None, help="RUN_DIR, or auto (the newest unfinished run of this "
+        resume: str | None = typer.Option(None, help="RUN_DIR, or auto (the newest unfinished run of this "
                                              "config): continue exactly from its last checkpoint."),
-        devices: Optional[int] = typer.Option(None, "--devices", min=1, help="Train with N processes on this "
+        devices: int | None = typer.Option(None, "--devices", min=1, help="Train with N processes on this "
                                               "machine (DDP; one per GPU), started as torchrun would."),
-        launched_with: Optional[int] = typer.Option(None, "--launched-with-devices", hidden=True)):
+        launched_with: int | None = typer.Option(None, "--launched-with-devices", hidden=True)):
     """Train: run every stage of the config and write a run directory."""
     from trainer.run import launch
     from trainer.run.fit import fit as run_fit
@@ -84,10 +83,10 @@ def fit(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
                                                     "--resume", str(e.run_dir)], launched_with))
         if main:
             console.print(f"{e}\nresume with: {command}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code)
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         console.print("interrupted before training started: nothing to save", highlight=False)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     if main:
         console.print(f"run directory: {result.run_dir}", highlight=False)
         if smoke:
@@ -95,7 +94,7 @@ def fit(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
 
 
 @app.command()
-def check(config: Path = CONFIG, sets: Optional[List[str]] = SETS):
+def check(config: Path = CONFIG, sets: list[str] | None = SETS):
     """Validate a config and print it resolved (every default filled in)."""
     cfg = load(config, sets)
     console.print(dump_config(cfg), end="", highlight=False, markup=False)
@@ -108,7 +107,7 @@ def schema():
 
 
 @app.command()
-def summary(config: Path = CONFIG, sets: Optional[List[str]] = SETS):
+def summary(config: Path = CONFIG, sets: list[str] | None = SETS):
     """A per-layer table: layer, output shape, parameters, trainable (like learn.summary())."""
     from trainer.inference.summary import summarize
 
@@ -124,7 +123,7 @@ def summary(config: Path = CONFIG, sets: Optional[List[str]] = SETS):
 @app.command()
 def predict(run_dir: Path = typer.Argument(..., help="A run directory."),
             data: Path = typer.Option(..., help="Folder of images (or one image)."),
-            out: Optional[Path] = typer.Option(None, help="CSV file (default RUN_DIR/predictions.csv)."),
+            out: Path | None = typer.Option(None, help="CSV file (default RUN_DIR/predictions.csv)."),
             labels: bool = typer.Option(False, "--labels", help="Only id and label(s), no probabilities."),
             probs: bool = typer.Option(False, "--probs", help="Only id and one probability column per class."),
             tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (the config's tta: n, beta)."),
@@ -162,7 +161,7 @@ def generate(run_dir: Path = typer.Argument(..., help="A language-model run dire
              prime: str = typer.Option(..., help="Text to start from, e.g. \"for thos\"."),
              chars: int = typer.Option(400, min=0, help="How many characters to generate."),
              temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature; 0 is greedy."),
-             seed: Optional[int] = typer.Option(None, help="Seed for the sampling (default: random)."),
+             seed: int | None = typer.Option(None, help="Seed for the sampling (default: random)."),
              checkpoint: str = typer.Option("best", help="best or last.")):
     """Generate text from a character-level language model: the prime, then --chars more."""
     from trainer.inference.generate import generate as sample
@@ -178,7 +177,7 @@ def generate(run_dir: Path = typer.Argument(..., help="A language-model run dire
 @app.command("export")
 def export_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
                format: str = typer.Option("safetensors", "--format", help="safetensors, onnx or torchscript."),
-               out: Optional[Path] = typer.Option(None, help="Output file (default RUN_DIR/export/model.<ext>)."),
+               out: Path | None = typer.Option(None, help="Output file (default RUN_DIR/export/model.<ext>)."),
                checkpoint: str = typer.Option("best", help="best or last."),
                verify: bool = typer.Option(True, help="Reload the export and compare its outputs.")):
     """Export the trained model for deployment, with its classes and input statistics inside."""
@@ -193,13 +192,13 @@ def export_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
 
 
 @app.command("lr-find")
-def lr_find(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
-            stage: Optional[str] = typer.Option(None, help="Stage whose freeze state, size, batch size and lr "
+def lr_find(config: Path = CONFIG, sets: list[str] | None = SETS,
+            stage: str | None = typer.Option(None, help="Stage whose freeze state, size, batch size and lr "
                                                 "ratios to use (default: the first)."),
             start_lr: float = typer.Option(1e-7, "--start-lr", help="First learning rate."),
             end_lr: float = typer.Option(10.0, "--end-lr", help="Last learning rate."),
             num_it: int = typer.Option(100, "--num-it", help="At most this many batches."),
-            out: Optional[Path] = typer.Option(None, help="Folder for lr_find.csv/.png "
+            out: Path | None = typer.Option(None, help="Folder for lr_find.csv/.png "
                                                "(default runs/<name>/lr_find-<time>).")):
     """The learning-rate range test: loss against an exponentially growing lr, with suggestions.
     The model and optimizer are left exactly as they were; the same config gives the same curve."""
@@ -220,7 +219,7 @@ def lr_find(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
 
 
 @app.command("show-batch")
-def show_batch(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
+def show_batch(config: Path = CONFIG, sets: list[str] | None = SETS,
                out: Path = typer.Option(Path("batch.png"), help="Image file to write."),
                n: int = typer.Option(16, min=1, help="How many images.")):
     """A grid of augmented training images with their labels (check the transforms by eye)."""
@@ -235,8 +234,8 @@ def show_batch(config: Path = CONFIG, sets: Optional[List[str]] = SETS,
 def evaluate(run_dir: Path = typer.Argument(..., help="A run directory."),
              tta: bool = typer.Option(False, "--tta", help="Also report metrics with test-time augmentation."),
              heatmap: bool = typer.Option(False, "--heatmap", help="Grad-CAM heat maps over the top losses."),
-             data: Optional[Path] = typer.Option(None, help="The dataset folder, if not where the run found it."),
-             out: Optional[Path] = typer.Option(None, help="Folder for the plots and tables (default RUN_DIR)."),
+             data: Path | None = typer.Option(None, help="The dataset folder, if not where the run found it."),
+             out: Path | None = typer.Option(None, help="Folder for the plots and tables (default RUN_DIR)."),
              k: int = typer.Option(9, min=1, help="How many top losses to show."),
              checkpoint: str = typer.Option("best", help="best or last.")):
     """Metrics and per-class accuracy on the validation set; confusion matrix, most confused

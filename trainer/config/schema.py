@@ -6,7 +6,7 @@ Config files hold only what differs from these defaults (the nanoGPT habit).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,7 +30,7 @@ class LrSpread(Strict):
     ratio: PosFloat = 3.0
 
 
-LrSpec = Union[PosFloat, list[PosFloat], LrSpread, Literal["auto"]]
+LrSpec = PosFloat | list[PosFloat] | LrSpread | Literal["auto"]
 
 
 class FineTune(Strict):
@@ -198,7 +198,7 @@ class TextData(Strict):
     bptt: Annotated[int, Field(ge=5)] = 70
 
 
-DataConfig = Annotated[Union[FolderData, CsvData, TextData], Field(discriminator="layout")]
+DataConfig = Annotated[FolderData | CsvData | TextData, Field(discriminator="layout")]
 
 
 class ModelConfig(Strict):

@@ -48,7 +48,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
 def _write_pngs(job: tuple) -> None:
     # compress_level=1: these are tiny images, so zlib effort barely shrinks them but costs time.
     root, images, labels, classes, start = job
-    for i, (img, lab) in enumerate(zip(images, labels), start):
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True), start):
         Image.fromarray(img).save(Path(root) / classes[lab] / f"{i:05d}.png", compress_level=1)
 
 
@@ -67,7 +67,7 @@ def write_split(root: Path, images: np.ndarray, labels: np.ndarray, classes) -> 
 
 
 def build_fashion_mnist(paths: list[Path], out: Path) -> None:
-    files = dict(zip(FMNIST_FILES, paths))
+    files = dict(zip(FMNIST_FILES, paths, strict=True))
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images = _read_idx(files[f"{prefix}-images-idx3-ubyte.gz"], 3)
         labels = _read_idx(files[f"{prefix}-labels-idx1-ubyte.gz"], 1)

@@ -23,8 +23,16 @@ import urllib.request
 from pathlib import Path
 
 # the class names are re-exported: callers and tests read them here
-from trainer.datasets.formats import (CIFAR_CLASSES, FMNIST_CLASSES, FMNIST_FILES, GetDataError,  # noqa: F401
-                                    build_cifar10, build_csv, build_fashion_mnist, log)
+from trainer.datasets.formats import (  # noqa: F401
+    CIFAR_CLASSES,
+    FMNIST_CLASSES,
+    FMNIST_FILES,
+    GetDataError,
+    build_cifar10,
+    build_csv,
+    build_fashion_mnist,
+    log,
+)
 
 FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # Accepted sha256 per source file (sha256sum format + origin). Several per name because the same
@@ -123,7 +131,7 @@ def locate(dataset: str, source: Path | None, cache: Path) -> list[Path]:
 def verify_sources(paths: list[Path], names: list[str]) -> dict[str, str]:
     """sha256 of each source, checked against CHECKSUMS under its canonical name."""
     digests = {}
-    for path, name in zip(paths, names):
+    for path, name in zip(paths, names, strict=True):
         digest, known = sha256(path), CHECKSUMS.get(name, {})
         if digest not in known:
             expected = ", ".join(f"{d[:12]}… ({k})" for d, k in known.items()) or "none known"
@@ -156,7 +164,7 @@ def _commit(tmp: Path, out: Path, marker: dict) -> None:
 
 def _digests(paths: list[Path], names: list[str], check: bool) -> dict[str, str]:
     # --no-verify still records the digests, so the marker notices a changed source.
-    return verify_sources(paths, names) if check else {n: sha256(p) for p, n in zip(paths, names)}
+    return verify_sources(paths, names) if check else {n: sha256(p) for p, n in zip(paths, names, strict=True)}
 
 
 def get_images(dataset: str, dest: Path, source: Path | None, layouts, check: bool) -> Path:

@@ -87,7 +87,7 @@ def predictions_table(files: list[Path], probs: torch.Tensor, classes: list[str]
     if probs_only:
         pass
     elif multi_label:
-        df["tags"] = [" ".join(c for c, p in zip(classes, row) if p > threshold) for row in probs.tolist()]
+        df["tags"] = [" ".join(c for c, p in zip(classes, row, strict=True) if p > threshold) for row in probs.tolist()]
     else:
         df["label"] = [classes[i] for i in probs.argmax(1).tolist()]
     if not labels_only:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch.nn as nn
 
 from trainer.models.layers import BnLayer, ResnetLayer
@@ -19,7 +21,7 @@ def simplenet(n_out: int, in_channels: int, size: int, layers=(40,), **_) -> Bui
     widths come from the data)."""
     widths = [in_channels * size * size, *layers, n_out]
     mods: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (a, b) in enumerate(pairwise(widths)):
         mods.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             mods.append(nn.ReLU(inplace=True))
@@ -48,7 +50,7 @@ def _built(net: _ConvNet) -> Built:
 def convnet(n_out: int, in_channels: int, layers=(20, 40, 80), **_) -> Built:
     """Stride-2 3x3 convolutions (no padding) + adaptive max pool + linear: ConvNet([3, 20, 40, 80], 10)."""
     widths = [in_channels, *layers]
-    convs = [nn.Sequential(nn.Conv2d(a, b, 3, stride=2), nn.ReLU(inplace=True)) for a, b in zip(widths, widths[1:])]
+    convs = [nn.Sequential(nn.Conv2d(a, b, 3, stride=2), nn.ReLU(inplace=True)) for a, b in pairwise(widths)]
     return _built(_ConvNet(convs, widths[-1], n_out))
 
 
@@ -57,7 +59,7 @@ def convnet2(n_out: int, in_channels: int, layers=(20, 40, 80), **_) -> Built:
     """ConvLayer (3x3, stride 2, padding 1) stack + adaptive max pool + linear."""
     widths = [in_channels, *layers]
     convs = [nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU(inplace=True))
-             for a, b in zip(widths, widths[1:])]
+             for a, b in pairwise(widths)]
     return _built(_ConvNet(convs, widths[-1], n_out))
 
 
@@ -65,7 +67,7 @@ def convnet2(n_out: int, in_channels: int, layers=(20, 40, 80), **_) -> Built:
 def bnconvnet(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), **_) -> Built:
     """A 5x5 stem conv, then stride-2 BnLayers: the course's ConvBnNet."""
     stem = nn.Sequential(nn.Conv2d(in_channels, layers[0], 5, stride=1, padding=2), nn.ReLU(inplace=True))
-    convs = [stem, *(BnLayer(a, b) for a, b in zip(layers, layers[1:]))]
+    convs = [stem, *(BnLayer(a, b) for a, b in pairwise(layers))]
     return _built(_ConvNet(convs, layers[-1], n_out))
 
 
@@ -74,7 +76,7 @@ def bnresnet(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), ps: flo
     """The course's Resnet: a stem, then per width a stride-2 BnLayer and two ResnetLayers."""
     stem = nn.Sequential(nn.Conv2d(in_channels, layers[0], 5, stride=1, padding=2), nn.ReLU(inplace=True))
     convs: list[nn.Module] = [stem]
-    for a, b in zip(layers, layers[1:]):
+    for a, b in pairwise(layers):
         convs.append(nn.Sequential(BnLayer(a, b), ResnetLayer(b, b, 1), ResnetLayer(b, b, 1)))
     return _built(_ConvNet(convs, layers[-1], n_out, p=ps))
 
@@ -100,7 +102,7 @@ def bnresnet2d(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), ps: f
     (and the one scripts/bench.py times), with one fused kernel per norm instead of several."""
     stem = nn.Sequential(nn.Conv2d(in_channels, layers[0], 5, stride=1, padding=2), nn.ReLU(inplace=True))
     convs: list[nn.Module] = [stem]
-    for a, b in zip(layers, layers[1:]):
+    for a, b in pairwise(layers):
         convs.append(nn.Sequential(_conv_bn(a, b, 2), _Residual(_conv_bn(b, b)), _Residual(_conv_bn(b, b))))
     return _built(_ConvNet(convs, layers[-1], n_out, p=ps))
 

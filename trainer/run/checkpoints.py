@@ -4,8 +4,8 @@ multi-label threshold that goes with best.pt. What a checkpoint holds is trainer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

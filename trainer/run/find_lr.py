@@ -11,13 +11,13 @@ from pathlib import Path
 from rich.console import Console
 
 from trainer.config import Config
-from trainer.storage import atomic_write_text
 from trainer.run import distributed
 from trainer.run.learner import step_learner
 from trainer.run.plots import plot_lr_find
 from trainer.run.rundir import write_table
 from trainer.run.runtime import pick_device
 from trainer.run.session import Session, open_session
+from trainer.storage import atomic_write_text
 from trainer.train.loop import Learner
 from trainer.train.lr_find import LrFindResult, check_range, lr_find
 from trainer.train.plan import StagePlan

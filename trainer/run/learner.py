@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from functools import partial
 
+from trainer.data.shard import shard_train, shard_valid
 from trainer.models import check_input
 from trainer.run.checkpoints import Checkpointer, CycleSaver, SaveThreshold
 from trainer.run.plots import RunPlots
@@ -29,7 +30,6 @@ from trainer.train.loop import Callback, Learner
 from trainer.train.optim import create_optimizer, param_groups
 from trainer.train.parallel import Accumulate, DistributedLearner, SyncLoss, check_batch, wrap
 from trainer.train.plan import StagePlan, apply_freeze
-from trainer.data.shard import shard_train, shard_valid
 
 SMOKE_BATCHES = 2
 

@@ -10,10 +10,11 @@ import io
 import math
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
-from trainer.storage import atomic_write_bytes
 from trainer.run.rundir import RunDir, write_table
+from trainer.storage import atomic_write_bytes
 from trainer.train.loop import Callback, Learner
 
 SCHEDULE_COLUMNS = ["stage", "step", "lr", "mom", "loss"]
@@ -46,7 +47,7 @@ def _save(fig, path: Path) -> Path:
 
 def _stage_lines(ax, steps: list[dict]) -> None:
     """A dotted line where each stage after the first begins."""
-    for prev, row in zip(steps, steps[1:]):
+    for prev, row in pairwise(steps):
         if row["stage"] != prev["stage"]:
             ax.axvline(row["step"], color="grey", linestyle=":", linewidth=1)
 

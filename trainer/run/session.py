@@ -4,9 +4,9 @@ the data, the model, the stage plan, the task, the machine's settings)."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from rich.console import Console

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from trainer.storage import pack_rows, unpack_rows
 from trainer.models.layers import is_norm
+from trainer.storage import pack_rows, unpack_rows
 from trainer.train.loop import Callback, CancelFit, Learner
 from trainer.train.optim import current_lr, set_momentum
 from trainer.train.schedule import Schedule
@@ -64,7 +64,7 @@ class Recorder(Callback):
         if not self._pending:
             return
         values = torch.stack([self.steps[i]["loss"].float().cpu() for i in self._pending]).tolist()
-        for i, v in zip(self._pending, values):
+        for i, v in zip(self._pending, values, strict=True):
             self.steps[i]["loss"] = v
         self._pending = []
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ class Callback:
     order = 0
     in_step = False  # part of the training step itself (freezing, clipping, accumulation): lr_find keeps it
 
-    def __call__(self, event: str, learner: "Learner") -> None:
+    def __call__(self, event: str, learner: Learner) -> None:
         fn = getattr(self, event, None)
         if fn is not None:
             fn(learner)

@@ -50,7 +50,7 @@ class LrFindResult:
 
     def rows(self) -> list[dict]:
         return [{"step": i, "lr": lr, "loss": loss, "smoothed_loss": sm}
-                for i, (lr, loss, sm) in enumerate(zip(self.lrs, self.losses, self.smoothed))]
+                for i, (lr, loss, sm) in enumerate(zip(self.lrs, self.losses, self.smoothed, strict=True))]
 
     def summary(self) -> str:
         parts = [f"{k} {v:.3g}" + (" (recommended)" if k == self.recommended else "")
@@ -77,7 +77,7 @@ class LrFinder(Callback):
     def before_batch(self, learn: Learner) -> None:
         i = len(self.losses)
         lr = self.ramp(i / max(1, self.num_it - 1))
-        for g, r in zip(learn.opt.param_groups, self.ratios):
+        for g, r in zip(learn.opt.param_groups, self.ratios, strict=True):
             g["lr"] = lr * r
 
     def after_loss(self, learn: Learner) -> None:

@@ -3,7 +3,7 @@ The schedule (trainer/train/callbacks.py, ScheduleLR) owns the peak lrs and sets
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ def param_groups(groups: Sequence[nn.Module], lrs: Sequence[float], wds: Sequenc
     `layer_group`; frozen params are left out. A parameter shared by two groups goes to the first."""
     seen: set[int] = set()
     out = []
-    for i, (group, lr, wd) in enumerate(zip(groups, lrs, wds)):
+    for i, (group, lr, wd) in enumerate(zip(groups, lrs, wds, strict=True)):
         skip = _no_decay_ids(group)
         decay, plain = [], []
         for p in group.parameters():

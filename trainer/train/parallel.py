@@ -65,7 +65,7 @@ class Accumulate(Callback):
         n = len(learn.xb)
         xs, ys = learn.xb.tensor_split(self.k), learn.yb.tensor_split(self.k)
         self.earlier = 0.0
-        for x, y in zip(xs[:-1], ys[:-1]):
+        for x, y in zip(xs[:-1], ys[:-1], strict=True):
             if not len(x):
                 continue
             share = len(x) / n

@@ -10,8 +10,8 @@ epochs); `make_plan(cfg, n_groups)` adds what depends on the layer groups.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch.nn as nn
 

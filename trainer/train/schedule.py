@@ -9,8 +9,8 @@ layer group (differential learning rates scale the peak, not the shape).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 Annealer = Callable[[float, float, float], float]
 Sched = Callable[[float], float]

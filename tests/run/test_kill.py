@@ -14,15 +14,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.runs import ROOT, assert_same_run, resumable_config
 from trainer import storage as checkpoint
-from trainer.run import fit as spine
 from trainer.cli import app
 from trainer.config import load_config
-from trainer.run.status import read_status
+from trainer.run import fit as spine
 from trainer.run.signals import StopRequest, graceful_stop
-from tests.runs import assert_same_run, resumable_config
+from trainer.run.status import read_status
 
-ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 

@@ -18,21 +18,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.runs import ROOT, assert_same_run, pythonpath, resumable_config, torchrun
 from trainer import storage as checkpoint
-from trainer.run import fit as spine
-from trainer.train import parallel
 from trainer.cli import app
 from trainer.config import load_config
 from trainer.data.loaders import ImageBatches
 from trainer.data.shard import shard_train, shard_valid
 from trainer.data.text import TextStreams
-from trainer.run.launch import exit_code, resume_command
 from trainer.models.layers import BnLayer
-from trainer.train.parallel import check_batch
-from trainer.run.status import read_status
+from trainer.run import fit as spine
+from trainer.run.launch import exit_code, resume_command
 from trainer.run.rundir import read_table
 from trainer.run.signals import StopRequest
-from tests.runs import ROOT, assert_same_run, pythonpath, resumable_config, torchrun
+from trainer.run.status import read_status
+from trainer.train import parallel
+from trainer.train.parallel import check_batch
 
 RTOL, ATOL, WEIGHT_ATOL = 1e-4, 1e-5, 1e-5
 runner = CliRunner()
@@ -57,7 +57,7 @@ def run_processes(args: list[str], cwd: Path, signal_rank: int | None = None, at
 def assert_close_metrics(a: Path, b: Path) -> None:
     rows_a, rows_b = read_table(a / "metrics.csv"), read_table(b / "metrics.csv")
     assert len(rows_a) == len(rows_b)
-    for ra, rb in zip(rows_a, rows_b):
+    for ra, rb in zip(rows_a, rows_b, strict=True):
         assert ra.keys() == rb.keys()
         for k in ra:
             if k in ("stage", "epoch") or "" in (ra[k], rb[k]):  # names, numbers, and empty cells
@@ -269,8 +269,8 @@ def test_accumulate_under_ddp_sends_the_gradients_once_per_step(tmp_path):
     import torch.nn as nn
 
     from trainer.train.loop import Learner
-    from trainer.train.tasks import make_task
     from trainer.train.parallel import Accumulate
+    from trainer.train.tasks import make_task
 
     x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 2
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
@@ -292,7 +292,7 @@ def test_accumulate_under_ddp_sends_the_gradients_once_per_step(tmp_path):
                             None, None, callbacks)
             learn._one_batch(x, y)
         assert len(sends) == 1
-        for a, b in zip(plain.parameters(), wrapped.parameters()):
+        for a, b in zip(plain.parameters(), wrapped.parameters(), strict=True):
             assert torch.allclose(a, b, rtol=0, atol=1e-6)
     finally:
         dist.destroy_process_group()

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer.train import callbacks as cbs
-from trainer.train.guard import NonFiniteGuard, TrainingDiverged
 from trainer.data.loaders import ImageBatches
 from trainer.run.learner import ORDER
+from trainer.train import callbacks as cbs
+from trainer.train.guard import NonFiniteGuard, TrainingDiverged
 from trainer.train.loop import Callback, Learner
 from trainer.train.tasks import make_task
 
@@ -152,9 +152,9 @@ def test_resnet9_needs_four_widths():
 
 
 def test_data_on_device_gives_the_same_batches(tmp_path):
+    from tests.conftest import make_folder_dataset, tiny_config
     from tests.playbook_util import prepare
     from trainer.config import load_config
-    from tests.conftest import make_folder_dataset, tiny_config
 
     data = make_folder_dataset(tmp_path / "d", n_train=10, n_valid=4, size=16)
     batches = {}
@@ -205,4 +205,4 @@ def test_foreach_optimizers_match_the_per_parameter_loop(name):
             opt.step()
             opt.zero_grad()
         weights[foreach] = [p.detach().clone() for p in model.parameters()]
-    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False], strict=True))

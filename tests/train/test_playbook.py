@@ -5,20 +5,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.conftest import CLASSES, tiny_config
+from tests.playbook_util import differs, learner_for, session, snapshot
 from trainer import storage as checkpoint
 from trainer.cli import app
 from trainer.config import load_config
-from trainer.models.layers import is_norm
-from trainer.run.fit import train_stages as run_stages
-from trainer.run.session import smoke_sizes
 from trainer.inference.finished import load_run
 from trainer.inference.predict import predict_folder
-from trainer.run.rundir import read_table
-from trainer.train.schedule import one_cycle, sgdr
-from trainer.train.plan import StageError
-from tests.conftest import CLASSES, tiny_config
+from trainer.models.layers import is_norm
+from trainer.run.fit import train_stages as run_stages
 from trainer.run.learner import stage_learner
-from tests.playbook_util import differs, learner_for, session, snapshot
+from trainer.run.rundir import read_table
+from trainer.run.session import smoke_sizes
+from trainer.train.plan import StageError
+from trainer.train.schedule import one_cycle, sgdr
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -41,14 +41,14 @@ def frozen_run(tmp_path, data, arch: str, stage: str):
 @pytest.mark.parametrize("arch", ["resnet18", "bnresnet"])
 def test_frozen_stage_leaves_every_frozen_parameter_and_bn_buffer_bitwise_unchanged(tmp_path, folder_data, arch):
     (body0, head0, _), (body1, head1, _) = frozen_run(tmp_path, folder_data, arch, "freeze: body")
-    for g0, g1 in zip(body0, body1):
+    for g0, g1 in zip(body0, body1, strict=True):
         assert differs(g0, g1) == []  # weights, running_mean/var, num_batches_tracked
     assert differs(head0, head1)      # and the head did train
 
 
 def test_train_bn_lets_frozen_batchnorm_learn(tmp_path, folder_data):
     (body0, _, bn0), (body1, _, bn1) = frozen_run(tmp_path, folder_data, "resnet18", "freeze: body, train_bn: true")
-    changed = [k for g0, g1 in zip(body0, body1) for k in differs(g0, g1)]
+    changed = [k for g0, g1 in zip(body0, body1, strict=True) for k in differs(g0, g1)]
     assert any(k.endswith("running_mean") for k in changed)           # statistics move
     assert any(k.endswith("bn1.weight") for k in changed)             # and the affine params train
     assert not any(k.endswith("conv1.weight") for k in changed)       # convolutions stay frozen
@@ -58,7 +58,7 @@ def test_bn_freeze_keeps_all_statistics_even_unfrozen(tmp_path, folder_data):
     (body0, head0, bn0), (body1, head1, bn1) = frozen_run(tmp_path, folder_data, "resnet18",
                                                           "unfreeze: true, bn_freeze: true")
     assert differs(bn0, bn1) == []
-    assert any(k.endswith("conv1.weight") for g0, g1 in zip(body0, body1) for k in differs(g0, g1))
+    assert any(k.endswith("conv1.weight") for g0, g1 in zip(body0, body1, strict=True) for k in differs(g0, g1))
 
 
 def test_resnet_layer_groups_as_fastai(tmp_path, folder_data):

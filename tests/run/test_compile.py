@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from trainer.data.loaders import ImageBatches
+from trainer.run.runtime import compile_model
 from trainer.train.loop import Learner
 from trainer.train.tasks import make_task
-from trainer.run.runtime import compile_model
 
 dynamo = pytest.importorskip("torch._dynamo")
 

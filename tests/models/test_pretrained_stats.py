@@ -7,14 +7,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.conftest import tiny_config
 from trainer.cli import app
-from trainer.config import load_config
-from trainer.config import IMAGENET_STATS
+from trainer.config import IMAGENET_STATS, load_config
+from trainer.config.schema import ModelConfig
 from trainer.data.images import channel_stats, resolve_stats
 from trainer.models import backbones, create_model
 from trainer.models import efficientnet_lite as E
-from trainer.config.schema import ModelConfig
-from tests.conftest import tiny_config
 
 runner = CliRunner()
 

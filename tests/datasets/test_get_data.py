@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.runs import ROOT
 from trainer.datasets import get_data as G
 
 RNG = np.random.default_rng(0)
@@ -255,11 +256,11 @@ def test_main_exit_codes(src, tmp_path, capsys, monkeypatch):
 
 
 def test_script_runs_without_torch(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "get_data.py"
+    script = ROOT / "scripts" / "get_data.py"
     code = ("import runpy, sys; sys.argv = ['get_data.py', '--help']\n"
-            "try: runpy.run_path(%r, run_name='__main__')\n"
+            f"try: runpy.run_path({str(script)!r}, run_name='__main__')\n"
             "except SystemExit: pass\n"
-            "assert 'torch' not in sys.modules, 'get_data must stay torch-free'" % str(script))
+            "assert 'torch' not in sys.modules, 'get_data must stay torch-free'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "fashion_mnist" in r.stdout

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tests.runs import CrashAt, assert_same_run, assert_same_state, metrics_without_seconds, resumable_config
 from trainer import storage as checkpoint
-from trainer.run import fit as spine
 from trainer.config import load_config
-from trainer.train.ema import WeightAverage
 from trainer.inference.evaluate import scores, validation_batches
 from trainer.inference.finished import load_run
 from trainer.inference.predict import predict_probs
-from tests.runs import CrashAt, assert_same_run, assert_same_state, metrics_without_seconds, resumable_config
+from trainer.run import fit as spine
+from trainer.train.ema import WeightAverage
 
 
 def test_the_average_follows_its_formula_and_counters_follow_the_model():

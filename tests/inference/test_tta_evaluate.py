@@ -9,14 +9,14 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from trainer.inference import tta
+from tests.conftest import CLASSES, make_csv_dataset, tiny_config
 from trainer.cli import app
 from trainer.data.augment import AugmentSpec, preset
 from trainer.data.loaders import ImageBatches
-from trainer.inference.gradcam import grad_cam
+from trainer.inference import tta
 from trainer.inference.evaluate import confusion_matrix, most_confused, per_class
 from trainer.inference.finished import load_run
-from tests.conftest import CLASSES, make_csv_dataset, tiny_config
+from trainer.inference.gradcam import grad_cam
 
 runner = CliRunner()
 

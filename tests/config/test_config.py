@@ -3,10 +3,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import tiny_config
 from trainer.cli import app
 from trainer.config import ConfigError, load_config
 from trainer.train.plan import CONFIG_CHECKS
-from tests.conftest import tiny_config
 
 runner = CliRunner()
 

@@ -8,17 +8,17 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from trainer.train import callbacks as cbs
-from trainer.train.guard import NonFiniteGuard, TrainingDiverged
-from trainer.run import fit as spine
+from tests.conftest import tiny_config
 from trainer.cli import app
 from trainer.config import load_config
 from trainer.data.loaders import ImageBatches
+from trainer.run import fit as spine
 from trainer.run.learner import ORDER
+from trainer.run.status import read_status
+from trainer.train import callbacks as cbs
+from trainer.train.guard import NonFiniteGuard, TrainingDiverged
 from trainer.train.loop import Callback, Learner
 from trainer.train.tasks import make_task
-from trainer.run.status import read_status
-from tests.conftest import tiny_config
 
 runner = CliRunner()
 

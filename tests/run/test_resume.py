@@ -7,17 +7,15 @@ import shlex
 import signal
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
+from tests.runs import Crash, CrashAt, SendSignal, assert_same_run, metrics_without_seconds, resumable_config
 from trainer import storage as checkpoint
-from trainer.run import fit as spine
 from trainer.cli import app
 from trainer.config import load_config
-from trainer.run.status import read_status
+from trainer.run import fit as spine
 from trainer.run.signals import Interrupted
-from tests.runs import (Crash, CrashAt, SendSignal, assert_same_run, metrics_without_seconds,
-                        resumable_config)
+from trainer.run.status import read_status
 
 runner = CliRunner()
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer import storage as checkpoint
-from trainer.run import fit as spine
 from tests.playbook_util import prepare
+from tests.runs import Crash, CrashAt, assert_same_run, pythonpath, resumable_config, torchrun
+from trainer import storage as checkpoint
 from trainer.cli import app
 from trainer.config import load_config
+from trainer.run import fit as spine
 from trainer.run.rundir import read_table
-from tests.runs import Crash, CrashAt, assert_same_run, pythonpath, resumable_config, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 runner = CliRunner()
@@ -58,9 +58,9 @@ def test_amp_on_cuda_resumes_exactly(tmp_path, folder_data, amp):
 
 
 def test_lr_find_on_cuda_restores_weights_and_the_scaler(tmp_path, folder_data):
-    from trainer.train import lr_find as LF
     from tests.conftest import tiny_config
     from tests.playbook_util import assert_same, learner_for, snapshot
+    from trainer.train import lr_find as LF
 
     text = tiny_config(folder_data, arch="resnet18", stages="[{epochs: 1, lr: 1.0e-2, schedule: constant}]")
     sess = prepare(load_config(text=text, overrides=["device=cuda", "amp=fp16"]), tmp_path / "run")

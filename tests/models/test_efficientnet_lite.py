@@ -33,7 +33,7 @@ def _top5(model, image, size=224):
     with torch.no_grad():
         probs = model(x).softmax(1)[0]
     top = probs.topk(5)
-    return list(zip(top.indices.tolist(), top.values.tolist()))
+    return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
 
 
 def test_key_mapping_covers_shipped_weights_exactly(shipped_state_dict):

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from trainer.cli import app
 from tests.conftest import make_folder_dataset
+from trainer.cli import app
 
 runner = CliRunner()
 EXAMPLES = int(os.environ.get("TRAINER_FUZZ_EXAMPLES", "25"))

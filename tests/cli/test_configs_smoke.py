@@ -6,10 +6,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from trainer.cli import app
 from tests.conftest import make_csv_dataset, make_folder_dataset
+from tests.runs import ROOT
+from trainer.cli import app
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 runner = CliRunner()
 
 

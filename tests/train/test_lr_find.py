@@ -7,12 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer.train import lr_find as LF
+from tests.conftest import tiny_config
+from tests.playbook_util import assert_same, differs, learner_for, session, snapshot
 from trainer.cli import app
 from trainer.run.plots import smoothed
 from trainer.run.rundir import read_table
-from tests.conftest import tiny_config
-from tests.playbook_util import assert_same, differs, learner_for, session, snapshot
+from trainer.train import lr_find as LF
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from trainer.cli import app
 from tests.conftest import CLASSES, make_csv_dataset, make_folder_dataset, shape_image, tiny_config
+from trainer.cli import app
 
 runner = CliRunner()
 CASES: dict = {}
@@ -538,8 +538,8 @@ def export_unknown_format(tmp):
 @case(2, "no image files found to predict on")
 def predict_empty_folder(tmp):
     _, run = fake_run(tmp)
-    from trainer.models import create_model
     from trainer.config import ModelConfig
+    from trainer.models import create_model
 
     torch.save({"model": create_model(ModelConfig(arch="convnet2"), 3, 3, 16).model.state_dict()},
                run / "checkpoints" / "best.pt")

@@ -5,10 +5,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.conftest import CLASSES, tiny_config
 from trainer import storage as checkpoint
 from trainer.cli import app
 from trainer.run.rundir import read_table
-from tests.conftest import CLASSES, tiny_config
 
 runner = CliRunner()
 
@@ -87,8 +87,8 @@ def test_progress_is_a_table_on_a_terminal_and_plain_lines_otherwise(tmp_path, f
 
     from rich.console import Console
 
-    from trainer.run import fit as spine
     from trainer.config import load_config
+    from trainer.run import fit as spine
 
     cfg = load_config(text=tiny_config(folder_data, stages="[{epochs: 2, lr: 1.0e-2}]"))
     buf = io.StringIO()

@@ -4,17 +4,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.conftest import tiny_config
 from trainer import storage as checkpoint
-from trainer.run import fit as spine
-from trainer.train import precompute
 from trainer.cli import app
 from trainer.config import load_config
 from trainer.config.schema import ModelConfig
 from trainer.data import decode
-from trainer.train.loop import Callback
 from trainer.models import create_model
+from trainer.run import fit as spine
 from trainer.run.rundir import read_table
-from tests.conftest import tiny_config
+from trainer.train import precompute
+from trainer.train.loop import Callback
 
 runner = CliRunner()
 

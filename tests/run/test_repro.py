@@ -5,12 +5,12 @@ deterministic algorithms on (and false switches them off again)."""
 import pytest
 import torch
 
-from trainer import storage as checkpoint
-from trainer.run import fit as spine
-from trainer.config import load_config
-from trainer.train.loop import Callback
 from tests.conftest import tiny_config
 from tests.runs import assert_same_state, metrics_without_seconds
+from trainer import storage as checkpoint
+from trainer.config import load_config
+from trainer.run import fit as spine
+from trainer.train.loop import Callback
 
 
 def run(cfg_path, out, sets=(), callbacks=()):
