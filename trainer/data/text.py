@@ -179,7 +179,7 @@ class TextBundle:
     seed: int
     device: torch.device
     smoke: bool = False
-    log: object = print
+    log: Callable[[str], None] = print
 
     task_kind = "language_model"
     in_channels = 0  # unused by the char models

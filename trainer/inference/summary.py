@@ -11,9 +11,9 @@ from trainer.train.plan import outline
 
 
 def summarize(cfg: Config, n_out: int | None = None, size: int | None = None) -> tuple[list[dict], int, int]:
-    """Rows for each leaf layer; n_out/size default to the data's (read from the config)."""
-    from trainer.data.decode import native_size
-    from trainer.data.images import list_items
+    """Rows for each leaf layer; n_out/size default to the data's (read from the config): the
+    model a run of this config builds, at its first stage's size."""
+    from trainer.data.images import cache_size_for, list_items
 
     if cfg.data.layout == "text":
         from trainer.data.text import vocab_size
@@ -22,7 +22,8 @@ def summarize(cfg: Config, n_out: int | None = None, size: int | None = None) ->
         return layer_rows(built.model, torch.zeros(cfg.data.bptt, 2, dtype=torch.long))  # (seq, bs)
     items = list_items(cfg.data, cfg.seed or 0)
     n_out = n_out or len(items.classes)
-    size = size or outline(cfg).first_size or cfg.data.size or native_size(items.train_files[0])
+    stages = outline(cfg)
+    size = size or stages.first_size or cache_size_for(cfg.data, list(stages.image_sizes), items.train_files)
     built = create_model(cfg.model.model_copy(update={"pretrained": False}), n_out, cfg.data.channels, size)
     return layer_rows(built.model, torch.zeros(2, cfg.data.channels, size, size))
 
