@@ -91,6 +91,7 @@ def worker(name: str, args) -> None:
 
 # ---- the parent: warm the cache, run each contender, print the table -----------------------
 
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="data/cifar10", help="folders train/<class>/ and test/<class>/")
@@ -113,9 +114,28 @@ def parse(argv=None):
 
 
 def child_args(args) -> list[str]:
-    out = ["--data", args.data, "--epochs", str(args.epochs), "--bs", str(args.bs), "--lr", str(args.lr),
-           "--wd", str(args.wd), "--arch", args.arch, "--device", args.device, "--amp", args.amp,
-           "--workers", str(args.workers), "--seed", str(args.seed)]
+    out = [
+        "--data",
+        args.data,
+        "--epochs",
+        str(args.epochs),
+        "--bs",
+        str(args.bs),
+        "--lr",
+        str(args.lr),
+        "--wd",
+        str(args.wd),
+        "--arch",
+        args.arch,
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+        "--workers",
+        str(args.workers),
+        "--seed",
+        str(args.seed),
+    ]
     out += ["--limit", str(args.limit)] if args.limit else []
     out += ["--compile"] if args.compile else []
     return out + (["--channels-last"] if args.channels_last else [])
@@ -137,7 +157,7 @@ def run_child(name: str, args) -> dict:
     if proc.returncode != 0 or not lines:
         tail = (stderr or stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    out = json.loads(lines[-1][len(MARK):])
+    out = json.loads(lines[-1][len(MARK) :])
     out["wall"], out["tree_rss_mib"] = time.perf_counter() - t, peak
     return out
 
@@ -164,8 +184,7 @@ def steady(seconds: list[float]) -> float:
 
 
 def table(results: dict, floor: float | None) -> str:
-    head = (f"{'':<16}{'s/epoch':>9}{'1st epoch':>10}{'images/s':>10}{'peak RSS MiB':>20}{'accuracy':>10}"
-            f"{'x floor':>9}")
+    head = f"{'':<16}{'s/epoch':>9}{'1st epoch':>10}{'images/s':>10}{'peak RSS MiB':>20}{'accuracy':>10}{'x floor':>9}"
     rows = [head, "-" * len(head)]
     for name, r in results.items():
         if "skipped" in r or "error" in r:
@@ -175,8 +194,9 @@ def table(results: dict, floor: float | None) -> str:
         rss = f"{r['rss_mib']:.0f}" + (f" ({r['tree_rss_mib']:.0f})" if r["tree_rss_mib"] > r["rss_mib"] * 1.05 else "")
         ratio = f"{sec / floor:.2f}" if floor else "-"
         acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
-        rows.append(f"{name:<16}{sec:>9.1f}{r['seconds'][0]:>10.1f}{r['images'] / sec:>10.0f}{rss:>20}{acc:>10}"
-                    f"{ratio:>9}")
+        rows.append(
+            f"{name:<16}{sec:>9.1f}{r['seconds'][0]:>10.1f}{r['images'] / sec:>10.0f}{rss:>20}{acc:>10}{ratio:>9}"
+        )
     return "\n".join(rows)
 
 
@@ -192,8 +212,11 @@ def main(argv=None) -> None:
     images, _ = load(args)  # the one-time decode, outside every timing
     n_train, n_valid = len(images.train_y), len(images.valid_y)
     del images
-    print(f"{n_train} train / {n_valid} test images, bs {args.bs}, {args.epochs} epoch(s), {args.arch}; "
-          f"cache ready in {time.perf_counter() - t:.1f} s (JPEG decode, first time only)", flush=True)
+    print(
+        f"{n_train} train / {n_valid} test images, bs {args.bs}, {args.epochs} epoch(s), {args.arch}; "
+        f"cache ready in {time.perf_counter() - t:.1f} s (JPEG decode, first time only)",
+        flush=True,
+    )
     results = {}
     for name in names:
         if name == "fastai" and fastai_missing():

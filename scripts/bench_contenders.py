@@ -47,8 +47,16 @@ def build(args, n_out: int):
 def one_cycle(opt, args, steps: int):
     import torch
 
-    return torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.25, div_factor=25,
-                                               final_div_factor=1e4, base_momentum=0.85, max_momentum=0.95)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        args.lr,
+        total_steps=steps,
+        pct_start=0.25,
+        div_factor=25,
+        final_div_factor=1e4,
+        base_momentum=0.85,
+        max_momentum=0.95,
+    )
 
 
 def accuracy(model, batches, device) -> float:
@@ -64,6 +72,7 @@ def accuracy(model, batches, device) -> float:
 
 
 # ---- the contenders (each runs in its own process) ----------------------------------------
+
 
 def run_floor(args) -> dict:
     import torch
@@ -85,7 +94,7 @@ def run_floor(args) -> dict:
         t = time.perf_counter()
         order = torch.randperm(len(x), generator=g).to(device)
         for i in range(n_batches):
-            idx = order[i * args.bs:(i + 1) * args.bs]
+            idx = order[i * args.bs : (i + 1) * args.bs]
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
@@ -119,11 +128,20 @@ def run_trainer(args) -> dict:
             self.n = len(learn.train_dl) * learn.train_dl.bs
 
     data = data_config(args).model_dump(exclude_none=True)
-    cfg = Config.model_validate({
-        "name": "bench", "seed": args.seed, "device": args.device, "amp": args.amp, "compile": args.compile,
-        "channels_last": args.channels_last, "data": data,
-        "model": {"arch": args.arch, "layers": [10, 20, 40, 80, 160]}, "transforms": {"preset": "pad_crop"},
-        "train": {"wd": args.wd, "stages": [{"name": "all", "epochs": args.epochs, "lr": args.lr}]}})
+    cfg = Config.model_validate(
+        {
+            "name": "bench",
+            "seed": args.seed,
+            "device": args.device,
+            "amp": args.amp,
+            "compile": args.compile,
+            "channels_last": args.channels_last,
+            "data": data,
+            "model": {"arch": args.arch, "layers": [10, 20, 40, 80, 160]},
+            "transforms": {"preset": "pad_crop"},
+            "train": {"wd": args.wd, "stages": [{"name": "all", "epochs": args.epochs, "lr": args.lr}]},
+        }
+    )
     timer = EpochTimer()
     result = spine.fit(cfg, out=tempfile.mkdtemp(prefix="bench-trainer-"), callbacks=[timer])
     return {"seconds": timer.times, "images": timer.n, "accuracy": result.final.get("accuracy")}
@@ -138,14 +156,22 @@ def run_raw(args) -> dict:
     images, (mean, std) = load(args)  # only for the file list (same slice) and the stats
     device = torch.device(args.device)
     norm = T.Normalize(mean, std)
-    train_tf = T.Compose([T.RandomCrop(32, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(),
-                          T.ToTensor(), norm])
+    train_tf = T.Compose(
+        [T.RandomCrop(32, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(), T.ToTensor(), norm]
+    )
     root = Path(args.data)
     train_ds = same_files(datasets.ImageFolder(root / "train", train_tf), images.items.train_files)
     valid_ds = same_files(datasets.ImageFolder(root / "test", T.Compose([T.ToTensor(), norm])), images.valid_files)
     pin = device.type == "cuda"
-    train_dl = DataLoader(train_ds, args.bs, shuffle=True, num_workers=args.workers, drop_last=True, pin_memory=pin,
-                          generator=torch.Generator().manual_seed(args.seed))
+    train_dl = DataLoader(
+        train_ds,
+        args.bs,
+        shuffle=True,
+        num_workers=args.workers,
+        drop_last=True,
+        pin_memory=pin,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     valid_dl = DataLoader(valid_ds, args.bs * 2, num_workers=args.workers, pin_memory=pin)
     model, opt = build(args, len(images.classes))
     model.to(device)
@@ -195,11 +221,17 @@ def run_fastai(args) -> dict:
     images, (mean, std) = load(args)
     valid = {str(f) for f in images.valid_files}
     files = [*images.items.train_files, *images.valid_files]
-    block = DataBlock(blocks=(ImageBlock, CategoryBlock), get_items=lambda _: files, get_y=parent_label,
-                      splitter=lambda items: ([i for i, f in enumerate(items) if str(f) not in valid],
-                                              [i for i, f in enumerate(items) if str(f) in valid]),
-                      item_tfms=[CropPad(40, pad_mode="reflection"), RandomCrop(32)],
-                      batch_tfms=[Flip(), Normalize.from_stats(mean, std)])
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock),
+        get_items=lambda _: files,
+        get_y=parent_label,
+        splitter=lambda items: (
+            [i for i, f in enumerate(items) if str(f) not in valid],
+            [i for i, f in enumerate(items) if str(f) in valid],
+        ),
+        item_tfms=[CropPad(40, pad_mode="reflection"), RandomCrop(32)],
+        batch_tfms=[Flip(), Normalize.from_stats(mean, std)],
+    )
     dls = block.dataloaders(args.data, bs=args.bs, num_workers=args.workers, device=torch.device(args.device))
     model, _ = build(args, len(images.classes))
     learn = FastLearner(dls, model, loss_func=torch.nn.CrossEntropyLoss(), metrics=[])
@@ -211,8 +243,12 @@ def run_fastai(args) -> dict:
     valid = time.perf_counter() - t
     times = [(total - args.epochs * valid) / args.epochs] * args.epochs
     acc = accuracy(learn.model, dls.valid, torch.device(args.device))
-    return {"seconds": times, "images": len(dls.train) * args.bs, "accuracy": acc,
-            "note": f"validation ({valid:.1f} s a pass, timed after fit) taken out; epochs averaged"}
+    return {
+        "seconds": times,
+        "images": len(dls.train) * args.bs,
+        "accuracy": acc,
+        "note": f"validation ({valid:.1f} s a pass, timed after fit) taken out; epochs averaged",
+    }
 
 
 def sync(device) -> None:

@@ -53,8 +53,9 @@ def main() -> None:
     args = ap.parse_args()
     cap = torch.backends.cpu.get_cpu_capability()
     print(f"{args.arch}, bs {args.bs}, {args.size}px, {torch.get_num_threads()} threads, CPU capability {cap}")
-    ways = {(bf16, cl): make_step(args.arch, args.bs, args.size, bf16, cl) for bf16 in (False, True)
-            for cl in (False, True)}
+    ways = {
+        (bf16, cl): make_step(args.arch, args.bs, args.size, bf16, cl) for bf16 in (False, True) for cl in (False, True)
+    }
     for step in ways.values():
         for _ in range(args.warmup):
             step()
@@ -67,8 +68,12 @@ def main() -> None:
             best[k] = (min(best[k][0], wall), min(best[k][1], cpu))
     base = best[(False, False)][0]
     for (bf16, cl), (wall, cpu) in best.items():
-        print(f"  {'bf16' if bf16 else 'fp32'} {'channels_last' if cl else 'contiguous':<14}"
-              f"{wall:8.0f} ms/step (CPU time {cpu:6.0f} ms)  x{wall / base:.2f}", flush=True)
+        print(
+            f"  {'bf16' if bf16 else 'fp32'} {'channels_last' if cl else 'contiguous':<14}"
+            f"{wall:8.0f} ms/step (CPU time {cpu:6.0f} ms)  x{wall / base:.2f}",
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

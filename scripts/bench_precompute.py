@@ -63,8 +63,10 @@ def main() -> None:
     n_train = len(sess.bundle.images.train_y)
     n_valid = len(sess.bundle.images.valid_y)
     size = stage.size or sess.bundle.images.size
-    print(f"{cfg.model.arch}, stage '{stage.name}' at {size}px, {n_train} train + {n_valid} valid images, "
-          f"{args.epochs} epochs")
+    print(
+        f"{cfg.model.arch}, stage '{stage.name}' at {size}px, {n_train} train + {n_valid} valid images, "
+        f"{args.epochs} epochs"
+    )
     for mode, (secs, once, last) in results.items():
         per = sum(secs) / len(secs)
         extra = f", once {once:.1f} s to compute the activations" if once else ""

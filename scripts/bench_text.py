@@ -63,15 +63,16 @@ def raw_speed(sess, stage, warmup: int, n: int) -> float:
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, sess.bundle.n_out, 0, 0).model.to(sess.device).train()
     lr = stage.lrs[-1] if not stage.find_lr else 1e-3
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=cfg.train.betas, eps=cfg.train.eps,
-                            weight_decay=cfg.train.wd)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=cfg.train.betas, eps=cfg.train.eps, weight_decay=cfg.train.wd
+    )
     train, _ = sess.bundle.loaders(stage.bs)
     data, bounds = train.data, train.bounds().tolist()
     chars, t0 = 0, None
     for i in range(warmup + n):
         if i == warmup:
             t0 = time.perf_counter()
-        x, y = data[bounds[i]:bounds[i + 1]], data[bounds[i] + 1:bounds[i + 1] + 1]
+        x, y = data[bounds[i] : bounds[i + 1]], data[bounds[i] + 1 : bounds[i + 1] + 1]
         out = model(x)
         loss = F.cross_entropy(out.view(-1, out.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -96,8 +97,12 @@ def bench(config: str, sets: list[str], warmup: int, n: int, rounds: int) -> dic
             for name, fn, sink in order if r % 2 == 0 else order[::-1]:
                 sink.append(fn(sess, stage, warmup, n))
                 print(f"  {Path(config).stem} round {r + 1} {name}: {sink[-1]:,.0f} chars/s", flush=True)
-    return {"config": Path(config).stem, "raw": statistics.median(raw), "trainer": statistics.median(ours),
-            "ratio": statistics.median(ours) / statistics.median(raw)}
+    return {
+        "config": Path(config).stem,
+        "raw": statistics.median(raw),
+        "trainer": statistics.median(ours),
+        "ratio": statistics.median(ours) / statistics.median(raw),
+    }
 
 
 def main() -> None:

@@ -32,8 +32,16 @@ def command(kind: str, nproc: int, config: str, sets: list[str], out: Path) -> l
     fit = ["fit", config, *[a for s in sets for a in ("--set", s)], "--out", str(out)]
     if kind == "plain":
         return [sys.executable, "-m", "trainer", *fit]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "trainer", *fit]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "trainer",
+        *fit,
+    ]
 
 
 def time_run(kind: str, nproc: int, args, folder: Path) -> dict:

@@ -26,8 +26,9 @@ from trainer import storage as checkpoint  # noqa: E402
 
 
 def trainer(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer", "fit", *args], cwd=ROOT, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", "fit", *args], cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
 
 
 def metrics(run: Path) -> list[dict]:
@@ -80,11 +81,12 @@ def main() -> None:
     t_save = (time.perf_counter() - t0) / n
 
     print(f"uninterrupted run: {t_ref:.1f} s")
-    print(f"killed run: exit {code} after {t_killed:.1f} s (first checkpoint at {t_first:.1f} s); "
-          f"last.pt at {where}")
+    print(f"killed run: exit {code} after {t_killed:.1f} s (first checkpoint at {t_first:.1f} s); last.pt at {where}")
     print(f"resumed run: {t_resume:.1f} s (killed + resumed = {t_killed + t_resume:.1f} s)")
-    print(f"identical metrics.csv (but seconds): {metrics(tmp / 'ref') == metrics(tmp / 'run')}; "
-          f"bitwise-identical final weights: {same_w} ({len(a_w)} tensors)")
+    print(
+        f"identical metrics.csv (but seconds): {metrics(tmp / 'ref') == metrics(tmp / 'run')}; "
+        f"bitwise-identical final weights: {same_w} ({len(a_w)} tensors)"
+    )
     print(f"checkpoint: {last.stat().st_size / 1e6:.2f} MB, {t_save * 1000:.0f} ms per atomic save (fsync)")
     print(f"files in {tmp}")
 

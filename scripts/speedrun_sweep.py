@@ -56,9 +56,16 @@ def one(name: str, sets: list[str], args) -> dict:
     run(["evaluate", str(out), "--tta"], log)
     report = json.loads((out / "evaluation.json").read_text())
     seconds = [float(r["seconds"]) for r in read_table(out / "metrics.csv")]
-    return {"variant": name, "sets": sets[2:], "epochs": len(seconds), "accuracy": report["metrics"]["accuracy"],
-            "accuracy_tta": (report.get("metrics_tta") or {}).get("accuracy"),
-            "train_s_after_first": sum(seconds[1:]), "first_epoch_s": seconds[0], "wall_s": wall}
+    return {
+        "variant": name,
+        "sets": sets[2:],
+        "epochs": len(seconds),
+        "accuracy": report["metrics"]["accuracy"],
+        "accuracy_tta": (report.get("metrics_tta") or {}).get("accuracy"),
+        "train_s_after_first": sum(seconds[1:]),
+        "first_epoch_s": seconds[0],
+        "wall_s": wall,
+    }
 
 
 def main() -> None:
@@ -66,8 +73,13 @@ def main() -> None:
     p.add_argument("--config", default="configs/cifar10_speedrun.yaml")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--only", default=",".join(VARIANTS), help="variants to run, comma-separated, in order")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]",
-                   help="an extra variant (repeatable); name it in --only too, or it runs last")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=KEY=VALUE[;KEY=VALUE]",
+        help="an extra variant (repeatable); name it in --only too, or it runs last",
+    )
     p.add_argument("--set", action="append", default=[], help="applied to every variant (repeatable)")
     p.add_argument("--out", default=f"runs/speedrun_sweep/{time.strftime('%Y%m%d-%H%M%S')}")
     p.add_argument("--json", help="also write the rows here")
@@ -76,8 +88,9 @@ def main() -> None:
     for v in args.variant:
         name, _, sets = v.partition("=")
         variants[name] = [s for s in sets.split(";") if s]
-    names = [n for n in args.only.split(",") if n] + [v.partition("=")[0] for v in args.variant
-                                                      if v.partition("=")[0] not in args.only.split(",")]
+    names = [n for n in args.only.split(",") if n] + [
+        v.partition("=")[0] for v in args.variant if v.partition("=")[0] not in args.only.split(",")
+    ]
     unknown = [n for n in names if n not in variants]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(variants)}")
@@ -88,8 +101,11 @@ def main() -> None:
         r = one(name, variants[name], args)
         rows.append(r)
         tta = f"{r['accuracy_tta']:.4f}" if r["accuracy_tta"] is not None else "-"
-        print(f"{name:<12}{r['epochs']:>7}{r['accuracy']:>8.4f}{tta:>9}{r['train_s_after_first']:>9.1f}"
-              f"{r['first_epoch_s']:>9.1f}{r['wall_s']:>8.1f}  {' '.join(r['sets']) or '-'}", flush=True)
+        print(
+            f"{name:<12}{r['epochs']:>7}{r['accuracy']:>8.4f}{tta:>9}{r['train_s_after_first']:>9.1f}"
+            f"{r['first_epoch_s']:>9.1f}{r['wall_s']:>8.1f}  {' '.join(r['sets']) or '-'}",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

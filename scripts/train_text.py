@@ -48,12 +48,19 @@ class Curve(Callback):
 
     def _record(self, learn, valid: dict, where: str) -> None:
         s = learn.state
-        row = {"seconds": round(self.elapsed(), 1), "stage": self.stage, "epoch": round(s.epoch + (s.batch + 1)
-               / s.n_batches, 3) if where == "mid" else s.epoch + 1, "chars": self.chars,
-               "train_loss": s.train_loss, **valid}
+        row = {
+            "seconds": round(self.elapsed(), 1),
+            "stage": self.stage,
+            "epoch": round(s.epoch + (s.batch + 1) / s.n_batches, 3) if where == "mid" else s.epoch + 1,
+            "chars": self.chars,
+            "train_loss": s.train_loss,
+            **valid,
+        }
         self.rows.append(row)
-        print("  curve: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in row.items()), flush=True)
+        print(
+            "  curve: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+            flush=True,
+        )
         if self.target is not None and self.reached is None and valid["valid_loss"] <= self.target:
             self.reached = row["seconds"]
             self.done = True
@@ -103,14 +110,24 @@ def main() -> None:
     result = spine.fit(cfg, args.out, callbacks=[curve])
     write_table(result.run_dir / "curve.csv", curve.rows)
     best = min(curve.rows, key=lambda r: r["valid_loss"]) if curve.rows else {}
-    print(f"config {args.config} {' '.join('--set ' + s for s in args.sets)}; torch threads "
-          f"{torch.get_num_threads()}; run {result.run_dir}")
-    print(f"best valid_loss {best.get('valid_loss', float('nan')):.4f} nats/char "
-          f"(bpc {best.get('bpc', float('nan')):.4f}, accuracy {best.get('accuracy', float('nan')):.4f}) "
-          f"at {best.get('seconds')} s, epoch {best.get('epoch')}")
+    print(
+        f"config {args.config} {' '.join('--set ' + s for s in args.sets)}; torch threads "
+        f"{torch.get_num_threads()}; run {result.run_dir}"
+    )
+    print(
+        f"best valid_loss {best.get('valid_loss', float('nan')):.4f} nats/char "
+        f"(bpc {best.get('bpc', float('nan')):.4f}, accuracy {best.get('accuracy', float('nan')):.4f}) "
+        f"at {best.get('seconds')} s, epoch {best.get('epoch')}"
+    )
     if args.target is not None:
-        print(f"target {args.target}: " + (f"reached after {curve.reached} s" if curve.reached is not None
-                                           else f"NOT reached within {args.minutes} minutes"))
+        print(
+            f"target {args.target}: "
+            + (
+                f"reached after {curve.reached} s"
+                if curve.reached is not None
+                else f"NOT reached within {args.minutes} minutes"
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -27,15 +27,16 @@ def shape_image(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
         mask = (abs(xx - cx) < 0.25) & (abs(yy - cy) < 0.25)
         colour = (60, 200, 60)
     else:
-        mask = (np.sin(xx * 20 + cx * 6) > 0)
+        mask = np.sin(xx * 20 + cx * 6) > 0
         colour = (60, 60, 220)
     img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
     img[mask] = colour
     return Image.fromarray(img)
 
 
-def make_folder_dataset(root: Path, n_train: int = 12, n_valid: int = 6, size: int = 16, seed: int = 0,
-                        valid: str = "valid", test: int = 0) -> Path:
+def make_folder_dataset(
+    root: Path, n_train: int = 12, n_valid: int = 6, size: int = 16, seed: int = 0, valid: str = "valid", test: int = 0
+) -> Path:
     rng = np.random.default_rng(seed)
     for part, n in (("train", n_train), (valid, n_valid)):
         for c in CLASSES:
@@ -87,5 +88,7 @@ def tiny_config(data: Path, **over) -> str:
     arch = over.pop("arch", "convnet2")
     layout = over.pop("layout", "folder")
     extra = over.pop("data_extra", "")
-    return (f"name: tiny\nseed: 0\ndata: {{layout: {layout}, path: '{data}', bs: 8{extra}}}\n"
-            f"model: {{arch: {arch}}}\ntrain:\n  stages: {stages}\n")
+    return (
+        f"name: tiny\nseed: 0\ndata: {{layout: {layout}, path: '{data}', bs: 8{extra}}}\n"
+        f"model: {{arch: {arch}}}\ntrain:\n  stages: {stages}\n"
+    )

@@ -24,8 +24,17 @@ def free_port() -> int:
 
 def torchrun(nproc: int, *trainer_args: str) -> list[str]:
     """`python -m torch.distributed.run ... -m trainer ARGS` on this machine, on a free port."""
-    return ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=localhost:{free_port()}", "-m", "trainer", *trainer_args]
+    return [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=localhost:{free_port()}",
+        "-m",
+        "trainer",
+        *trainer_args,
+    ]
 
 
 def pythonpath(*paths: Path) -> str:
@@ -37,12 +46,14 @@ def pythonpath(*paths: Path) -> str:
 def resumable_config(data: Path, every: int = 1, name: str = "tiny") -> str:
     """Two stages (frozen body, then all), dropout and augmentation: every kind of random state a
     resume must restore. 36 training images at bs 8: 4 batches an epoch, 12 steps in all."""
-    return (f"name: {name}\nseed: 0\ndata: {{layout: folder, path: '{data}', bs: 8}}\n"
-            "model: {arch: bnresnet, layers: [8, 16], ps: 0.25}\n"
-            "transforms: {preset: side_on, max_zoom: 1.1}\n"
-            f"train:\n  checkpoint_every: {every}\n  stages:\n"
-            "    - {name: head, epochs: 1, lr: 1.0e-2, freeze: body}\n"
-            "    - {name: all, epochs: 2, lr: 5.0e-3, unfreeze: true}\n")
+    return (
+        f"name: {name}\nseed: 0\ndata: {{layout: folder, path: '{data}', bs: 8}}\n"
+        "model: {arch: bnresnet, layers: [8, 16], ps: 0.25}\n"
+        "transforms: {preset: side_on, max_zoom: 1.1}\n"
+        f"train:\n  checkpoint_every: {every}\n  stages:\n"
+        "    - {name: head, epochs: 1, lr: 1.0e-2, freeze: body}\n"
+        "    - {name: all, epochs: 2, lr: 5.0e-3, unfreeze: true}\n"
+    )
 
 
 class Crash(Exception):
@@ -91,8 +102,9 @@ def assert_same_run(reference: Path, run: Path) -> None:
     got, want = metrics_without_seconds(run), metrics_without_seconds(reference)
     assert got == want, f"metrics.csv differs:\n  resumed   {got}\n  reference {want}"
     for name in ("last.pt", "best.pt"):
-        assert_same_state(checkpoint.load(reference / "checkpoints" / name),
-                          checkpoint.load(run / "checkpoints" / name), name)
+        assert_same_state(
+            checkpoint.load(reference / "checkpoints" / name), checkpoint.load(run / "checkpoints" / name), name
+        )
 
 
 class SendSignal(Callback):

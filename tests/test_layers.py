@@ -10,9 +10,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "trainer"
 # The layers, lowest first. A module may import its own package and any lower layer; packages on
 # the same layer (data and models, say) do not import each other.
 LAYERS = {
-    "trainer": 0, "trainer.registry": 0, "trainer.storage": 0,
+    "trainer": 0,
+    "trainer.registry": 0,
+    "trainer.storage": 0,
     "trainer.config": 1,
-    "trainer.data": 2, "trainer.models": 2, "trainer.datasets": 2,
+    "trainer.data": 2,
+    "trainer.models": 2,
+    "trainer.datasets": 2,
     "trainer.train": 3,
     "trainer.run": 4,
     "trainer.inference": 5,
@@ -38,8 +42,10 @@ def imported(tree: ast.AST) -> list[tuple[int, str]]:
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "trainer"]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "trainer":
             # `from trainer.run import fit` imports the module trainer.run.fit
-            found += [(node.lineno, f"{node.module}.{a.name}" if node.module.count(".") < 1 else node.module)
-                      for a in node.names]
+            found += [
+                (node.lineno, f"{node.module}.{a.name}" if node.module.count(".") < 1 else node.module)
+                for a in node.names
+            ]
     return found
 
 
@@ -70,11 +76,11 @@ def test_imports_point_one_way():
 
 def test_the_checker_catches_an_arrow_against_the_layers():
     sources = {
-        "trainer.train.loop": "from trainer.run.fit import fit\n",                 # up a layer
+        "trainer.train.loop": "from trainer.run.fit import fit\n",  # up a layer
         "trainer.data.bundle": "def f():\n    from trainer.models import Built\n",  # a sibling, in a function
         "trainer.models.course": "import trainer.inference.predict\n",
         "trainer.run.fit": "from trainer import storage\nfrom trainer.train import loop\n",  # fine: both lower
-        "trainer.inference.tta": "from trainer.inference.finished import LoadedRun\n",      # fine: own package
+        "trainer.inference.tta": "from trainer.inference.finished import LoadedRun\n",  # fine: own package
     }
     found = violations(sources)
     assert [p.split(":")[0] for p in found] == ["trainer.data.bundle", "trainer.models.course", "trainer.train.loop"]
@@ -83,7 +89,10 @@ def test_the_checker_catches_an_arrow_against_the_layers():
 def test_a_handful_of_modules_at_the_top_and_none_named_after_the_standard_library():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= 5, top
-    clashes = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
-               if p.stem in sys.stdlib_module_names and p.stem != "__main__"]
+    clashes = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.stem in sys.stdlib_module_names and p.stem != "__main__"
+    ]
     assert clashes == []
     assert set(LAYERS) >= {f"trainer.{p.name}" for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}

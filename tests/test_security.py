@@ -46,8 +46,11 @@ def test_a_checkpoint_carrying_code_is_refused_not_run(tmp_path):
 def run_dir(tmp_path_factory, folder_data):
     tmp = tmp_path_factory.mktemp("sec")
     cfg = tmp / "c.yaml"
-    cfg.write_text(tiny_config(folder_data, arch="bnresnet", stages="[{epochs: 1, lr: 1.0e-2}]")
-                   .replace("arch: bnresnet", "arch: bnresnet, layers: [8, 16]"))
+    cfg.write_text(
+        tiny_config(folder_data, arch="bnresnet", stages="[{epochs: 1, lr: 1.0e-2}]").replace(
+            "arch: bnresnet", "arch: bnresnet, layers: [8, 16]"
+        )
+    )
     res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp / "run")])
     assert res.exit_code == 0, res.output
     return tmp / "run"
@@ -75,16 +78,34 @@ def _calls(tree):
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             f = node.func
-            name = f.id if isinstance(f, ast.Name) else f"{getattr(f.value, 'id', '?')}.{f.attr}" \
-                if isinstance(f, ast.Attribute) else "?"
+            name = (
+                f.id
+                if isinstance(f, ast.Name)
+                else f"{getattr(f.value, 'id', '?')}.{f.attr}"
+                if isinstance(f, ast.Attribute)
+                else "?"
+            )
             yield name, node
 
 
 def test_no_code_from_data_anywhere_in_the_package():
     """No eval/exec, no import by string, no pickle or unsafe YAML, and every torch.load says
     weights_only=True: a config or a checkpoint can only ever be data."""
-    banned = {"eval", "exec", "compile", "__import__", "importlib.import_module", "pickle.load", "pickle.loads",
-              "yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all", "marshal.loads", "dill.load"}
+    banned = {
+        "eval",
+        "exec",
+        "compile",
+        "__import__",
+        "importlib.import_module",
+        "pickle.load",
+        "pickle.loads",
+        "yaml.load",
+        "yaml.unsafe_load",
+        "yaml.full_load",
+        "yaml.load_all",
+        "marshal.loads",
+        "dill.load",
+    }
     problems = []
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
@@ -113,6 +134,7 @@ def test_the_checker_itself_catches_what_it_bans(tmp_path):
 
 
 # ---- export -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torchscript", "onnx"])
 def test_export_reproduces_the_model(run_dir, tmp_path, fmt):

@@ -16,8 +16,12 @@ from rich.table import Table
 from trainer.config import Config, ConfigError, dump_config, load_config
 from trainer.data.items import DataError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train image classifiers and character-level language models from a YAML config.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train image classifiers and character-level language models from a YAML config.",
+)
 console = Console()
 
 CONFIG = typer.Argument(..., help="YAML config file.")
@@ -55,14 +59,23 @@ def guarded(fn):
 
 
 @app.command()
-def fit(config: Path = CONFIG, sets: list[str] | None = SETS,
-        out: Path | None = typer.Option(None, help="Run directory (default runs/<name>/<time>)."),
-        smoke: bool = typer.Option(False, help="Every stage on a few batches: does the pipeline work?"),
-        resume: str | None = typer.Option(None, help="RUN_DIR, or auto (the newest unfinished run of this "
-                                             "config): continue exactly from its last checkpoint."),
-        devices: int | None = typer.Option(None, "--devices", min=1, help="Train with N processes on this "
-                                              "machine (DDP; one per GPU), started as torchrun would."),
-        launched_with: int | None = typer.Option(None, "--launched-with-devices", hidden=True)):
+def fit(
+    config: Path = CONFIG,
+    sets: list[str] | None = SETS,
+    out: Path | None = typer.Option(None, help="Run directory (default runs/<name>/<time>)."),
+    smoke: bool = typer.Option(False, help="Every stage on a few batches: does the pipeline work?"),
+    resume: str | None = typer.Option(
+        None,
+        help="RUN_DIR, or auto (the newest unfinished run of this config): continue exactly from its last checkpoint.",
+    ),
+    devices: int | None = typer.Option(
+        None,
+        "--devices",
+        min=1,
+        help="Train with N processes on this machine (DDP; one per GPU), started as torchrun would.",
+    ),
+    launched_with: int | None = typer.Option(None, "--launched-with-devices", hidden=True),
+):
     """Train: run every stage of the config and write a run directory."""
     from trainer.run import launch
     from trainer.run.fit import fit as run_fit
@@ -72,15 +85,30 @@ def fit(config: Path = CONFIG, sets: list[str] | None = SETS,
     if resume is not None and out is not None:
         fail("--resume continues in the run's own directory; leave out --out")
     if devices is not None:
-        raise typer.Exit(launch.launch(devices, launch.fit_args(config, sets, out, smoke, resume, devices),
-                                       log=lambda m: console.print(m, highlight=False, markup=False)))
+        raise typer.Exit(
+            launch.launch(
+                devices,
+                launch.fit_args(config, sets, out, smoke, resume, devices),
+                log=lambda m: console.print(m, highlight=False, markup=False),
+            )
+        )
     main = launch.is_main_process()  # under torchrun only rank 0 reports
     try:
         result = guarded(lambda: run_fit(cfg, out, smoke, console, resume=resume))
     except Interrupted as e:
-        command = shlex.join(launch.resume_command(["trainer", "fit", str(config),
-                                                    *[a for s in sets or [] for a in ("--set", s)],
-                                                    "--resume", str(e.run_dir)], launched_with))
+        command = shlex.join(
+            launch.resume_command(
+                [
+                    "trainer",
+                    "fit",
+                    str(config),
+                    *[a for s in sets or [] for a in ("--set", s)],
+                    "--resume",
+                    str(e.run_dir),
+                ],
+                launched_with,
+            )
+        )
         if main:
             console.print(f"{e}\nresume with: {command}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
@@ -121,16 +149,19 @@ def summary(config: Path = CONFIG, sets: list[str] | None = SETS):
 
 
 @app.command()
-def predict(run_dir: Path = typer.Argument(..., help="A run directory."),
-            data: Path = typer.Option(..., help="Folder of images (or one image)."),
-            out: Path | None = typer.Option(None, help="CSV file (default RUN_DIR/predictions.csv)."),
-            labels: bool = typer.Option(False, "--labels", help="Only id and label(s), no probabilities."),
-            probs: bool = typer.Option(False, "--probs", help="Only id and one probability column per class."),
-            tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (the config's tta: n, beta)."),
-            id_column: str = typer.Option("id", help="Name of the id column (planet: image_name)."),
-            checkpoint: str = typer.Option("best", help="best or last."),
-            ensemble: str = typer.Option("none", help="cycles: average the SGDR snapshots "
-                                         "(checkpoints/cycle-<k>.pt of save_cycles: true).")):
+def predict(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    data: Path = typer.Option(..., help="Folder of images (or one image)."),
+    out: Path | None = typer.Option(None, help="CSV file (default RUN_DIR/predictions.csv)."),
+    labels: bool = typer.Option(False, "--labels", help="Only id and label(s), no probabilities."),
+    probs: bool = typer.Option(False, "--probs", help="Only id and one probability column per class."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (the config's tta: n, beta)."),
+    id_column: str = typer.Option("id", help="Name of the id column (planet: image_name)."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+    ensemble: str = typer.Option(
+        "none", help="cycles: average the SGDR snapshots (checkpoints/cycle-<k>.pt of save_cycles: true)."
+    ),
+):
     """Predict a folder of images: id, predicted label(s), one probability column per class."""
     from trainer.inference.finished import load_run
     from trainer.inference.predict import cycle_checkpoints, predict_ensemble, predict_folder, predictions_table
@@ -147,8 +178,16 @@ def predict(run_dir: Path = typer.Argument(..., help="A run directory."),
             files, p = predict_ensemble(run, data, cycle_checkpoints(run_dir))
         else:
             files, p = predict_folder(run, data, tta=tta)
-        return predictions_table(files, p, run.classes, run.multi_label, run.threshold, labels_only=labels,
-                                 probs_only=probs, id_column=id_column)
+        return predictions_table(
+            files,
+            p,
+            run.classes,
+            run.multi_label,
+            run.threshold,
+            labels_only=labels,
+            probs_only=probs,
+            id_column=id_column,
+        )
 
     df = guarded(work)
     target = out or run_dir / "predictions.csv"
@@ -157,12 +196,14 @@ def predict(run_dir: Path = typer.Argument(..., help="A run directory."),
 
 
 @app.command()
-def generate(run_dir: Path = typer.Argument(..., help="A language-model run directory."),
-             prime: str = typer.Option(..., help="Text to start from, e.g. \"for thos\"."),
-             chars: int = typer.Option(400, min=0, help="How many characters to generate."),
-             temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature; 0 is greedy."),
-             seed: int | None = typer.Option(None, help="Seed for the sampling (default: random)."),
-             checkpoint: str = typer.Option("best", help="best or last.")):
+def generate(
+    run_dir: Path = typer.Argument(..., help="A language-model run directory."),
+    prime: str = typer.Option(..., help='Text to start from, e.g. "for thos".'),
+    chars: int = typer.Option(400, min=0, help="How many characters to generate."),
+    temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature; 0 is greedy."),
+    seed: int | None = typer.Option(None, help="Seed for the sampling (default: random)."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+):
     """Generate text from a character-level language model: the prime, then --chars more."""
     from trainer.inference.generate import generate as sample
     from trainer.inference.generate import load_text_run
@@ -175,31 +216,38 @@ def generate(run_dir: Path = typer.Argument(..., help="A language-model run dire
 
 
 @app.command("export")
-def export_cmd(run_dir: Path = typer.Argument(..., help="A run directory."),
-               format: str = typer.Option("safetensors", "--format", help="safetensors, onnx or torchscript."),
-               out: Path | None = typer.Option(None, help="Output file (default RUN_DIR/export/model.<ext>)."),
-               checkpoint: str = typer.Option("best", help="best or last."),
-               verify: bool = typer.Option(True, help="Reload the export and compare its outputs.")):
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    format: str = typer.Option("safetensors", "--format", help="safetensors, onnx or torchscript."),
+    out: Path | None = typer.Option(None, help="Output file (default RUN_DIR/export/model.<ext>)."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+    verify: bool = typer.Option(True, help="Reload the export and compare its outputs."),
+):
     """Export the trained model for deployment, with its classes and input statistics inside."""
     from trainer.inference.export import FORMATS, export_run
 
     if format not in FORMATS:
         fail(f"--format {format}: expected one of {', '.join(FORMATS)}")
     result = guarded(lambda: export_run(run_dir, format, out, checkpoint, verify))
-    console.print(f"wrote {result.path} ({result.format}, {result.size_bytes / 1e6:.2f} MB)"
-                  + (f"; verified, max |difference| {result.max_diff:.2e}" if result.max_diff is not None else ""),
-                  highlight=False)
+    console.print(
+        f"wrote {result.path} ({result.format}, {result.size_bytes / 1e6:.2f} MB)"
+        + (f"; verified, max |difference| {result.max_diff:.2e}" if result.max_diff is not None else ""),
+        highlight=False,
+    )
 
 
 @app.command("lr-find")
-def lr_find(config: Path = CONFIG, sets: list[str] | None = SETS,
-            stage: str | None = typer.Option(None, help="Stage whose freeze state, size, batch size and lr "
-                                                "ratios to use (default: the first)."),
-            start_lr: float = typer.Option(1e-7, "--start-lr", help="First learning rate."),
-            end_lr: float = typer.Option(10.0, "--end-lr", help="Last learning rate."),
-            num_it: int = typer.Option(100, "--num-it", help="At most this many batches."),
-            out: Path | None = typer.Option(None, help="Folder for lr_find.csv/.png "
-                                               "(default runs/<name>/lr_find-<time>).")):
+def lr_find(
+    config: Path = CONFIG,
+    sets: list[str] | None = SETS,
+    stage: str | None = typer.Option(
+        None, help="Stage whose freeze state, size, batch size and lr ratios to use (default: the first)."
+    ),
+    start_lr: float = typer.Option(1e-7, "--start-lr", help="First learning rate."),
+    end_lr: float = typer.Option(10.0, "--end-lr", help="Last learning rate."),
+    num_it: int = typer.Option(100, "--num-it", help="At most this many batches."),
+    out: Path | None = typer.Option(None, help="Folder for lr_find.csv/.png (default runs/<name>/lr_find-<time>)."),
+):
     """The learning-rate range test: loss against an exponentially growing lr, with suggestions.
     The model and optimizer are left exactly as they were; the same config gives the same curve."""
     from trainer.run import launch
@@ -213,15 +261,19 @@ def lr_find(config: Path = CONFIG, sets: list[str] | None = SETS,
     for name, lr in result.suggestions.items():
         table.add_row(name, f"{lr:.3g}", "recommended" if name == result.recommended else "")
     console.print(table)
-    console.print(f"{len(result.lrs)} steps, stopped: {result.stopped}; recommended lr {result.lr:.3g}",
-                  highlight=False)
+    console.print(
+        f"{len(result.lrs)} steps, stopped: {result.stopped}; recommended lr {result.lr:.3g}", highlight=False
+    )
     console.print(f"wrote lr_find.csv, lr_find.json, lr_find.png to {folder}", highlight=False)
 
 
 @app.command("show-batch")
-def show_batch(config: Path = CONFIG, sets: list[str] | None = SETS,
-               out: Path = typer.Option(Path("batch.png"), help="Image file to write."),
-               n: int = typer.Option(16, min=1, help="How many images.")):
+def show_batch(
+    config: Path = CONFIG,
+    sets: list[str] | None = SETS,
+    out: Path = typer.Option(Path("batch.png"), help="Image file to write."),
+    n: int = typer.Option(16, min=1, help="How many images."),
+):
     """A grid of augmented training images with their labels (check the transforms by eye)."""
     from trainer.inference.pictures import show_batch as draw
 
@@ -231,20 +283,25 @@ def show_batch(config: Path = CONFIG, sets: list[str] | None = SETS,
 
 
 @app.command()
-def evaluate(run_dir: Path = typer.Argument(..., help="A run directory."),
-             tta: bool = typer.Option(False, "--tta", help="Also report metrics with test-time augmentation."),
-             heatmap: bool = typer.Option(False, "--heatmap", help="Grad-CAM heat maps over the top losses."),
-             data: Path | None = typer.Option(None, help="The dataset folder, if not where the run found it."),
-             out: Path | None = typer.Option(None, help="Folder for the plots and tables (default RUN_DIR)."),
-             k: int = typer.Option(9, min=1, help="How many top losses to show."),
-             checkpoint: str = typer.Option("best", help="best or last.")):
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    tta: bool = typer.Option(False, "--tta", help="Also report metrics with test-time augmentation."),
+    heatmap: bool = typer.Option(False, "--heatmap", help="Grad-CAM heat maps over the top losses."),
+    data: Path | None = typer.Option(None, help="The dataset folder, if not where the run found it."),
+    out: Path | None = typer.Option(None, help="Folder for the plots and tables (default RUN_DIR)."),
+    k: int = typer.Option(9, min=1, help="How many top losses to show."),
+    checkpoint: str = typer.Option("best", help="best or last."),
+):
     """Metrics and per-class accuracy on the validation set; confusion matrix, most confused
     pairs and top losses (with --heatmap, Grad-CAM over them)."""
     from trainer.inference.evaluate import evaluate as run_eval
     from trainer.inference.finished import load_run
 
-    ev = guarded(lambda: run_eval(load_run(run_dir, checkpoint), data, tta, heatmap, out, k,
-                                  log=lambda m: console.print(m, highlight=False)))
+    ev = guarded(
+        lambda: run_eval(
+            load_run(run_dir, checkpoint), data, tta, heatmap, out, k, log=lambda m: console.print(m, highlight=False)
+        )
+    )
     table = Table("metric", "plain", *(["tta"] if ev.metrics_tta else []))
     for name, v in ev.metrics.items():
         table.add_row(name, f"{v:.4f}", *([f"{ev.metrics_tta[name]:.4f}"] if ev.metrics_tta else []))

@@ -39,6 +39,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if name not in self._items:
             hint = did_you_mean(name, self._items)
-            raise KeyError(f"unknown {self.kind} '{name}'" + (f"; {hint}" if hint else "")
-                           + f" (known: {', '.join(self.names())})")
+            raise KeyError(
+                f"unknown {self.kind} '{name}'" + (f"; {hint}" if hint else "") + f" (known: {', '.join(self.names())})"
+            )
         return self._items[name]

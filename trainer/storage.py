@@ -65,8 +65,7 @@ def load(path: Path, map_location="cpu") -> dict:
         raise
     except Exception as e:  # torch raises UnpicklingError and friends for a hostile pickle
         raise ValueError(
-            f"{path}: refused to load the checkpoint (not plain tensors and data, "
-            f"or corrupt): {str(e).splitlines()[0]}"
+            f"{path}: refused to load the checkpoint (not plain tensors and data, or corrupt): {str(e).splitlines()[0]}"
         ) from None
 
 

@@ -27,6 +27,7 @@ def case(code: int, *messages: str):
     def deco(fn):
         CASES[fn.__name__] = (fn, code, messages)
         return fn
+
     return deco
 
 
@@ -57,8 +58,10 @@ def fit_csv(tmp: Path, data: Path, extra: str = "") -> list[str]:
 
 
 def text_fit(tmp: Path, corpus: Path, extra: str = "") -> list[str]:
-    text = (f"name: lm\nseed: 0\ndata: {{layout: text, path: '{corpus}', bptt: 8{extra}}}\n"
-            "model: {arch: gru}\ntrain:\n  stages: [{epochs: 1, lr: 1.0e-3}]\n")
+    text = (
+        f"name: lm\nseed: 0\ndata: {{layout: text, path: '{corpus}', bptt: 8{extra}}}\n"
+        "model: {arch: gru}\ntrain:\n  stages: [{epochs: 1, lr: 1.0e-3}]\n"
+    )
     return ["fit", str(config(tmp, corpus, text=text)), "--out", str(tmp / "run")]
 
 
@@ -67,6 +70,7 @@ def first(root: Path, part: str = "train", cls: str = "circle") -> Path:
 
 
 # ---- image files -------------------------------------------------------------------------
+
 
 @case(2, "circle_0.png: cannot read image")
 def corrupt_bytes(tmp):
@@ -133,6 +137,7 @@ def every_image_bad(tmp):
 
 # ---- folder layout ------------------------------------------------------------------------
 
+
 @case(2, "train: folder not found (expected train/<class>/<image files>)")
 def missing_train_folder(tmp):
     d = folder(tmp)
@@ -189,6 +194,7 @@ def data_path_is_a_file(tmp):
 
 
 # ---- labels CSV ---------------------------------------------------------------------------
+
 
 @case(2, "labels.csv: labels file not found")
 def csv_missing(tmp):
@@ -277,6 +283,7 @@ def csv_valid_ids_match_nothing(tmp):
 
 # ---- text corpus (checked before the text layout loads it) --------------------------------
 
+
 @case(2, "corpus.txt: the text corpus is empty")
 def text_empty(tmp):
     (tmp / "corpus.txt").write_text("")
@@ -320,6 +327,7 @@ def text_missing(tmp):
 
 
 # ---- configs --------------------------------------------------------------------------------
+
 
 def cfg_case(tmp, edit, *extra):
     d = tmp / "d"
@@ -461,8 +469,12 @@ def config_image_too_small_for_the_model(tmp):
 
 @case(2, "train.stages: 'simplenet' is built for one input size, but the stages use sizes 8, 16")
 def config_simplenet_with_two_sizes(tmp):
-    return fit(tmp, folder(tmp), arch="simplenet",
-               stages="[{epochs: 1, lr: 1.0e-2, size: 8}, {epochs: 1, lr: 1.0e-3, size: 16}]")
+    return fit(
+        tmp,
+        folder(tmp),
+        arch="simplenet",
+        stages="[{epochs: 1, lr: 1.0e-2, size: 8}, {epochs: 1, lr: 1.0e-3, size: 16}]",
+    )
 
 
 @case(2, "train.loss: bce needs multi-label data")
@@ -489,6 +501,7 @@ def config_python_tag(tmp):
 
 
 # ---- runs and checkpoints -------------------------------------------------------------------
+
 
 def fake_run(tmp: Path, last: bytes | None = None) -> tuple[Path, Path]:
     d = folder(tmp)
@@ -541,8 +554,10 @@ def predict_empty_folder(tmp):
     from trainer.config import ModelConfig
     from trainer.models import create_model
 
-    torch.save({"model": create_model(ModelConfig(arch="convnet2"), 3, 3, 16).model.state_dict()},
-               run / "checkpoints" / "best.pt")
+    torch.save(
+        {"model": create_model(ModelConfig(arch="convnet2"), 3, 3, 16).model.state_dict()},
+        run / "checkpoints" / "best.pt",
+    )
     (tmp / "empty").mkdir()
     return ["predict", str(run), "--data", str(tmp / "empty")]
 
@@ -566,6 +581,7 @@ def test_bad_input(name, tmp_path, monkeypatch):
 
 
 # ---- converted, never an error --------------------------------------------------------------
+
 
 def _modes(tmp: Path) -> dict[str, Path]:
     """One 16x16 image in each mode a dataset may hold."""
@@ -612,7 +628,7 @@ def test_transparent_pixels_become_white(tmp_path):
 def test_a_dataset_of_mixed_modes_trains(tmp_path):
     d = folder(tmp_path)
     modes = list(_modes(tmp_path).values())
-    for i, f in enumerate(sorted((d / "train").rglob("*.png"))[:len(modes)]):
+    for i, f in enumerate(sorted((d / "train").rglob("*.png"))[: len(modes)]):
         shutil.copy(modes[i], f.with_name(f.stem + "_m" + modes[i].suffix))
     res = runner.invoke(app, fit(tmp_path, d))
     assert res.exit_code == 0, res.output

@@ -32,8 +32,7 @@ def fake_data(cfg: dict, tmp: Path) -> Path:
         if data.get("train", "train") != "train":
             (root / "train").rename(root / data["train"])
         return root
-    return make_folder_dataset(tmp / "folder", n_train=6, n_valid=3, size=size,
-                               valid=data.get("valid", "valid"))
+    return make_folder_dataset(tmp / "folder", n_train=6, n_valid=3, size=size, valid=data.get("valid", "valid"))
 
 
 def smoke_overrides(cfg: dict) -> list[str]:

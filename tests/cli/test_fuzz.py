@@ -75,9 +75,15 @@ PLAUSIBLE = {
     "bogus": [1],
     "train.stages.0.lrr": [1e-3],
 }
-ANY = st.one_of(st.none(), st.booleans(), st.integers(-2, 20), st.floats(allow_nan=True, allow_infinity=True),
-                st.text(max_size=6), st.lists(st.integers(-1, 20), max_size=3),
-                st.dictionaries(st.sampled_from(["max", "ratio", "x"]), st.floats(-1, 10), max_size=2))
+ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.integers(-1, 20), max_size=3),
+    st.dictionaries(st.sampled_from(["max", "ratio", "x"]), st.floats(-1, 10), max_size=2),
+)
 
 
 @st.composite
@@ -117,10 +123,12 @@ def apply(cfg: dict, key: str, op: str, value) -> None:
             node[last] = value
 
 
-TEXT_EDITS = st.one_of(st.just(None), st.tuples(st.sampled_from(["cut", "insert", "drop_line"]),
-                                                 st.integers(0, 400), st.text(max_size=4)))
-DATA_EDITS = st.lists(st.tuples(st.sampled_from(["corrupt", "truncate", "empty", "remove", "junk_file"]),
-                                st.integers(0, 50)), max_size=2)
+TEXT_EDITS = st.one_of(
+    st.just(None), st.tuples(st.sampled_from(["cut", "insert", "drop_line"]), st.integers(0, 400), st.text(max_size=4))
+)
+DATA_EDITS = st.lists(
+    st.tuples(st.sampled_from(["corrupt", "truncate", "empty", "remove", "junk_file"]), st.integers(0, 50)), max_size=2
+)
 
 
 def edit_text(text: str, edit) -> str:
@@ -163,8 +171,14 @@ def base_data(tmp_path_factory):
     return make_folder_dataset(tmp_path_factory.mktemp("fuzz") / "data", n_train=4, n_valid=2)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=not DEEP, print_blob=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=not DEEP,
+    print_blob=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(mutations=st.lists(mutation(), max_size=4), text_edit=TEXT_EDITS, data_edits=DATA_EDITS)
 def test_any_config_and_data_give_a_clean_outcome(base_data, mutations, text_edit, data_edits):
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,9 +186,13 @@ def test_any_config_and_data_give_a_clean_outcome(base_data, mutations, text_edi
         data = tmp / "data"
         shutil.copytree(base_data, data)
         edit_data(data, data_edits)
-        cfg = {"name": "fz", "seed": 0, "data": {"layout": "folder", "path": str(data), "bs": 8},
-               "model": {"arch": "convnet2", "layers": [4, 8]},
-               "train": {"stages": [{"epochs": 1, "lr": 1e-2}]}}
+        cfg = {
+            "name": "fz",
+            "seed": 0,
+            "data": {"layout": "folder", "path": str(data), "bs": 8},
+            "model": {"arch": "convnet2", "layers": [4, 8]},
+            "train": {"stages": [{"epochs": 1, "lr": 1e-2}]},
+        }
         for key, op, value in mutations:
             apply(cfg, key, op, copy.deepcopy(value))
         text = edit_text(yaml.safe_dump(cfg, sort_keys=False), text_edit)

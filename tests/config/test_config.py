@@ -62,10 +62,15 @@ def test_option_the_arch_does_not_take(tmp_path, folder_data):
 def test_arch_must_fit_the_data_layout(tmp_path, folder_data, text_file):
     p = write(tmp_path, tiny_config(folder_data, arch="gru"))
     assert f"{p}:4: model.arch: 'gru' does not fit data.layout: folder; an image model does" in error_of(p)
-    p = write(tmp_path, f"name: t\ndata: {{layout: text, path: '{text_file}'}}\nmodel: {{arch: bnresnet}}\n"
-                        "train: {stages: [{epochs: 1, lr: 0.01}]}\n")
-    assert "model.arch: 'bnresnet' does not fit data.layout: text; a character model does (charrnn, gru, lstm)" \
+    p = write(
+        tmp_path,
+        f"name: t\ndata: {{layout: text, path: '{text_file}'}}\nmodel: {{arch: bnresnet}}\n"
+        "train: {stages: [{epochs: 1, lr: 0.01}]}\n",
+    )
+    assert (
+        "model.arch: 'bnresnet' does not fit data.layout: text; a character model does (charrnn, gru, lstm)"
         in error_of(p)
+    )
 
 
 def test_a_fixed_size_model_with_progressive_resizing_fails_before_training(tmp_path, folder_data):

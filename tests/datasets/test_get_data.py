@@ -1,4 +1,5 @@
 """trainer.datasets.get_data on tiny synthetic sources (fake IDX, JPEG and pickle tarballs, text)."""
+
 import csv
 import gzip
 import io
@@ -42,15 +43,22 @@ def make_sources(root: Path, flat: bool = False) -> dict:
     sub = (lambda d: root) if flat else (lambda d: root / d)
     for d in ("fashion-mnist", "cifar10", "text"):
         sub(d).mkdir(parents=True, exist_ok=True)
-    fm = {"train": (RNG.integers(0, 256, (6, 28, 28)), np.array([0, 1, 9, 9, 3, 0])),
-          "test": (RNG.integers(0, 256, (3, 28, 28)), np.array([2, 9, 0]))}
+    fm = {
+        "train": (RNG.integers(0, 256, (6, 28, 28)), np.array([0, 1, 9, 9, 3, 0])),
+        "test": (RNG.integers(0, 256, (3, 28, 28)), np.array([2, 9, 0])),
+    }
     for split, prefix in (("train", "train"), ("test", "t10k")):
         _idx(sub("fashion-mnist") / f"{prefix}-images-idx3-ubyte.gz", fm[split][0])
         _idx(sub("fashion-mnist") / f"{prefix}-labels-idx1-ubyte.gz", fm[split][1])
     # Same file name in two classes, as in the real JPEG tarball (train/<class>/0000.jpg).
     with tarfile.open(sub("cifar10") / "cifar10-jpg.tar.gz", "w:gz") as tar:
-        for name in ("train/cat/0000.jpg", "train/cat/0001.jpg", "train/dog/0000.jpg",
-                     "test/cat/0000.jpg", "test/truck/0000.jpg"):
+        for name in (
+            "train/cat/0000.jpg",
+            "train/cat/0001.jpg",
+            "train/dog/0000.jpg",
+            "test/cat/0000.jpg",
+            "test/truck/0000.jpg",
+        ):
             _tar_add(tar, name, _jpeg((200, 10, 10)))
         _tar_add(tar, "README.txt", b"not an image")
     (sub("text") / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed\n")
@@ -101,9 +109,9 @@ def test_fashion_mnist_layouts(src, tmp_path):
         img = Image.open(dest / "fashion_mnist" / "train" / G.FMNIST_CLASSES[lab] / f"{i:05d}.png")
         assert img.mode == "L" and (np.array(img) == imgs[i]).all()
     assert len(list((dest / "fashion_mnist" / "test").rglob("*.png"))) == 3
-    assert sorted(p.name for p in (dest / "fashion_mnist" / "train").iterdir()) == \
-        sorted({"T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                "Ankle_boot"})
+    assert sorted(p.name for p in (dest / "fashion_mnist" / "train").iterdir()) == sorted(
+        {"T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot"}
+    )
     csv_dir = dest / "fashion_mnist_csv"
     rows = read_csv(csv_dir / "labels.csv")
     assert rows[0] == ["id", "label"]
@@ -121,8 +129,13 @@ def test_cifar_jpeg_layouts(src, tmp_path):
     dest = tmp_path / "data"
     G.get_dataset("cifar10", dest, root)
     files = sorted(str(p.relative_to(dest / "cifar10")) for p in (dest / "cifar10").rglob("*.jpg"))
-    assert files == ["test/cat/0000.jpg", "test/truck/0000.jpg", "train/cat/0000.jpg",
-                     "train/cat/0001.jpg", "train/dog/0000.jpg"]
+    assert files == [
+        "test/cat/0000.jpg",
+        "test/truck/0000.jpg",
+        "train/cat/0000.jpg",
+        "train/cat/0001.jpg",
+        "train/dog/0000.jpg",
+    ]
     rows = read_csv(dest / "cifar10_csv" / "labels.csv")
     assert rows[0] == ["id", "label"] and sorted(r[1] for r in rows[1:]) == ["cat", "cat", "dog"]
     ids = [r[0] for r in rows[1:]]
@@ -160,9 +173,12 @@ def test_second_run_is_noop(src, tmp_path, capsys):
     root, _ = src
     dest = tmp_path / "data"
     G.get_dataset("all", dest, root)
-    watched = [dest / "fashion_mnist" / "train" / "Trouser" / "00001.png",
-               dest / "cifar10_csv" / "labels.csv",
-               dest / "text" / "nietzsche.txt", dest / "fashion_mnist" / G.MARKER]
+    watched = [
+        dest / "fashion_mnist" / "train" / "Trouser" / "00001.png",
+        dest / "cifar10_csv" / "labels.csv",
+        dest / "text" / "nietzsche.txt",
+        dest / "fashion_mnist" / G.MARKER,
+    ]
     before = [p.stat().st_mtime_ns for p in watched]
     capsys.readouterr()
     G.get_dataset("all", dest, root)
@@ -235,6 +251,7 @@ def test_download_mode_uses_urls_and_caches(tmp_path, monkeypatch):
 def test_offline_is_clear_error(tmp_path, monkeypatch):
     def offline(url, filename):
         raise urllib.error.URLError("Temporary failure in name resolution")
+
     monkeypatch.setattr(G.urllib.request, "urlretrieve", offline)
     with pytest.raises(G.GetDataError, match="could not download .*--source"):
         G.get_dataset("shakespeare", tmp_path / "data")
@@ -257,10 +274,12 @@ def test_main_exit_codes(src, tmp_path, capsys, monkeypatch):
 
 def test_script_runs_without_torch(tmp_path):
     script = ROOT / "scripts" / "get_data.py"
-    code = ("import runpy, sys; sys.argv = ['get_data.py', '--help']\n"
-            f"try: runpy.run_path({str(script)!r}, run_name='__main__')\n"
-            "except SystemExit: pass\n"
-            "assert 'torch' not in sys.modules, 'get_data must stay torch-free'")
+    code = (
+        "import runpy, sys; sys.argv = ['get_data.py', '--help']\n"
+        f"try: runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "except SystemExit: pass\n"
+        "assert 'torch' not in sys.modules, 'get_data must stay torch-free'"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "fashion_mnist" in r.stdout

@@ -24,7 +24,9 @@ runner = CliRunner()
 def loader(n=10, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
-    return ImageBatches(images, torch.zeros(n, dtype=torch.long), 4, size, torch.full((3,), 0.5), torch.full((3,), 0.25))
+    return ImageBatches(
+        images, torch.zeros(n, dtype=torch.long), 4, size, torch.full((3,), 0.5), torch.full((3,), 0.25)
+    )
 
 
 def tiny_model():
@@ -104,8 +106,8 @@ def test_grad_cam_peaks_where_the_evidence_is():
 
     net = Net()
     x = torch.zeros(2, 1, 16, 16)
-    x[0, 0, 2:6, 2:6] = 1.0       # bright patch top-left: evidence for class 0
-    x[1, 0, 10:14, 9:13] = -1.0   # dark patch bottom-right: evidence for class 1
+    x[0, 0, 2:6, 2:6] = 1.0  # bright patch top-left: evidence for class 0
+    x[1, 0, 10:14, 9:13] = -1.0  # dark patch bottom-right: evidence for class 1
     cam = grad_cam(net, net.conv, x)
     assert cam.shape == (2, 16, 16) and cam.min() >= 0 and cam.max() <= 1
     assert cam[0, 2:6, 2:6].mean() > 0.9 and cam[0, 10:, 10:].max() < 0.1
@@ -145,8 +147,9 @@ def test_evaluate_names_a_missing_data_folder(run_dir, tmp_path):
 
 def test_predict_tta_and_kaggle_shapes(run_dir, folder_data, tmp_path):
     out = tmp_path / "sub.csv"
-    res = runner.invoke(app, ["predict", str(run_dir), "--data", str(folder_data / "test"), "--out", str(out),
-                              "--tta", "--probs"])
+    res = runner.invoke(
+        app, ["predict", str(run_dir), "--data", str(folder_data / "test"), "--out", str(out), "--tta", "--probs"]
+    )
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out)
     assert list(df.columns) == ["id", *CLASSES] and len(df) == 4
@@ -158,8 +161,7 @@ def test_predict_tta_and_kaggle_shapes(run_dir, folder_data, tmp_path):
 def test_multi_label_end_to_end(tmp_path):
     data = make_csv_dataset(tmp_path / "ml", n=60, multi=True)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(tiny_config(data, layout="csv", data_extra=", suffix: .jpg",
-                               stages="[{epochs: 3, lr: 2.0e-2}]"))
+    cfg.write_text(tiny_config(data, layout="csv", data_extra=", suffix: .jpg", stages="[{epochs: 3, lr: 2.0e-2}]"))
     res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     run_dir = tmp_path / "run"
@@ -170,8 +172,20 @@ def test_multi_label_end_to_end(tmp_path):
     run = load_run(run_dir)
     assert run.multi_label and run.threshold == saved["threshold"]
     sub = tmp_path / "planet.csv"
-    res = runner.invoke(app, ["predict", str(run_dir), "--data", str(data / "train"), "--out", str(sub),
-                              "--labels", "--id-column", "image_name"])
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            str(run_dir),
+            "--data",
+            str(data / "train"),
+            "--out",
+            str(sub),
+            "--labels",
+            "--id-column",
+            "image_name",
+        ],
+    )
     assert res.exit_code == 0, res.output
     df = pd.read_csv(sub, keep_default_na=False)
     assert list(df.columns) == ["image_name", "tags"]

@@ -109,8 +109,9 @@ def test_pretrained_body_with_new_head(shipped_state_dict):
 
 def test_missing_package_gives_install_hint(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == E._WEIGHTS_PKG else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == E._WEIGHTS_PKG else real(name, *a)
+    )
     with pytest.raises(RuntimeError, match=r"trainer\[pretrained\]"):
         E.efficientnet_lite0(pretrained=True)
 

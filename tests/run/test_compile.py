@@ -19,8 +19,9 @@ class CountingBackend:
         self.shapes: list[tuple] = []
 
     def __call__(self, gm, example_inputs):
-        images = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 4
-                  and t.shape[-1] >= 12]  # the batch (conv weights are 4-d too, but 3x3)
+        images = [
+            tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] >= 12
+        ]  # the batch (conv weights are 4-d too, but 3x3)
         self.shapes.append(images[0] if images else None)
         return gm.forward  # run the captured graph as it is
 
@@ -37,8 +38,14 @@ def loaders(size: int, n_train: int = 32, n_valid: int = 12, bs: int = 8):
 def test_one_compile_per_size_and_mode_not_per_step():
     dynamo.reset()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
     counter = CountingBackend()
     compile_model(model, backend=counter)
     task = make_task("single_label")
@@ -73,8 +80,9 @@ def test_inductor_compiles_once_per_shape_and_matches_eager():
     dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 3)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
     x = torch.randn(4, 3, 12, 12)
     with torch.no_grad():
         expected = model(x)

@@ -26,8 +26,9 @@ runner = CliRunner()
 
 def cuda_config(tmp: Path, data: Path, amp: str, extra: str = "") -> Path:
     path = tmp / f"cuda-{amp}.yaml"
-    path.write_text(resumable_config(data, name=f"cuda-{amp}")
-                    + f"device: cuda\namp: {amp}\ndeterministic: true\n{extra}")
+    path.write_text(
+        resumable_config(data, name=f"cuda-{amp}") + f"device: cuda\namp: {amp}\ndeterministic: true\n{extra}"
+    )
     return path
 
 
@@ -79,8 +80,10 @@ def test_images_on_the_gpu_give_the_same_batches_as_from_the_cpu(tmp_path, folde
 
     batches = {}
     for on in ("false", "true"):
-        cfg = load_config(text=tiny_config(folder_data), overrides=["device=cuda", f"data.on_device={on}",
-                                                                    "transforms.preset=side_on"])
+        cfg = load_config(
+            text=tiny_config(folder_data),
+            overrides=["device=cuda", f"data.on_device={on}", "transforms.preset=side_on"],
+        )
         sess = prepare(cfg, tmp_path / f"run-{on}")
         assert sess.bundle.on_device is (on == "true")
         train, valid = sess.bundle.loaders(8)
@@ -97,13 +100,15 @@ def test_speedrun_shape_compiled_with_progressive_resizing_then_tta(tmp_path, fo
     # the speedrun's settings at toy scale: resnet9, bf16 autocast, compile, channels_last, images on
     # the GPU, two sizes (one compile each, never one per step), then evaluate with flip TTA
     cfg = tmp_path / "speed.yaml"
-    cfg.write_text(f"name: speed\nseed: 0\ndevice: cuda\namp: auto\ncompile: true\nchannels_last: true\n"
-                   f"data: {{layout: folder, path: '{folder_data}', bs: 8, on_device: auto}}\n"
-                   "model: {arch: resnet9, layers: [8, 16, 16, 32]}\n"
-                   "transforms: {preset: pad_crop, pad: 2}\ntta: {n: 1, mode: flips, beta: 0.5}\n"
-                   "train:\n  label_smoothing: 0.2\n  stages:\n"
-                   "    - {name: small, epochs: 1, lr: 1.0e-2, size: 16}\n"
-                   "    - {name: big, epochs: 1, lr: 1.0e-2, size: 24}\n")
+    cfg.write_text(
+        f"name: speed\nseed: 0\ndevice: cuda\namp: auto\ncompile: true\nchannels_last: true\n"
+        f"data: {{layout: folder, path: '{folder_data}', bs: 8, on_device: auto}}\n"
+        "model: {arch: resnet9, layers: [8, 16, 16, 32]}\n"
+        "transforms: {preset: pad_crop, pad: 2}\ntta: {n: 1, mode: flips, beta: 0.5}\n"
+        "train:\n  label_smoothing: 0.2\n  stages:\n"
+        "    - {name: small, epochs: 1, lr: 1.0e-2, size: 16}\n"
+        "    - {name: big, epochs: 1, lr: 1.0e-2, size: 24}\n"
+    )
     run = spine.fit(load_config(cfg), tmp_path / "run").run_dir
     finite_losses(run)
     ev = runner.invoke(app, ["evaluate", str(run), "--tta", "--out", str(tmp_path / "eval")])
@@ -113,13 +118,21 @@ def test_speedrun_shape_compiled_with_progressive_resizing_then_tta(tmp_path, fo
 
 def test_torchrun_one_gpu_over_nccl_matches_the_plain_run(tmp_path, folder_data):
     cfg = tmp_path / "ddp.yaml"
-    cfg.write_text(f"name: ddp\nseed: 0\ndevice: cuda\ndeterministic: true\n"
-                   f"data: {{layout: folder, path: '{folder_data}', bs: 8}}\nmodel: {{arch: convnet2}}\n"
-                   "train:\n  stages: [{name: all, epochs: 2, lr: 1.0e-2}]\n")
+    cfg.write_text(
+        f"name: ddp\nseed: 0\ndevice: cuda\ndeterministic: true\n"
+        f"data: {{layout: folder, path: '{folder_data}', bs: 8}}\nmodel: {{arch: convnet2}}\n"
+        "train:\n  stages: [{name: all, epochs: 2, lr: 1.0e-2}]\n"
+    )
     plain = spine.fit(load_config(cfg), tmp_path / "plain").run_dir
     env = {**os.environ, "PYTHONPATH": pythonpath(), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, *torchrun(1, "fit", str(cfg), "--out", str(tmp_path / "ddp"))],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, *torchrun(1, "fit", str(cfg), "--out", str(tmp_path / "ddp"))],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     log = (tmp_path / "ddp" / "log.txt").read_text()
     assert "nccl" in log, log

@@ -40,15 +40,21 @@ runner = CliRunner()
 
 def plain_config(data: Path, extra: str = "", stages: str = "[{name: all, epochs: 2, lr: 1.0e-2}]") -> str:
     """No batch norm, dropout or augmentation: what 2 processes compute is then what 1 does."""
-    return (f"name: eq\nseed: 0\ndata: {{layout: folder, path: '{data}', bs: 8}}\nmodel: {{arch: convnet2}}\n"
-            f"train:\n{extra}  stages: {stages}\n")
+    return (
+        f"name: eq\nseed: 0\ndata: {{layout: folder, path: '{data}', bs: 8}}\nmodel: {{arch: convnet2}}\n"
+        f"train:\n{extra}  stages: {stages}\n"
+    )
 
 
 def run_processes(args: list[str], cwd: Path, signal_rank: int | None = None, at_step: int = 0):
     """A real multi-process run where rank 1 cannot write a file (tests/rank_instruments); with
     signal_rank, that rank's process alone gets SIGTERM at a step."""
-    env = {**os.environ, "PYTHONPATH": pythonpath(ROOT / "tests" / "rank_instruments"), "OMP_NUM_THREADS": "1",
-           "TRAINER_TEST_READONLY_RANK": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": pythonpath(ROOT / "tests" / "rank_instruments"),
+        "OMP_NUM_THREADS": "1",
+        "TRAINER_TEST_READONLY_RANK": "1",
+    }
     if signal_rank is not None:
         env.update(TRAINER_TEST_SIGNAL_RANK=str(signal_rank), TRAINER_TEST_SIGNAL_STEP=str(at_step))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
@@ -85,11 +91,13 @@ def one_then_two_processes(cfg: Path, tmp_path: Path, name: str):
 
 # ---- two processes for real --------------------------------------------------------------
 
+
 def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
     # a stage with lr: auto runs lr_find under DDP too; rank 0 alone picks the run directory
     cfg = tmp_path / "eq.yaml"
-    cfg.write_text(plain_config(folder_data, stages="[{name: find, epochs: 1, lr: auto}, "
-                                                    "{name: all, epochs: 2, lr: 1.0e-2}]"))
+    cfg.write_text(
+        plain_config(folder_data, stages="[{name: find, epochs: 1, lr: auto}, {name: all, epochs: 2, lr: 1.0e-2}]")
+    )
     single, runs, res = one_then_two_processes(cfg, tmp_path, "eq")
     assert len(runs) == 1, runs  # one run directory, made by rank 0
     two = runs[0]
@@ -112,9 +120,11 @@ def test_a_character_model_under_two_processes_matches_one_process(text_file, tm
     """Each rank carries the hidden state of its own streams (half of the bs), so the 2-process
     run is the 1-process run: same random bptt per batch, same metrics, same weights."""
     cfg = tmp_path / "lm.yaml"
-    cfg.write_text(f"name: lm\nseed: 0\ndata: {{layout: text, path: '{text_file}', bs: 8, bptt: 10}}\n"
-                   "model: {arch: gru, n_fac: 8, n_hidden: 32}\n"
-                   "train:\n  clip: 0.5\n  stages: [{epochs: 2, lr: 1.0e-2}]\n")
+    cfg.write_text(
+        f"name: lm\nseed: 0\ndata: {{layout: text, path: '{text_file}', bs: 8, bptt: 10}}\n"
+        "model: {arch: gru, n_fac: 8, n_hidden: 32}\n"
+        "train:\n  clip: 0.5\n  stages: [{epochs: 2, lr: 1.0e-2}]\n"
+    )
     single, (two, *_), _ = one_then_two_processes(cfg, tmp_path, "lm")
     assert "2 processes (gloo)" in (two / "log.txt").read_text()
     assert_close_metrics(single, two)
@@ -149,10 +159,12 @@ def test_sigterm_to_one_rank_stops_both_and_resume_gives_the_uninterrupted_run(f
 
 # ---- the pieces, in one process -------------------------------------------------------------
 
+
 def image_loader(n: int = 40, bs: int = 8, **kw) -> ImageBatches:
     """Labels are the item numbers, so a batch says which items it holds."""
-    return ImageBatches(torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n), bs, 4, torch.zeros(1),
-                        torch.ones(1), **kw)
+    return ImageBatches(
+        torch.zeros(n, 1, 4, 4, dtype=torch.uint8), torch.arange(n), bs, 4, torch.zeros(1), torch.ones(1), **kw
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -238,8 +250,11 @@ def test_sync_bn_two_processes_match_one_process_with_the_course_bnlayer(folder_
     gradients through them and the running averages all match one process. (Without sync_bn the
     same two runs differ: train loss 1.468 against 1.508.)"""
     cfg = tmp_path / "bn.yaml"
-    cfg.write_text(plain_config(folder_data, extra="  sync_bn: true\n").replace("bs: 8", "bs: 12")
-                   .replace("arch: convnet2", "arch: bnresnet, layers: [4, 8, 16]"))
+    cfg.write_text(
+        plain_config(folder_data, extra="  sync_bn: true\n")
+        .replace("bs: 8", "bs: 12")
+        .replace("arch: convnet2", "arch: bnresnet, layers: [4, 8, 16]")
+    )
     single, (two, *_), _ = one_then_two_processes(cfg, tmp_path, "eq")
     assert "sync_bn: 6 BatchNorm layer(s)" in (two / "log.txt").read_text()
     assert_close_metrics(single, two)
@@ -288,8 +303,9 @@ def test_accumulate_under_ddp_sends_the_gradients_once_per_step(tmp_path):
 
         ddp.register_comm_hook(None, count)
         for model, callbacks in ((plain, []), (ddp, [Accumulate(4)])):
-            learn = Learner(model, torch.optim.SGD(model.parameters(), lr=0.5), make_task("single_label"),
-                            None, None, callbacks)
+            learn = Learner(
+                model, torch.optim.SGD(model.parameters(), lr=0.5), make_task("single_label"), None, None, callbacks
+            )
             learn._one_batch(x, y)
         assert len(sends) == 1
         for a, b in zip(plain.parameters(), wrapped.parameters(), strict=True):

@@ -25,8 +25,15 @@ def trained_run(tmp_path_factory, folder_data):
 
 
 def test_fit_writes_a_complete_run_directory(trained_run):
-    for name in ["config.yaml", "metrics.csv", "classes.json", "stats.json", "log.txt",
-                 "checkpoints/last.pt", "checkpoints/best.pt"]:
+    for name in [
+        "config.yaml",
+        "metrics.csv",
+        "classes.json",
+        "stats.json",
+        "log.txt",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ]:
         assert (trained_run / name).is_file(), name
     rows = read_table(trained_run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
@@ -50,8 +57,9 @@ def test_predict_writes_probabilities_per_class(trained_run, folder_data, tmp_pa
     assert list(df.columns) == ["id", "label", *CLASSES]
     assert len(df) == 4
     assert df[CLASSES].sum(axis=1).round(4).eq(1).all()
-    res = runner.invoke(app, ["predict", str(trained_run), "--data", str(folder_data / "test"),
-                              "--out", str(out), "--labels"])
+    res = runner.invoke(
+        app, ["predict", str(trained_run), "--data", str(folder_data / "test"), "--out", str(out), "--labels"]
+    )
     assert list(pd.read_csv(out).columns) == ["id", "label"]
 
 
@@ -67,8 +75,11 @@ def test_same_seed_same_metrics(tmp_path, folder_data):
 
 def test_csv_layout_fit(tmp_path, csv_data):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(tiny_config(csv_data, layout="csv", data_extra=", suffix: .jpg, valid_pct: 0.3",
-                               stages="[{epochs: 1, lr: 1.0e-2}]"))
+    cfg.write_text(
+        tiny_config(
+            csv_data, layout="csv", data_extra=", suffix: .jpg, valid_pct: 0.3", stages="[{epochs: 1, lr: 1.0e-2}]"
+        )
+    )
     res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / "r"), "--smoke"])
     assert res.exit_code == 0, res.output
     assert "smoke run passed" in res.output

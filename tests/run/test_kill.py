@@ -37,10 +37,14 @@ def setup(tmp_path_factory, folder_data):
 def start(args: list[str], cwd: Path, step_seconds: float, log: Path) -> subprocess.Popen:
     """`python -m trainer ...` in its own process; tests/slow_steps makes each step take a while
     (see its sitecustomize) so the kill lands mid-run rather than racing the process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "slow_steps")]),
-           "TRAINER_TEST_STEP_SECONDS": str(step_seconds)}
-    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=cwd, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "slow_steps")]),
+        "TRAINER_TEST_STEP_SECONDS": str(step_seconds),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args], cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, cwd: Path, after_ns: int = 0, timeout: float = 180) -> Path:
@@ -97,6 +101,7 @@ def test_a_kill_during_a_save_leaves_the_previous_last_pt(tmp_path):
     pid = os.fork()
     if pid == 0:  # the child dies by SIGKILL half-way through writing the next checkpoint
         try:
+
             def half_then_die(f):
                 f.write(b"\x80\x02" * 2048)
                 f.flush()

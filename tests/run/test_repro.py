@@ -21,9 +21,12 @@ def run(cfg_path, out, sets=(), callbacks=()):
 @pytest.fixture()
 def cfg_path(tmp_path, folder_data):
     path = tmp_path / "c.yaml"
-    path.write_text(tiny_config(folder_data, arch="bnresnet", stages="[{epochs: 2, lr: 1.0e-2}]")
-                    .replace("arch: bnresnet", "arch: bnresnet, layers: [8, 16], ps: 0.25")
-                    + "transforms: {preset: side_on}\n")
+    path.write_text(
+        tiny_config(folder_data, arch="bnresnet", stages="[{epochs: 2, lr: 1.0e-2}]").replace(
+            "arch: bnresnet", "arch: bnresnet, layers: [8, 16], ps: 0.25"
+        )
+        + "transforms: {preset: side_on}\n"
+    )
     return path
 
 

@@ -43,16 +43,27 @@ def crash_then_resume(cfg_path, out, crash: CrashAt, sets=()):
     assert read_status(out) == "finished"
 
 
-@pytest.mark.parametrize("crash", [
-    (1, "after_batch", 99),    # after the first step's checkpoint
-    (4, "after_batch", 99),    # last batch of an epoch, before validation
-    (1, "after_epoch", 15),    # metrics row written, checkpoint not yet
-    (1, "after_epoch", 99),    # the stage's last checkpoint written: the next stage starts fresh
-    (6, "after_batch", 99),    # mid-epoch in the second stage
-    (12, "after_batch", 99),   # the very last step
-    (2, "after_fit", 99),      # all trained, but not marked finished
-], ids=["step1", "epoch-end-batch", "between-metrics-and-checkpoint", "stage-boundary", "stage2-mid",
-        "last-step", "after-training"])
+@pytest.mark.parametrize(
+    "crash",
+    [
+        (1, "after_batch", 99),  # after the first step's checkpoint
+        (4, "after_batch", 99),  # last batch of an epoch, before validation
+        (1, "after_epoch", 15),  # metrics row written, checkpoint not yet
+        (1, "after_epoch", 99),  # the stage's last checkpoint written: the next stage starts fresh
+        (6, "after_batch", 99),  # mid-epoch in the second stage
+        (12, "after_batch", 99),  # the very last step
+        (2, "after_fit", 99),  # all trained, but not marked finished
+    ],
+    ids=[
+        "step1",
+        "epoch-end-batch",
+        "between-metrics-and-checkpoint",
+        "stage-boundary",
+        "stage2-mid",
+        "last-step",
+        "after-training",
+    ],
+)
 def test_crash_and_resume_equals_uninterrupted(cfg_path, reference, tmp_path, crash):
     crash_then_resume(cfg_path, tmp_path / "run", CrashAt(*crash))
     assert_same_run(reference, tmp_path / "run")
@@ -86,8 +97,20 @@ def test_metrics_rows_after_the_checkpoint_are_dropped_then_recomputed(cfg_path,
 
 def test_checkpoint_holds_the_whole_loop_state(reference):
     state = checkpoint.load(reference / "checkpoints" / "last.pt")
-    assert {"model", "optimizer", "scaler", "stage", "epoch", "batch", "rng", "train_loss_sum",
-            "train_loss_count", "metrics", "callbacks", "skipped_steps"} <= set(state)
+    assert {
+        "model",
+        "optimizer",
+        "scaler",
+        "stage",
+        "epoch",
+        "batch",
+        "rng",
+        "train_loss_sum",
+        "train_loss_count",
+        "metrics",
+        "callbacks",
+        "skipped_steps",
+    } <= set(state)
     assert set(state["rng"]) >= {"torch", "numpy", "python"}
     assert (state["stage"], state["epoch"], state["batch"]) == (1, 2, 0)
     steps = state["callbacks"]["recorder"]["steps"]
@@ -153,10 +176,12 @@ def test_status_file_tracks_the_run(reference):
     assert json.loads((reference / "status.json").read_text())["status"] == "finished"
 
 
-@pytest.mark.parametrize("signum, code, at", [(signal.SIGINT, 130, 6), (signal.SIGTERM, 143, 3),
-                                          (signal.SIGTERM, 143, 4)])  # 4: the epoch's last batch
+@pytest.mark.parametrize(
+    "signum, code, at", [(signal.SIGINT, 130, 6), (signal.SIGTERM, 143, 3), (signal.SIGTERM, 143, 4)]
+)  # 4: the epoch's last batch
 def test_a_signal_saves_at_the_step_boundary_and_prints_the_resume_command(
-        cfg_path, reference, tmp_path, monkeypatch, signum, code, at):
+    cfg_path, reference, tmp_path, monkeypatch, signum, code, at
+):
     out = tmp_path / "run"
     monkeypatch.setattr(spine, "fit", functools.partial(spine.fit, callbacks=[SendSignal(signum, at)]))
     res = runner.invoke(app, ["fit", str(cfg_path), "--set", "train.checkpoint_every=epoch", "--out", str(out)])

@@ -50,18 +50,23 @@ def test_a_stage_at_a_new_size_resumes_with_its_own_best(tmp_path, folder_data):
 
 
 def test_a_precomputed_stage_resumes_mid_stage(tmp_path, folder_data):
-    stages = ("\n    - {name: head, epochs: 2, lr: 1.0e-2, freeze: body, precompute: true}"
-              "\n    - {name: all, epochs: 1, lr: 1.0e-2, unfreeze: true}")
+    stages = (
+        "\n    - {name: head, epochs: 2, lr: 1.0e-2, freeze: body, precompute: true}"
+        "\n    - {name: all, epochs: 1, lr: 1.0e-2, unfreeze: true}"
+    )
     own_cache = f", cache_dir: '{tmp_path / 'cache'}'"  # activations of its own: other tests expect to compute theirs
     text = tiny_config(folder_data, stages=stages, data_extra=own_cache) + "  checkpoint_every: 1\n"
     crash_resume_compare(tmp_path, text, CrashAt(6))
 
 
 def test_snapshot_numbers_continue_over_stages_after_a_resume(tmp_path, folder_data):
-    stages = ("\n    - {name: a, schedule: sgdr, n_cycles: 2, cycle_len: 1, lr: 2.0e-2, save_cycles: true}"
-              "\n    - {name: b, schedule: sgdr, n_cycles: 2, cycle_len: 1, lr: 1.0e-2, save_cycles: true}")
-    run = crash_resume_compare(tmp_path, tiny_config(folder_data, stages=stages) + "  checkpoint_every: 1\n",
-                               CrashAt(10))  # in stage b's first cycle
+    stages = (
+        "\n    - {name: a, schedule: sgdr, n_cycles: 2, cycle_len: 1, lr: 2.0e-2, save_cycles: true}"
+        "\n    - {name: b, schedule: sgdr, n_cycles: 2, cycle_len: 1, lr: 1.0e-2, save_cycles: true}"
+    )
+    run = crash_resume_compare(
+        tmp_path, tiny_config(folder_data, stages=stages) + "  checkpoint_every: 1\n", CrashAt(10)
+    )  # in stage b's first cycle
     for k in (1, 2, 3, 4):
         want = storage.load(tmp_path / "reference" / "checkpoints" / f"cycle-{k}.pt")
         got = storage.load(run / "checkpoints" / f"cycle-{k}.pt")
@@ -88,8 +93,9 @@ def test_a_version_1_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
     reference = json.loads((FIXTURE / "reference.json").read_text())
     assert metrics_without_seconds(run) == reference["metrics"]  # peak_lr included
     model = storage.load(run / "checkpoints" / "last.pt")["model"]
-    assert {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in model.items()} \
-        == reference["weights_sha256"]  # bitwise
+    assert {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in model.items()} == reference[
+        "weights_sha256"
+    ]  # bitwise
 
 
 def test_a_checkpoint_of_an_unknown_version_is_refused_by_name(tmp_path):

@@ -13,10 +13,28 @@ def test_the_sweep_prints_a_row_per_variant_and_applies_its_overrides(tmp_path, 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(tiny_config(folder_data) + "transforms: {preset: pad_crop}\ntta: {n: 1, mode: flips}\n")
     out = tmp_path / "sweep"
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "speedrun_sweep.py"), "--config", str(cfg),
-                          "--epochs", "1", "--only", "ema", "--variant", "cut=transforms.cutout=4;train.wd=0.0",
-                          "--out", str(out), "--json", str(tmp_path / "rows.json")],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath()}, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "speedrun_sweep.py"),
+            "--config",
+            str(cfg),
+            "--epochs",
+            "1",
+            "--only",
+            "ema",
+            "--variant",
+            "cut=transforms.cutout=4;train.wd=0.0",
+            "--out",
+            str(out),
+            "--json",
+            str(tmp_path / "rows.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": pythonpath()},
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [l for l in res.stdout.splitlines() if l.startswith(("ema", "cut"))]
     assert len(lines) == 2, res.stdout

@@ -79,15 +79,19 @@ def test_training_with_an_average_follows_the_same_path(runs):
     averaged = checkpoint.load(runs[0.7] / "checkpoints" / "last.pt")
     assert_same_state(plain["model"], averaged["callbacks"]["ema"]["raw"], "raw weights")
     assert_same_state(plain["optimizer"], averaged["optimizer"], "optimizer")
-    assert [r["train_loss"] for r in metrics_without_seconds(runs[None])] == \
-        [r["train_loss"] for r in metrics_without_seconds(runs[0.7])]
+    assert [r["train_loss"] for r in metrics_without_seconds(runs[None])] == [
+        r["train_loss"] for r in metrics_without_seconds(runs[0.7])
+    ]
 
 
 def test_checkpoints_and_metrics_are_of_the_average(runs):
     last = checkpoint.load(runs[0.7] / "checkpoints" / "last.pt")
     assert_same_state(last["model"], last["callbacks"]["ema"]["avg"], "model is the average")
-    differ = [k for k, v in last["model"].items()
-              if v.is_floating_point() and not torch.equal(v, last["callbacks"]["ema"]["raw"][k])]
+    differ = [
+        k
+        for k, v in last["model"].items()
+        if v.is_floating_point() and not torch.equal(v, last["callbacks"]["ema"]["raw"][k])
+    ]
     assert differ  # and the average is not simply the raw weights
     # the model predict loads, run over the validation set again, gives the recorded valid_loss
     run = load_run(runs[0.7], "last", device="cpu")
@@ -98,9 +102,11 @@ def test_checkpoints_and_metrics_are_of_the_average(runs):
     assert rows[-1]["valid_loss"] != metrics_without_seconds(runs[None])[-1]["valid_loss"]
 
 
-@pytest.mark.parametrize("crash", [(2, "after_batch", 99), (1, "after_epoch", 99), (7, "after_batch", 99),
-                                   (2, "after_epoch", 99)],
-                         ids=["mid-epoch", "stage-boundary", "stage2-mid", "epoch-end-average-in-the-model"])
+@pytest.mark.parametrize(
+    "crash",
+    [(2, "after_batch", 99), (1, "after_epoch", 99), (7, "after_batch", 99), (2, "after_epoch", 99)],
+    ids=["mid-epoch", "stage-boundary", "stage2-mid", "epoch-end-average-in-the-model"],
+)
 def test_a_run_with_an_average_resumes_exactly(runs, tmp_path, folder_data, crash):
     path = config(tmp_path, folder_data, 0.7)
     out = tmp_path / "run"

@@ -89,7 +89,9 @@ def test_skip_mode_skips_and_counts_bad_steps():
     poison = Poison(loss_steps=[2, 9], grad_steps=[5])
     learn = tiny_learner("skip", poison)
     rows = []
-    learn.add(type("Rows", (Callback,), {"order": 50, "after_epoch": lambda self, l: rows.append(learn.recorder.last_row)})())
+    learn.add(
+        type("Rows", (Callback,), {"order": 50, "after_epoch": lambda self, l: rows.append(learn.recorder.last_row)})()
+    )
     state = learn.fit(2)
     assert state.skipped_steps == 3
     assert [r.get("skipped_steps") for r in rows] == [2, 3]
@@ -157,8 +159,9 @@ def test_best_pt_only_ever_improves(tmp_path):
     from trainer.train.loop import FitState
 
     run = RunDir(new_run_dir("x", tmp_path / "run"))
-    saver = Checkpointer(run, lambda learn, end: {"model": {"w": torch.tensor([float(learn.state.epoch)])}},
-                         BestSoFar())
+    saver = Checkpointer(
+        run, lambda learn, end: {"model": {"w": torch.tensor([float(learn.state.epoch)])}}, BestSoFar()
+    )
     learn = SimpleNamespace(state=FitState(), opt=None)
     for epoch, loss in enumerate([1.0, 0.5, 0.7, math.nan, math.inf, 0.6]):
         learn.state.epoch, learn.state.valid = epoch, {"valid_loss": loss}

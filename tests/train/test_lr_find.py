@@ -38,8 +38,8 @@ def test_lr_find_restores_every_tensor_of_model_and_optimizer(trained):
     rng0 = torch.get_rng_state()
     result = LF.lr_find(learn, 1e-5, 1.0, num_it=6)
     assert len(result.lrs) >= 2
-    assert_same(model0, snapshot(learn.model), "model")      # weights and every BN buffer
-    assert_same(opt0, snapshot(learn.opt), "optimizer")       # moments, steps, lrs, betas
+    assert_same(model0, snapshot(learn.model), "model")  # weights and every BN buffer
+    assert_same(opt0, snapshot(learn.opt), "optimizer")  # moments, steps, lrs, betas
     assert [m.training for m in learn.model.modules()] == modes0
     assert [p.requires_grad for p in learn.model.parameters()] == flags0
     assert torch.equal(torch.get_rng_state(), rng0)
@@ -77,7 +77,7 @@ def test_ramp_smoothing_and_stop_at_four_times_the_best(trained):
     assert result.smoothed[0] == pytest.approx(result.losses[0])  # bias-corrected: no pull to 0
     if result.stopped == "diverged":
         assert result.smoothed[-1] > 4 * min(result.smoothed)
-        assert all(s <= 4 * min(result.smoothed[:i + 1]) for i, s in enumerate(result.smoothed[:-1]))
+        assert all(s <= 4 * min(result.smoothed[: i + 1]) for i, s in enumerate(result.smoothed[:-1]))
 
 
 def test_differential_lrs_keep_their_ratios_and_the_last_group_is_reported():
@@ -138,11 +138,30 @@ def test_lr_auto_in_fit_records_and_uses_the_recommendation(tmp_path, folder_dat
 
 def test_cli_lr_find_uses_the_stage_and_writes_csv_and_png(tmp_path, folder_data):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(tiny_config(folder_data, stages="[{name: head, epochs: 1, freeze: body}, "
-                                                   "{name: all, epochs: 1, unfreeze: true, lr: {max: 1.0e-2}}]"))
+    cfg.write_text(
+        tiny_config(
+            folder_data,
+            stages="[{name: head, epochs: 1, freeze: body}, {name: all, epochs: 1, unfreeze: true, lr: {max: 1.0e-2}}]",
+        )
+    )
     out = tmp_path / "lf"
-    res = runner.invoke(app, ["lr-find", str(cfg), "--stage", "head", "--num-it", "8", "--start-lr", "1e-5",
-                              "--end-lr", "1", "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "lr-find",
+            str(cfg),
+            "--stage",
+            "head",
+            "--num-it",
+            "8",
+            "--start-lr",
+            "1e-5",
+            "--end-lr",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "recommended" in res.output and "valley" in res.output
     rows = read_table(out / "lr_find.csv")

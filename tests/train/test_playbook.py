@@ -25,8 +25,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def norm_buffers(module) -> dict:
-    return {f"{i}.{k}": v.clone() for i, m in enumerate(module.modules()) if is_norm(m)
-            for k, v in m.named_buffers(recurse=False)}
+    return {
+        f"{i}.{k}": v.clone()
+        for i, m in enumerate(module.modules())
+        if is_norm(m)
+        for k, v in m.named_buffers(recurse=False)
+    }
 
 
 def frozen_run(tmp_path, data, arch: str, stage: str):
@@ -43,20 +47,21 @@ def test_frozen_stage_leaves_every_frozen_parameter_and_bn_buffer_bitwise_unchan
     (body0, head0, _), (body1, head1, _) = frozen_run(tmp_path, folder_data, arch, "freeze: body")
     for g0, g1 in zip(body0, body1, strict=True):
         assert differs(g0, g1) == []  # weights, running_mean/var, num_batches_tracked
-    assert differs(head0, head1)      # and the head did train
+    assert differs(head0, head1)  # and the head did train
 
 
 def test_train_bn_lets_frozen_batchnorm_learn(tmp_path, folder_data):
     (body0, _, bn0), (body1, _, bn1) = frozen_run(tmp_path, folder_data, "resnet18", "freeze: body, train_bn: true")
     changed = [k for g0, g1 in zip(body0, body1, strict=True) for k in differs(g0, g1)]
-    assert any(k.endswith("running_mean") for k in changed)           # statistics move
-    assert any(k.endswith("bn1.weight") for k in changed)             # and the affine params train
-    assert not any(k.endswith("conv1.weight") for k in changed)       # convolutions stay frozen
+    assert any(k.endswith("running_mean") for k in changed)  # statistics move
+    assert any(k.endswith("bn1.weight") for k in changed)  # and the affine params train
+    assert not any(k.endswith("conv1.weight") for k in changed)  # convolutions stay frozen
 
 
 def test_bn_freeze_keeps_all_statistics_even_unfrozen(tmp_path, folder_data):
-    (body0, head0, bn0), (body1, head1, bn1) = frozen_run(tmp_path, folder_data, "resnet18",
-                                                          "unfreeze: true, bn_freeze: true")
+    (body0, head0, bn0), (body1, head1, bn1) = frozen_run(
+        tmp_path, folder_data, "resnet18", "unfreeze: true, bn_freeze: true"
+    )
     assert differs(bn0, bn1) == []
     assert any(k.endswith("conv1.weight") for g0, g1 in zip(body0, body1, strict=True) for k in differs(g0, g1))
 
@@ -65,14 +70,17 @@ def test_resnet_layer_groups_as_fastai(tmp_path, folder_data):
     sess = session(tmp_path, folder_data, "[{epochs: 1}]", arch="resnet18")
     g = sess.built.groups
     names = [[type(m).__name__ for m in grp.children()] for grp in g[:2]]
-    assert names == [["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Sequential", "Sequential"],
-                     ["Sequential", "Sequential"]]
+    assert names == [
+        ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Sequential", "Sequential"],
+        ["Sequential", "Sequential"],
+    ]
     assert g[2] is sess.built.model.head and len(g) == 3
 
 
 def test_differential_lrs_and_weight_decay_per_group(tmp_path, folder_data):
-    sess = session(tmp_path, folder_data, "[{epochs: 1, lr: {max: 9.0e-2, ratio: 3}, wd: [0.3, 0.2, 0.1]}]",
-                   arch="resnet18")
+    sess = session(
+        tmp_path, folder_data, "[{epochs: 1, lr: {max: 9.0e-2, ratio: 3}, wd: [0.3, 0.2, 0.1]}]", arch="resnet18"
+    )
     learn, handles = stage_learner(sess, sess.plan.stages[0])
     opt = learn.opt
     peaks = {g["layer_group"]: handles.schedule.peaks[g["layer_group"]] for g in opt.param_groups}
@@ -97,9 +105,14 @@ def sgdr_run(tmp_path_factory, folder_data):
     """Two SGDR stages: 2 cycles of 1 epoch (cycle_mult 1), then 1 + 2 epochs (cycle_mult 2)."""
     tmp = tmp_path_factory.mktemp("sgdr")
     cfg = tmp / "c.yaml"
-    cfg.write_text(tiny_config(folder_data, stages="""
+    cfg.write_text(
+        tiny_config(
+            folder_data,
+            stages="""
     - {name: a, schedule: sgdr, n_cycles: 2, cycle_len: 1, cycle_mult: 1, lr: 2.0e-2, save_cycles: true}
-    - {name: b, schedule: sgdr, n_cycles: 2, cycle_len: 1, cycle_mult: 2, lr: 1.0e-2, save_cycles: true}"""))
+    - {name: b, schedule: sgdr, n_cycles: 2, cycle_len: 1, cycle_mult: 2, lr: 1.0e-2, save_cycles: true}""",
+        )
+    )
     out = tmp / "run"
     res = runner.invoke(app, ["fit", str(cfg), "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -109,8 +122,9 @@ def sgdr_run(tmp_path_factory, folder_data):
 def test_sgdr_saves_a_snapshot_at_each_cycle_end(sgdr_run):
     files = sorted(p.name for p in (sgdr_run / "checkpoints").glob("cycle-*.pt"))
     assert files == ["cycle-1.pt", "cycle-2.pt", "cycle-3.pt", "cycle-4.pt"]
-    ends = [(s["stage"], s["epoch"]) for s in (checkpoint.load(sgdr_run / f"checkpoints/cycle-{k}.pt")
-                                                for k in range(1, 5))]
+    ends = [
+        (s["stage"], s["epoch"]) for s in (checkpoint.load(sgdr_run / f"checkpoints/cycle-{k}.pt") for k in range(1, 5))
+    ]
     assert ends == [(0, 1), (0, 2), (1, 1), (1, 3)]
     last = checkpoint.load(sgdr_run / "checkpoints/last.pt")["model"]
     final = checkpoint.load(sgdr_run / "checkpoints/cycle-4.pt")["model"]
@@ -143,8 +157,9 @@ def test_one_cycle_momentum_is_recorded(tmp_path, folder_data):
 
 def test_predict_ensemble_averages_the_cycle_snapshots(sgdr_run, folder_data, tmp_path):
     out = tmp_path / "ens.csv"
-    res = runner.invoke(app, ["predict", str(sgdr_run), "--data", str(folder_data / "test"), "--out", str(out),
-                              "--ensemble", "cycles"])
+    res = runner.invoke(
+        app, ["predict", str(sgdr_run), "--data", str(folder_data / "test"), "--out", str(out), "--ensemble", "cycles"]
+    )
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out)
     run = load_run(sgdr_run)
@@ -161,11 +176,11 @@ def test_predict_ensemble_averages_the_cycle_snapshots(sgdr_run, folder_data, tm
 def test_predict_ensemble_without_snapshots_is_a_clear_error(tmp_path, folder_data):
     sess = session(tmp_path, folder_data, "[{epochs: 1}]")
     run_stages(sess)
-    res = runner.invoke(app, ["predict", str(sess.run.path), "--data", str(folder_data / "test"),
-                              "--ensemble", "cycles"])
+    res = runner.invoke(
+        app, ["predict", str(sess.run.path), "--data", str(folder_data / "test"), "--ensemble", "cycles"]
+    )
     assert res.exit_code == 2 and "no checkpoints/cycle-<k>.pt" in res.output
-    res = runner.invoke(app, ["predict", str(sess.run.path), "--data", str(folder_data / "test"),
-                              "--ensemble", "tta"])
+    res = runner.invoke(app, ["predict", str(sess.run.path), "--data", str(folder_data / "test"), "--ensemble", "tta"])
     assert res.exit_code == 2 and "--ensemble must be none or cycles" in res.output
 
 
@@ -190,5 +205,6 @@ def test_nesterov_reaches_the_sgd_optimizer(tmp_path, folder_data):
         sess = session(tmp_path, folder_data, "[{epochs: 1, lr: 1.0e-2}]", name=f"n{len(extra)}")
         sess.cfg.train = sess.cfg.train.model_copy(update={"optimizer": "sgd", **extra})
         return learner_for(sess).opt
+
     assert all(g["nesterov"] for g in opt({"nesterov": True}).param_groups)
     assert not any(g["nesterov"] for g in opt({}).param_groups)

@@ -42,8 +42,14 @@ class Spy(Callback):
         self.fits = []
 
     def before_fit(self, learn):
-        self.fits.append({"model": learn.model, "shapes": set(), "valid_size": getattr(learn.valid_dl, "size", None),
-                          "start": {k: v.clone() for k, v in learn.model.state_dict().items()}})
+        self.fits.append(
+            {
+                "model": learn.model,
+                "shapes": set(),
+                "valid_size": getattr(learn.valid_dl, "size", None),
+                "start": {k: v.clone() for k, v in learn.model.state_dict().items()},
+            }
+        )
 
     def before_batch(self, learn):
         self.fits[-1]["shapes"].add(tuple(learn.xb.shape[1:]))
@@ -75,8 +81,10 @@ def fit(tmp_path, text, name="run"):
     return tmp_path / name, res.output
 
 
-PRECOMPUTE = ("\n    - {name: head, epochs: 2, lr: 1.0e-2, freeze: body, precompute: true}"
-              "\n    - {name: all, epochs: 1, lr: 1.0e-2, unfreeze: true}")
+PRECOMPUTE = (
+    "\n    - {name: head, epochs: 2, lr: 1.0e-2, freeze: body, precompute: true}"
+    "\n    - {name: all, epochs: 1, lr: 1.0e-2, unfreeze: true}"
+)
 
 
 def test_precompute_trains_only_the_head_on_activations_then_returns_to_images(tmp_path, folder_data, spy):
@@ -131,8 +139,10 @@ def test_precompute_needs_a_frozen_body(tmp_path, folder_data):
 
 
 def test_progressive_resizing_continues_the_same_model(tmp_path, folder_data, spy):
-    stages = ("\n    - {name: small, epochs: 1, lr: 1.0e-2, size: 12}"
-              "\n    - {name: big, epochs: 1, lr: 1.0e-2, size: 24, bs: 4}")
+    stages = (
+        "\n    - {name: small, epochs: 1, lr: 1.0e-2, size: 12}"
+        "\n    - {name: big, epochs: 1, lr: 1.0e-2, size: 24, bs: 4}"
+    )
     run, _ = fit(tmp_path, tiny_config(folder_data, stages=stages))
     small, big = spy.fits
     assert small["model"] is big["model"]
@@ -147,8 +157,9 @@ def test_progressive_resizing_continues_the_same_model(tmp_path, folder_data, sp
 def test_cache_size_decodes_once(tmp_path, folder_data, monkeypatch):
     from trainer.data.images import load_images
 
-    cfg = load_config(_write(tmp_path, tiny_config(folder_data, data_extra=", cache_size: 40, cache_dir: "
-                                                   f"'{tmp_path / 'cache'}'")))
+    cfg = load_config(
+        _write(tmp_path, tiny_config(folder_data, data_extra=f", cache_size: 40, cache_dir: '{tmp_path / 'cache'}'"))
+    )
     calls = []
     real = decode.read_image
     monkeypatch.setattr(decode, "read_image", lambda *a: calls.append(a[1]) or real(*a))

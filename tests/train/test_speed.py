@@ -159,8 +159,9 @@ def test_data_on_device_gives_the_same_batches(tmp_path):
     data = make_folder_dataset(tmp_path / "d", n_train=10, n_valid=4, size=16)
     batches = {}
     for on in (False, True):
-        cfg = load_config(text=tiny_config(data), overrides=[f"data.on_device={str(on).lower()}",
-                                                        "transforms.preset=pad_crop"])
+        cfg = load_config(
+            text=tiny_config(data), overrides=[f"data.on_device={str(on).lower()}", "transforms.preset=pad_crop"]
+        )
         sess = prepare(cfg, tmp_path / f"run-{on}")
         assert sess.bundle.on_device is on
         train, valid = sess.bundle.loaders(8)
@@ -175,8 +176,12 @@ def test_on_device_auto_keeps_images_on_a_gpu_only_when_they_fit():
 
     from trainer.data.bundle import keep_on_device
 
-    im = SimpleNamespace(train_x=torch.zeros(100, 3, 4, 4, dtype=torch.uint8), train_y=torch.zeros(100),
-                         valid_x=torch.zeros(10, 3, 4, 4, dtype=torch.uint8), valid_y=torch.zeros(10))
+    im = SimpleNamespace(
+        train_x=torch.zeros(100, 3, 4, 4, dtype=torch.uint8),
+        train_y=torch.zeros(100),
+        valid_x=torch.zeros(10, 3, 4, 4, dtype=torch.uint8),
+        valid_y=torch.zeros(10),
+    )
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert keep_on_device("auto", im, cuda, free_bytes=10**6)
     assert not keep_on_device("auto", im, cuda, free_bytes=10**3)

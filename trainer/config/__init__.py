@@ -3,5 +3,18 @@
 from trainer.config.load import ConfigError, apply_override, dump_config, load_config, parse_yaml
 from trainer.config.schema import IMAGENET_STATS, Config, CsvData, FolderData, ModelConfig, Stage, TextData, Train
 
-__all__ = ["IMAGENET_STATS", "Config", "ConfigError", "CsvData", "FolderData", "ModelConfig", "Stage", "TextData",
-           "Train", "apply_override", "dump_config", "load_config", "parse_yaml"]
+__all__ = [
+    "IMAGENET_STATS",
+    "Config",
+    "ConfigError",
+    "CsvData",
+    "FolderData",
+    "ModelConfig",
+    "Stage",
+    "TextData",
+    "Train",
+    "apply_override",
+    "dump_config",
+    "load_config",
+    "parse_yaml",
+]

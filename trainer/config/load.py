@@ -42,7 +42,7 @@ def parse_yaml(text: str, source: str = "<string>"):
         data = _Loader(text).construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else text[:getattr(e, "position", 0)].count("\n") + 1
+        line = mark.line + 1 if mark else text[: getattr(e, "position", 0)].count("\n") + 1
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]  # a ReaderError has no problem
         raise ConfigError(f"{source}:{line}: not valid YAML: {problem}") from None
     return data, node
@@ -55,8 +55,10 @@ def _no_duplicate_keys(node, source: str) -> None:
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode):
                 if key.value in seen:
-                    raise ConfigError(f"{source}:{key.start_mark.line + 1}: duplicate key '{key.value}' "
-                                      f"(first on line {seen[key.value]})")
+                    raise ConfigError(
+                        f"{source}:{key.start_mark.line + 1}: duplicate key '{key.value}' "
+                        f"(first on line {seen[key.value]})"
+                    )
                 seen[key.value] = key.start_mark.line + 1
             _no_duplicate_keys(value, source)
     elif isinstance(node, yaml.SequenceNode):
@@ -84,10 +86,19 @@ def _node_at(node, loc: Iterable):
 
 def _clean_loc(loc: tuple) -> tuple:
     """Drops pydantic's type tags from a loc: union members, 'list[...]', 'function-after'."""
-    return tuple(p for p in loc if not (isinstance(p, str) and (
-        p in ("folder", "csv", "text", "LrSpread") or "[" in p
-        or p.startswith(("function-", "literal", "constrained-"))
-        or p in ("float", "int", "str", "bool", "tuple", "list", "dict"))))
+    return tuple(
+        p
+        for p in loc
+        if not (
+            isinstance(p, str)
+            and (
+                p in ("folder", "csv", "text", "LrSpread")
+                or "[" in p
+                or p.startswith(("function-", "literal", "constrained-"))
+                or p in ("float", "int", "str", "bool", "tuple", "list", "dict")
+            )
+        )
+    )
 
 
 def _model_for(loc: tuple) -> type[BaseModel] | None:
@@ -104,8 +115,14 @@ def _model_for(loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
-        model = {"train": schema.Train, "model": schema.ModelConfig, "transforms": schema.Transforms,
-                 "tta": schema.Tta, "stages": schema.Stage, "fine_tune": schema.FineTune}.get(part, ann)
+        model = {
+            "train": schema.Train,
+            "model": schema.ModelConfig,
+            "transforms": schema.Transforms,
+            "tta": schema.Tta,
+            "stages": schema.Stage,
+            "fine_tune": schema.FineTune,
+        }.get(part, ann)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
@@ -175,7 +192,7 @@ def apply_override(data: dict, assignment: str) -> str:
         nxt = parts[i + 1]
         if isinstance(target, list):
             if not part.isdigit() or int(part) >= len(target):
-                raise ConfigError(f"--set {assignment}: {'.'.join(parts[:i + 1])}: no such list item")
+                raise ConfigError(f"--set {assignment}: {'.'.join(parts[: i + 1])}: no such list item")
             target = target[int(part)]
         else:
             target = target.setdefault(part, [] if nxt.isdigit() else {})
@@ -194,8 +211,9 @@ def apply_override(data: dict, assignment: str) -> str:
 Check = Callable[[Config], list[tuple[str, str]]]
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), text: str | None = None,
-                checks: Iterable[Check] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] = (), text: str | None = None, checks: Iterable[Check] = ()
+) -> Config:
     """Reads, overrides and validates a config. `checks` add domain rules (e.g. the arch registry)
     from layers below this one, returning (dotted key, message) pairs."""
     source = str(path) if path is not None else "<string>"
@@ -219,16 +237,27 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), t
         raise ConfigError(format_errors(e.errors(), data, node, source, origins)) from None
     problems = [p for check in (_check_paths, *checks) for p in check(cfg)]
     if problems:
-        errs = [{"loc": tuple(int(p) if p.isdigit() else p for p in key.split(".")), "type": kind,
-                 "msg": msg, "input": None} for key, msg, kind in _with_kind(problems)]
+        errs = [
+            {
+                "loc": tuple(int(p) if p.isdigit() else p for p in key.split(".")),
+                "type": kind,
+                "msg": msg,
+                "input": None,
+            }
+            for key, msg, kind in _with_kind(problems)
+        ]
         raise ConfigError(format_errors(errs, data, node, source, origins))
     return cfg
 
 
 def _check_paths(cfg: Config) -> list[tuple[str, str]]:
     if not Path(cfg.data.path).exists():
-        return [("data.path", f"'{cfg.data.path}' does not exist (prepare it with "
-                              "`python scripts/get_data.py`, or fix the path)")]
+        return [
+            (
+                "data.path",
+                f"'{cfg.data.path}' does not exist (prepare it with `python scripts/get_data.py`, or fix the path)",
+            )
+        ]
     valid_path = getattr(cfg.data, "valid_path", None)
     if valid_path and not Path(valid_path).is_file():
         return [("data.valid_path", f"'{valid_path}' is not a file")]

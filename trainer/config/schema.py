@@ -213,8 +213,11 @@ class ModelConfig(Strict):
 
     def arch_kwargs(self) -> dict:
         """The options set for the architecture's factory (unset ones keep its defaults)."""
-        return {k: v for k, v in self.model_dump(exclude={"arch"}).items()
-                if v is not None and not (k == "pretrained" and v is False)}
+        return {
+            k: v
+            for k, v in self.model_dump(exclude={"arch"}).items()
+            if v is not None and not (k == "pretrained" and v is False)
+        }
 
 
 class Config(Strict):

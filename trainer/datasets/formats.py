@@ -1,6 +1,7 @@
 """Reading the official dataset files (Fashion-MNIST IDX, CIFAR-10 pickles or JPEG tarball) and
 writing them out as image folders or a labels CSV. Torch-free, like trainer.datasets.get_data, which
 locates and verifies the sources and calls these."""
+
 from __future__ import annotations
 
 import csv
@@ -21,12 +22,25 @@ class GetDataError(RuntimeError):
     """A problem the user can fix (missing/corrupt source, offline); main prints it without a traceback."""
 
 
-FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-FMNIST_CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
-                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                 "dog", "frog", "horse", "ship", "truck")
+FMNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+FMNIST_CLASSES = (
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle_boot",
+)
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def log(msg: str) -> None:
@@ -35,13 +49,14 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------- writing images
 
+
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     if magic != 0x0800 | ndim:  # 0x08 = unsigned byte, low byte = number of dimensions
         raise GetDataError(f"{path} is not an IDX file of {ndim} dims (magic {magic:#x})")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -57,8 +72,7 @@ def write_split(root: Path, images: np.ndarray, labels: np.ndarray, classes) -> 
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
     step = 5000
-    jobs = [(str(root), images[s:s + step], labels[s:s + step], classes, s)
-            for s in range(0, len(images), step)]
+    jobs = [(str(root), images[s : s + step], labels[s : s + step], classes, s) for s in range(0, len(images), step)]
     if len(jobs) == 1:  # a pool costs more than it saves on tiny sets (tests)
         _write_pngs(jobs[0])
         return
@@ -72,8 +86,10 @@ def build_fashion_mnist(paths: list[Path], out: Path) -> None:
         images = _read_idx(files[f"{prefix}-images-idx3-ubyte.gz"], 3)
         labels = _read_idx(files[f"{prefix}-labels-idx1-ubyte.gz"], 1)
         if len(images) != len(labels) or labels.max(initial=0) >= len(FMNIST_CLASSES):
-            raise GetDataError(f"fashion_mnist {split}: {len(images)} images, {len(labels)} labels "
-                               f"(max label {labels.max(initial=0)}): source files do not match")
+            raise GetDataError(
+                f"fashion_mnist {split}: {len(images)} images, {len(labels)} labels "
+                f"(max label {labels.max(initial=0)}): source files do not match"
+            )
         log(f"  {split}: writing {len(images)} PNGs")
         write_split(out / split, images, labels, FMNIST_CLASSES)
 
@@ -82,8 +98,12 @@ class _DataUnpickler(pickle.Unpickler):
     """The official CIFAR-10 batches are pickles of dicts of numpy arrays: allow exactly the numpy
     reconstructors and refuse every other global, so a tampered archive cannot run code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -113,8 +133,13 @@ def _cifar_jpeg(paths: list[Path], out: Path) -> None:
     with tarfile.open(paths[0], "r|gz") as tar:
         for m in tar:
             parts = Path(m.name).parts
-            if not (m.isfile() and len(parts) == 3 and parts[0] in ("train", "test")
-                    and parts[1] in CIFAR_CLASSES and not parts[2].startswith(".")):
+            if not (
+                m.isfile()
+                and len(parts) == 3
+                and parts[0] in ("train", "test")
+                and parts[1] in CIFAR_CLASSES
+                and not parts[2].startswith(".")
+            ):
                 continue
             (out / parts[0] / parts[1]).mkdir(parents=True, exist_ok=True)
             (out / parts[0] / parts[1] / parts[2]).write_bytes(tar.extractfile(m).read())

@@ -9,6 +9,7 @@ Text sets are copied verbatim to text/<file>.txt.
 Deliberately torch-free (numpy, pillow, stdlib) so it runs before the heavy install; the
 reading and writing of each format is in trainer/datasets/formats.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,11 +61,19 @@ for _digest, _name, _origin in (line.split() for line in KNOWN_SHA256.strip().sp
 # the shared-data layout). The first alternative is what a download fetches.
 SOURCES = {
     "fashion_mnist": [tuple((f, FMNIST_URL + f, "fashion-mnist") for f in FMNIST_FILES)],
-    "cifar10": [(("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                  "cifar10"),),
-                (("cifar10-jpg.tar.gz", None, "cifar10"),)],
-    "shakespeare": [(("tinyshakespeare.txt", "https://raw.githubusercontent.com/karpathy/char-rnn/"
-                      "master/data/tinyshakespeare/input.txt", "text"),)],
+    "cifar10": [
+        (("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar10"),),
+        (("cifar10-jpg.tar.gz", None, "cifar10"),),
+    ],
+    "shakespeare": [
+        (
+            (
+                "tinyshakespeare.txt",
+                "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                "text",
+            ),
+        )
+    ],
     "nietzsche": [(("nietzsche.txt", "https://s3.amazonaws.com/text-datasets/nietzsche.txt", "text"),)],
 }
 DATASETS = tuple(SOURCES)
@@ -83,6 +92,7 @@ def sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- locating and verifying sources
+
 
 def _find_local(name: str, subdir: str, source: Path) -> Path | None:
     # Accept both /work/shared/data's layout (<subdir>/<name>) and a flat folder of files.
@@ -107,8 +117,9 @@ def _download(name: str, url: str | None, cache: Path) -> Path:
         urllib.request.urlretrieve(url, part)
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
-        raise GetDataError(f"could not download {url} ({getattr(e, 'reason', e)}); offline? "
-                           "pass --source DIR pointing at local copies") from None
+        raise GetDataError(
+            f"could not download {url} ({getattr(e, 'reason', e)}); offline? pass --source DIR pointing at local copies"
+        ) from None
     os.replace(part, target)
     return target
 
@@ -135,14 +146,17 @@ def verify_sources(paths: list[Path], names: list[str]) -> dict[str, str]:
         digest, known = sha256(path), CHECKSUMS.get(name, {})
         if digest not in known:
             expected = ", ".join(f"{d[:12]}… ({k})" for d, k in known.items()) or "none known"
-            raise GetDataError(f"checksum mismatch for {path}: sha256 {digest[:12]}…, expected {expected}; "
-                               "the file is corrupt or an unknown version "
-                               "(a bad download in .downloads/ can be deleted)")
+            raise GetDataError(
+                f"checksum mismatch for {path}: sha256 {digest[:12]}…, expected {expected}; "
+                "the file is corrupt or an unknown version "
+                "(a bad download in .downloads/ can be deleted)"
+            )
         digests[name] = digest
     return digests
 
 
 # ---------------------------------------------------------------- layouts, markers, atomic output
+
 
 def is_built(out: Path, dataset: str, layout: str, digests: dict[str, str] | None) -> bool:
     """True if `out` holds a finished build of this layout (from these sources, when they are known)."""
@@ -224,8 +238,7 @@ def get_text(dataset: str, dest: Path, source: Path | None, check: bool) -> Path
     return out
 
 
-def get_dataset(dataset: str, dest: Path, source: Path | None = None,
-            layouts=LAYOUTS, verify: bool = True) -> Path:
+def get_dataset(dataset: str, dest: Path, source: Path | None = None, layouts=LAYOUTS, verify: bool = True) -> Path:
     """Prepare `dataset` (or "all") under `dest`; returns the output path. Idempotent.
 
     source: folder with local copies (shared-data layout or flat); None downloads the official files.
@@ -253,8 +266,9 @@ def main(argv=None) -> int:
     p.add_argument("dataset", choices=(*DATASETS, "all"))
     p.add_argument("--dest", type=Path, default=Path("data"), help="output root (default: data)")
     p.add_argument("--source", type=Path, help="folder with local source files instead of downloading")
-    p.add_argument("--layout", action="append", choices=LAYOUTS,
-                   help="image layout to build; repeatable (default: both)")
+    p.add_argument(
+        "--layout", action="append", choices=LAYOUTS, help="image layout to build; repeatable (default: both)"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks (unknown but trusted files)")
     args = p.parse_args(argv)
     if args.no_verify:

@@ -40,13 +40,21 @@ def validation_batches(run: LoadedRun, data_path: str | Path | None = None, bs: 
     if data_path is not None:
         data = data.model_copy(update={"path": str(data_path)})
     if not Path(data.path).exists():
-        raise DataError(f"{data.path}: the run's data folder is not here (run from the folder you trained "
-                        "in, or pass --data PATH)")
+        raise DataError(
+            f"{data.path}: the run's data folder is not here (run from the folder you trained in, or pass --data PATH)"
+        )
     images = load_images(data, run.cfg.seed or 0, list(outline(run.cfg).image_sizes), log)
     if images.classes != run.classes:
         raise DataError(f"{data.path}: its classes differ from the run's classes.json")
-    return ImageBatches(images.valid_x, images.valid_y, bs, run.size, torch.tensor(run.stats["mean"]),
-                        torch.tensor(run.stats["std"]), device=run.device)
+    return ImageBatches(
+        images.valid_x,
+        images.valid_y,
+        bs,
+        run.size,
+        torch.tensor(run.stats["mean"]),
+        torch.tensor(run.stats["std"]),
+        device=run.device,
+    )
 
 
 def as_logits(probs: torch.Tensor, multi_label: bool) -> torch.Tensor:
@@ -69,13 +77,18 @@ def confusion_matrix(pred: torch.Tensor, y: torch.Tensor, n: int) -> np.ndarray:
 
 def most_confused(cm: np.ndarray, classes: list[str], min_count: int = 1) -> list[dict]:
     """Off-diagonal pairs, most frequent first (fastai's most_confused)."""
-    pairs = [{"actual": classes[i], "predicted": classes[j], "count": int(cm[i, j])}
-             for i in range(len(classes)) for j in range(len(classes)) if i != j and cm[i, j] >= min_count]
+    pairs = [
+        {"actual": classes[i], "predicted": classes[j], "count": int(cm[i, j])}
+        for i in range(len(classes))
+        for j in range(len(classes))
+        if i != j and cm[i, j] >= min_count
+    ]
     return sorted(pairs, key=lambda r: (-r["count"], r["actual"], r["predicted"]))
 
 
-def per_class(probs: torch.Tensor, y: torch.Tensor, classes: list[str], multi_label: bool,
-              threshold: float = 0.5) -> list[dict]:
+def per_class(
+    probs: torch.Tensor, y: torch.Tensor, classes: list[str], multi_label: bool, threshold: float = 0.5
+) -> list[dict]:
     """Single-label: the share of each class's images predicted right (its recall).
     Multi-label: per tag, the share of images where its presence is predicted right."""
     rows = []
@@ -98,8 +111,15 @@ def item_losses(probs: torch.Tensor, y: torch.Tensor, multi_label: bool) -> torc
     return F.nll_loss(logits, y, reduction="none")
 
 
-def plot_top_losses(run: LoadedRun, dl: ImageBatches, probs: torch.Tensor, path: Path, k: int = 9,
-                    heatmap: bool = False, threshold: float = 0.5) -> Path:
+def plot_top_losses(
+    run: LoadedRun,
+    dl: ImageBatches,
+    probs: torch.Tensor,
+    path: Path,
+    k: int = 9,
+    heatmap: bool = False,
+    threshold: float = 0.5,
+) -> Path:
     """The k worst validation images, titled predicted / actual / loss / probability of the actual
     class (the mean over tags for multi-label); with heatmap, Grad-CAM of the predicted class."""
     y = dl.labels
@@ -125,12 +145,24 @@ def plot_top_losses(run: LoadedRun, dl: ImageBatches, probs: torch.Tensor, path:
             raise ValueError(f"--heatmap: '{run.cfg.model.arch}' has no convolutional block to map")
         target = None if run.multi_label else probs[top].argmax(1)
         overlays = grad_cam(run.built.model, layer, x, target).numpy()
-    return image_grid(to_display(x, run.stats["mean"], run.stats["std"]), titles, path, overlays,
-                      suptitle="predicted / actual / loss / probability of actual")
+    return image_grid(
+        to_display(x, run.stats["mean"], run.stats["std"]),
+        titles,
+        path,
+        overlays,
+        suptitle="predicted / actual / loss / probability of actual",
+    )
 
 
-def evaluate(run: LoadedRun, data_path=None, tta: bool = False, heatmap: bool = False,
-             out: Path | None = None, k: int = 9, log=print) -> Evaluation:
+def evaluate(
+    run: LoadedRun,
+    data_path=None,
+    tta: bool = False,
+    heatmap: bool = False,
+    out: Path | None = None,
+    k: int = 9,
+    log=print,
+) -> Evaluation:
     out = Path(out or run.path)
     dl = validation_batches(run, data_path, log=log)
     activation = run.task().activation
@@ -148,12 +180,19 @@ def evaluate(run: LoadedRun, data_path=None, tta: bool = False, heatmap: bool = 
         cm = confusion_matrix(best.argmax(1), y, len(run.classes))
         ev.confused = most_confused(cm, run.classes)
         ev.files["confusion_matrix"] = confusion_plot(cm, run.classes, out / "confusion_matrix.png")
-        pd.DataFrame(ev.confused, columns=["actual", "predicted", "count"]).to_csv(out / "most_confused.csv", index=False)
+        pd.DataFrame(ev.confused, columns=["actual", "predicted", "count"]).to_csv(
+            out / "most_confused.csv", index=False
+        )
         ev.files["most_confused"] = out / "most_confused.csv"
     ev.files["top_losses"] = plot_top_losses(run, dl, best, out / "top_losses.png", k, heatmap, threshold)
     pd.DataFrame(ev.per_class).to_csv(out / "per_class.csv", index=False)
-    report = {"metrics": metrics, "metrics_tta": metrics_tta, "n_valid": len(y),
-              "tta": run.cfg.tta.model_dump() if tta else None, "per_class": ev.per_class}
+    report = {
+        "metrics": metrics,
+        "metrics_tta": metrics_tta,
+        "n_valid": len(y),
+        "tta": run.cfg.tta.model_dump() if tta else None,
+        "per_class": ev.per_class,
+    }
     (out / "evaluation.json").write_text(json.dumps(report, indent=1))
     ev.files["evaluation"] = out / "evaluation.json"
     return ev

@@ -29,9 +29,17 @@ class Exported:
 
 
 def metadata(run: LoadedRun) -> dict:
-    return {"arch": run.cfg.model.arch, "model": run.cfg.model.model_dump(mode="json"), "classes": run.classes,
-            "multi_label": run.multi_label, "size": run.size, "channels": run.stats["channels"],
-            "mean": run.stats["mean"], "std": run.stats["std"], "input": "float32 NCHW, pixels/255 then (x-mean)/std"}
+    return {
+        "arch": run.cfg.model.arch,
+        "model": run.cfg.model.model_dump(mode="json"),
+        "classes": run.classes,
+        "multi_label": run.multi_label,
+        "size": run.size,
+        "channels": run.stats["channels"],
+        "mean": run.stats["mean"],
+        "std": run.stats["std"],
+        "input": "float32 NCHW, pixels/255 then (x-mean)/std",
+    }
 
 
 def sample_input(run: LoadedRun, n: int = 2) -> torch.Tensor:
@@ -39,8 +47,9 @@ def sample_input(run: LoadedRun, n: int = 2) -> torch.Tensor:
     return torch.randn(n, run.stats["channels"], run.size, run.size, generator=g)
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path | None = None, which: str = "best",
-               verify: bool = True) -> Exported:
+def export_run(
+    run_dir: str | Path, fmt: str, out: str | Path | None = None, which: str = "best", verify: bool = True
+) -> Exported:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}' (expected one of {', '.join(FORMATS)})")
     run = load_run(run_dir, which, device="cpu")
@@ -73,8 +82,9 @@ def _reload_safetensors(run: LoadedRun, path: Path, x) -> torch.Tensor:
 
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["trainer"])
-    fresh = create_model(run.cfg.model.model_copy(update={"pretrained": False}), len(meta["classes"]),
-                         meta["channels"], meta["size"]).model
+    fresh = create_model(
+        run.cfg.model.model_copy(update={"pretrained": False}), len(meta["classes"]), meta["channels"], meta["size"]
+    ).model
     load_model(fresh, str(path))
     with torch.no_grad():
         return fresh.eval()(x)
@@ -85,14 +95,23 @@ def _onnx(run: LoadedRun, model, x, path: Path) -> None:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401  (the exporter behind torch.onnx.export)
     except ImportError as e:
-        raise ValueError(f"--format onnx needs the onnx and onnxscript packages ({e}): "
-                         "pip install 'trainer[export]'") from None
+        raise ValueError(
+            f"--format onnx needs the onnx and onnxscript packages ({e}): pip install 'trainer[export]'"
+        ) from None
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5e9  # protobuf's 2 GB limit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=big, verbose=False)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=big,
+                verbose=False,
+            )
         except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; say which model failed
             raise RuntimeError(f"ONNX export of '{run.cfg.model.arch}' failed: {str(e).splitlines()[0]}") from None
     if not big:

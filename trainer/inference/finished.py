@@ -76,6 +76,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> 
     built.model.load_state_dict(storage.load(ckpt)["model"])
     dev = pick_device(device)
     built.model.to(dev).eval()
-    threshold = json.loads((path / "threshold.json").read_text())["threshold"] \
-        if (path / "threshold.json").is_file() else 0.5
+    threshold = (
+        json.loads((path / "threshold.json").read_text())["threshold"] if (path / "threshold.json").is_file() else 0.5
+    )
     return LoadedRun(path, cfg, built, meta["classes"], meta["multi_label"], stats, dev, threshold)

@@ -33,8 +33,9 @@ def load_text_run(run_dir: str | Path, which: str = "best", device: str = "auto"
     path = Path(run_dir)
     cfg = read_run_config(path)
     if cfg.data.layout != "text":
-        raise ValueError(f"{path}: an image run; `trainer generate` needs a language-model run "
-                         f"(use `trainer predict` for images)")
+        raise ValueError(
+            f"{path}: an image run; `trainer generate` needs a language-model run (use `trainer predict` for images)"
+        )
     if not (path / "vocab.json").is_file():
         raise FileNotFoundError(f"{path}: no vocab.json in the run directory")
     vocab = Vocab.from_json(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
@@ -56,8 +57,15 @@ def next_char(logits: torch.Tensor, temperature: float, g: torch.Generator) -> i
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, vocab: Vocab, prime: str, n_chars: int, temperature: float = 0.8,
-             seed: int | None = None, device: torch.device = torch.device("cpu")) -> str:
+def generate(
+    model: torch.nn.Module,
+    vocab: Vocab,
+    prime: str,
+    n_chars: int,
+    temperature: float = 0.8,
+    seed: int | None = None,
+    device: torch.device = torch.device("cpu"),
+) -> str:
     """The prime followed by n_chars generated characters."""
     if not prime:
         raise ValueError("--prime must have at least one character to start from")

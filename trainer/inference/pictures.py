@@ -26,8 +26,14 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def image_grid(images: np.ndarray, titles: list[str], path: Path, overlays: np.ndarray | None = None,
-               ncols: int | None = None, suptitle: str | None = None) -> Path:
+def image_grid(
+    images: np.ndarray,
+    titles: list[str],
+    path: Path,
+    overlays: np.ndarray | None = None,
+    ncols: int | None = None,
+    suptitle: str | None = None,
+) -> Path:
     """images: (N, H, W, C) in [0, 1]; overlays: (N, H, W) in [0, 1], drawn as a heat map."""
     n = len(images)
     ncols = ncols or int(np.ceil(np.sqrt(n)))
@@ -39,8 +45,13 @@ def image_grid(images: np.ndarray, titles: list[str], path: Path, overlays: np.n
         if i >= n:
             continue
         img = images[i]
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                  vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(
+            img[..., 0] if img.shape[-1] == 1 else img,
+            cmap="gray" if img.shape[-1] == 1 else None,
+            vmin=0,
+            vmax=1,
+            interpolation="nearest",
+        )
         if overlays is not None:
             ax.imshow(overlays[i], cmap="magma", alpha=0.55, vmin=0, vmax=1, interpolation="bilinear")
         ax.set_title(titles[i], fontsize=8)
@@ -66,8 +77,15 @@ def confusion_plot(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     if n <= 40:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
-                        color="white" if cm[i, j] > top / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(cm[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if cm[i, j] > top / 2 else "black",
+                )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -88,11 +106,16 @@ def show_batch(cfg, path: Path, n: int = 16, log=print) -> Path:
     if cfg.data.layout == "text":
         raise ValueError("show-batch shows images; this config trains a language model")
     stages = outline(cfg)
-    bundle = build_bundle(cfg, cfg.seed or 0, torch.device("cpu"), stages.image_sizes, log=log,
-                          model_stats=input_stats(cfg.model))
+    bundle = build_bundle(
+        cfg, cfg.seed or 0, torch.device("cpu"), stages.image_sizes, log=log, model_stats=input_stats(cfg.model)
+    )
     train_dl, _ = bundle.loaders(n, stages.sizes[0])
     _, x, y = next(train_dl.iterate())
     titles = [label_text(t, bundle.images.classes) for t in y]
     preset = cfg.transforms.preset
-    return image_grid(to_display(x, bundle.mean, bundle.std), titles, path,
-                      suptitle=f"{cfg.name}: transforms {preset}, {train_dl.size}px")
+    return image_grid(
+        to_display(x, bundle.mean, bundle.std),
+        titles,
+        path,
+        suptitle=f"{cfg.name}: transforms {preset}, {train_dl.size}px",
+    )

@@ -25,15 +25,24 @@ def load_folder(files: list[Path], size: int, channels: int) -> torch.Tensor:
 
 
 def batches_for(run: LoadedRun, images: torch.Tensor, bs: int = 128) -> ImageBatches:
-    return ImageBatches(images, torch.zeros(len(images), dtype=torch.long), bs, run.size,
-                        torch.tensor(run.stats["mean"]), torch.tensor(run.stats["std"]), device=run.device)
+    return ImageBatches(
+        images,
+        torch.zeros(len(images), dtype=torch.long),
+        bs,
+        run.size,
+        torch.tensor(run.stats["mean"]),
+        torch.tensor(run.stats["std"]),
+        device=run.device,
+    )
 
 
 def predict_probs(run: LoadedRun, dl: ImageBatches) -> torch.Tensor:
     return outputs(run.built.model, dl, activation=run.task().activation)[0]
 
 
-def predict_folder(run: LoadedRun, folder: str | Path, bs: int = 128, tta: bool = False) -> tuple[list[Path], torch.Tensor]:
+def predict_folder(
+    run: LoadedRun, folder: str | Path, bs: int = 128, tta: bool = False
+) -> tuple[list[Path], torch.Tensor]:
     folder = Path(folder)
     files = image_files(folder) if folder.is_dir() else [folder]
     images = load_folder(files, run.stats["size"], run.stats["channels"])
@@ -48,13 +57,15 @@ def cycle_checkpoints(run_dir: str | Path) -> list[Path]:
     files = list((Path(run_dir) / "checkpoints").glob("cycle-*.pt"))
     files = [f for f in files if f.stem.split("-", 1)[1].isdigit()]
     if not files:
-        raise FileNotFoundError(f"{run_dir}: no checkpoints/cycle-<k>.pt to ensemble (train an sgdr stage "
-                                "with save_cycles: true)")
+        raise FileNotFoundError(
+            f"{run_dir}: no checkpoints/cycle-<k>.pt to ensemble (train an sgdr stage with save_cycles: true)"
+        )
     return sorted(files, key=lambda f: int(f.stem.split("-", 1)[1]))
 
 
-def predict_ensemble(run: LoadedRun, folder: str | Path, checkpoints: list[Path], bs: int = 128
-                     ) -> tuple[list[Path], torch.Tensor]:
+def predict_ensemble(
+    run: LoadedRun, folder: str | Path, checkpoints: list[Path], bs: int = 128
+) -> tuple[list[Path], torch.Tensor]:
     """A snapshot ensemble: the mean of the probabilities each saved cycle predicts."""
     folder = Path(folder)
     files = image_files(folder) if folder.is_dir() else [folder]
@@ -77,9 +88,16 @@ def file_ids(files: list[Path]) -> list[str]:
     return [f.relative_to(root).with_suffix("").as_posix() for f in files]
 
 
-def predictions_table(files: list[Path], probs: torch.Tensor, classes: list[str], multi_label: bool,
-                      threshold: float = 0.5, labels_only: bool = False, probs_only: bool = False,
-                      id_column: str = "id") -> pd.DataFrame:
+def predictions_table(
+    files: list[Path],
+    probs: torch.Tensor,
+    classes: list[str],
+    multi_label: bool,
+    threshold: float = 0.5,
+    labels_only: bool = False,
+    probs_only: bool = False,
+    id_column: str = "id",
+) -> pd.DataFrame:
     """One row per image: its id, the label (multi-label: the tags above the threshold, space
     separated) and one probability column per class in class order. labels_only and probs_only
     give the two Kaggle submission shapes (planet's image_name,tags; dog breeds' id,<classes>)."""

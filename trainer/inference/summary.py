@@ -41,8 +41,15 @@ def layer_rows(model: nn.Module, x: torch.Tensor) -> tuple[list[dict], int, int]
             params = sum(p.numel() for p in mod.parameters(recurse=False))
             trainable = any(p.requires_grad for p in mod.parameters(recurse=False))
             out = out[0] if isinstance(out, tuple) else out  # recurrent layers return (output, state)
-            rows.append({"name": name, "layer": f"{name} ({type(mod).__name__})", "shape": list(out.shape[1:]),
-                         "params": params, "trainable": trainable if params else "-"})
+            rows.append(
+                {
+                    "name": name,
+                    "layer": f"{name} ({type(mod).__name__})",
+                    "shape": list(out.shape[1:]),
+                    "params": params,
+                    "trainable": trainable if params else "-",
+                }
+            )
 
         hooks.append(m.register_forward_hook(hook))
     model.eval()

@@ -50,8 +50,9 @@ def flip_views(spec: AugmentSpec, n: int, size: int) -> list[View]:
         d = max(1, spec.pad // 2)  # spec.pad is in pixels of the output size
         for i, (dx, dy) in enumerate([(d, d), (-d, d), (-d, -d), (d, -d)]):
             flip = spec.flip and i % 2 == 1
-            views.append(View(f"shift{dx:+d}{dy:+d}" + ("-flip" if flip else ""),
-                              fixed(shift_theta(dx, dy, size, flip))))
+            views.append(
+                View(f"shift{dx:+d}{dy:+d}" + ("-flip" if flip else ""), fixed(shift_theta(dx, dy, size, flip)))
+            )
     return views[:n]
 
 
@@ -70,7 +71,7 @@ def view_batches(dl: ImageBatches, view: View | None = None):
     """The batches of dl, in order, under one view (None: the plain view)."""
     order = dl.with_(shuffle=False).order()
     for i in range(len(dl)):
-        rows = order[i * dl.bs:(i + 1) * dl.bs]
+        rows = order[i * dl.bs : (i + 1) * dl.bs]
         if view is None:
             yield dl.batch(rows)
         elif view.fn is not None:
@@ -91,8 +92,9 @@ def blend(plain: torch.Tensor, views: list[torch.Tensor], beta: float) -> torch.
     return beta * plain + (1 - beta) * torch.stack(views).mean(0)
 
 
-def tta_predict(model, dl: ImageBatches, activation, views: list[View], beta: float = 0.25,
-                precision=None) -> tuple[torch.Tensor, torch.Tensor]:
+def tta_predict(
+    model, dl: ImageBatches, activation, views: list[View], beta: float = 0.25, precision=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(TTA probabilities, plain probabilities)."""
     run = partial(predict_view, model, dl, activation, precision=precision)
     plain = run()

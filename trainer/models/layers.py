@@ -75,7 +75,13 @@ def is_norm(module: nn.Module) -> bool:
 def head(n_features: int, n_out: int, ps: float = 0.5, hidden: int = 512) -> nn.Sequential:
     """fastai's head for a pretrained body: concat pool, BN, dropout, linear, ReLU, BN, dropout, linear."""
     return nn.Sequential(
-        AdaptiveConcatPool2d(), nn.Flatten(),
-        nn.BatchNorm1d(2 * n_features), nn.Dropout(ps / 2), nn.Linear(2 * n_features, hidden), nn.ReLU(inplace=True),
-        nn.BatchNorm1d(hidden), nn.Dropout(ps), nn.Linear(hidden, n_out),
+        AdaptiveConcatPool2d(),
+        nn.Flatten(),
+        nn.BatchNorm1d(2 * n_features),
+        nn.Dropout(ps / 2),
+        nn.Linear(2 * n_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(hidden),
+        nn.Dropout(ps),
+        nn.Linear(hidden, n_out),
     )

@@ -29,8 +29,9 @@ class BestSoFar:
 
 def non_finite(tensors: dict) -> list[str]:
     """Names of floating-point tensors holding a NaN or an infinity."""
-    return [k for k, t in tensors.items()
-            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    return [
+        k for k, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
 
 
 class Checkpointer(Callback):
@@ -38,8 +39,9 @@ class Checkpointer(Callback):
     Weights holding a NaN or an infinity are never written: the run stops instead, and the last
     good last.pt and best.pt stay as they were."""
 
-    def __init__(self, run: RunDir, snapshot: Callable[[Learner, bool], dict], best: BestSoFar,
-                 every: int | None = None):
+    def __init__(
+        self, run: RunDir, snapshot: Callable[[Learner, bool], dict], best: BestSoFar, every: int | None = None
+    ):
         self.run, self.snapshot, self.best, self.every = run, snapshot, best, every
 
     def after_batch(self, learn: Learner) -> None:
@@ -73,10 +75,12 @@ class Checkpointer(Callback):
         bad = non_finite(state["model"])
         if bad:
             s = learn.state
-            raise TrainingDiverged(f"the weights are not finite ({', '.join(bad[:3])}) after epoch "
-                                   f"{s.epoch + 1}, batch {s.batch + 1} (step {s.step} of {s.total_steps}), "
-                                   f"lr {current_lr(learn.opt):.3g}; not saved: checkpoints/ keep the last good "
-                                   "state. Try a lower lr or train.clip")
+            raise TrainingDiverged(
+                f"the weights are not finite ({', '.join(bad[:3])}) after epoch "
+                f"{s.epoch + 1}, batch {s.batch + 1} (step {s.step} of {s.total_steps}), "
+                f"lr {current_lr(learn.opt):.3g}; not saved: checkpoints/ keep the last good "
+                "state. Try a lower lr or train.clip"
+            )
         return state
 
 
@@ -92,8 +96,16 @@ class CycleSaver(Callback):
         epoch = learn.state.epoch + 1
         if epoch in self.ends:
             k = self.first + self.ends.index(epoch)
-            storage.save({"model": unwrap(learn.model).state_dict(), "stage": self.stage_index, "epoch": epoch,
-                        "cycle": k, "valid": dict(learn.state.valid)}, self.run.checkpoints / f"cycle-{k}.pt")
+            storage.save(
+                {
+                    "model": unwrap(learn.model).state_dict(),
+                    "stage": self.stage_index,
+                    "epoch": epoch,
+                    "cycle": k,
+                    "valid": dict(learn.state.valid),
+                },
+                self.run.checkpoints / f"cycle-{k}.pt",
+            )
 
 
 class SaveThreshold(Callback):
@@ -106,5 +118,7 @@ class SaveThreshold(Callback):
     def after_epoch(self, learn: Learner) -> None:
         v = learn.state.valid
         if "threshold" in v and v.get("valid_loss") == self.best.loss:
-            self.run.write_json("threshold.json", {"threshold": v["threshold"], "fbeta": v.get("fbeta"),
-                                                   "epoch": self.recorder.last_row.get("epoch")})
+            self.run.write_json(
+                "threshold.json",
+                {"threshold": v["threshold"], "fbeta": v.get("fbeta"), "epoch": self.recorder.last_row.get("epoch")},
+            )

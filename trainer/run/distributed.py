@@ -40,8 +40,10 @@ def start(backend: str, device: torch.device) -> tuple[World, torch.device]:
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this machine but "
-                             f"only {torch.cuda.device_count()} GPU(s): start one process per GPU")
+            raise ValueError(
+                f"{os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this machine but "
+                f"only {torch.cuda.device_count()} GPU(s): start one process per GPU"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     backend = backend_for(backend, device)

@@ -36,9 +36,15 @@ def find_lr(sess: Session, learner: Learner, stage: StagePlan) -> float:
     return result.lr
 
 
-def lr_find_stage(cfg: Config, stage: str | None = None, start_lr: float = 1e-7, end_lr: float = 10.0,
-                  num_it: int = 100, out: str | Path | None = None,
-                  console: Console | None = None) -> tuple[LrFindResult, Path]:
+def lr_find_stage(
+    cfg: Config,
+    stage: str | None = None,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    out: str | Path | None = None,
+    console: Console | None = None,
+) -> tuple[LrFindResult, Path]:
     """`trainer lr-find`: the range test with a stage's freeze state, image size, batch size and
     lr shape (differential lrs keep their ratios), on the model as built. Writes lr_find.csv,
     lr_find.json and lr_find.png into a run directory (runs/<name>/lr_find-<time>/ by default)."""
@@ -65,7 +71,17 @@ def save_result(result: LrFindResult, folder: str | Path, name: str = "lr_find")
     folder = Path(folder)
     paths = [folder / f"{name}.csv", folder / f"{name}.json", folder / f"{name}.png"]
     write_table(paths[0], result.rows(), ["step", "lr", "loss", "smoothed_loss"])
-    atomic_write_text(paths[1], json.dumps({"suggestions": result.suggestions, "recommended": result.recommended,
-                                            "lr": result.lr, "stopped": result.stopped}, indent=1))
+    atomic_write_text(
+        paths[1],
+        json.dumps(
+            {
+                "suggestions": result.suggestions,
+                "recommended": result.recommended,
+                "lr": result.lr,
+                "stopped": result.stopped,
+            },
+            indent=1,
+        ),
+    )
     plot_lr_find(result, paths[2])
     return paths

@@ -31,8 +31,14 @@ class FitResult:
     final: dict
 
 
-def fit(cfg: Config, out: str | Path | None = None, smoke: bool = False, console: Console | None = None,
-        resume: str | Path | None = None, callbacks: tuple[Callback, ...] = ()) -> FitResult:
+def fit(
+    cfg: Config,
+    out: str | Path | None = None,
+    smoke: bool = False,
+    console: Console | None = None,
+    resume: str | Path | None = None,
+    callbacks: tuple[Callback, ...] = (),
+) -> FitResult:
     """Runs every stage. resume: a run directory, or "auto" for the newest unfinished run of this
     config's name, to continue exactly where its last checkpoint left off. Under torchrun, rank 0
     finds the run and reads its checkpoint, and hands both to every rank."""
@@ -58,7 +64,7 @@ def train_stages(sess: Session, point: state.ResumePoint | None = None) -> FitRe
         state.start_from(point, sess.run, sess.history.steps, sess.best, sess.plan.names, sess.log)
     grace = LAUNCHER_GRACE if sess.world.enabled else 0.0
     with run_status(sess.run), graceful_stop(grace=grace) as stop:
-        for stage in sess.plan.stages[point.stage if point is not None else 0:]:
+        for stage in sess.plan.stages[point.stage if point is not None else 0 :]:
             train_stage(sess, stage, stop, point if point is not None and stage.index == point.stage else None)
     final = sess.run.metrics[-1] if sess.run.metrics else {}
     sess.log(f"done: {final}")

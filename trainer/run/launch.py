@@ -16,8 +16,9 @@ LAUNCHED_WITH = "--launched-with-devices"  # tells each process how the run was 
 INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
 
 
-def fit_args(config: Path, sets: list[str] | None, out: Path | None, smoke: bool, resume: str | None,
-             devices: int) -> list[str]:
+def fit_args(
+    config: Path, sets: list[str] | None, out: Path | None, smoke: bool, resume: str | None, devices: int
+) -> list[str]:
     """The `trainer fit` arguments each process gets: the same command, with --devices N said as
     how the run was started (so rank 0 prints a resume command with it)."""
     args = ["fit", str(config), *[a for s in sets or [] for a in ("--set", s)], LAUNCHED_WITH, str(devices)]
@@ -55,8 +56,12 @@ def launch(n: int, args: list[str], log=print) -> int:
         codes = [f.exitcode for f in e.failures.values()]
         code = exit_code(codes)
         if code == 1:  # mixed or unexplained failures: say which process
-            log("; ".join(f"process {rank} failed with exit code {f.exitcode}" for rank, f in sorted(e.failures.items()))
-                + " (its output is above)")
+            log(
+                "; ".join(
+                    f"process {rank} failed with exit code {f.exitcode}" for rank, f in sorted(e.failures.items())
+                )
+                + " (its output is above)"
+            )
         return code
     except SignalException as e:  # the launcher itself was signalled: torchrun passed it on, they saved
         return 128 + int(e.sigval)

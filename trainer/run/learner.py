@@ -37,20 +37,20 @@ SMOKE_BATCHES = 2
 # outside takes its place by its own `order` (0 unless it says otherwise); on a tie, the
 # earlier-added goes first, and the run's own callbacks are added first.
 ORDER = {
-    "accumulate": -40,    # splits the batch before anything reads the loss
-    "sync_loss": -30,     # the loss averaged over processes, before anything reads it
+    "accumulate": -40,  # splits the batch before anything reads the loss
+    "sync_loss": -30,  # the loss averaged over processes, before anything reads it
     "hidden_state": -20,  # char models start each epoch from a zero hidden state
-    "schedule": -10,      # this step's lr and momentum
-    "freeze_norms": -5,   # frozen BatchNorm layers stay in eval mode
+    "schedule": -10,  # this step's lr and momentum
+    "freeze_norms": -5,  # frozen BatchNorm layers stay in eval mode
     "clip": 0,
-    "guard": 5,           # a non-finite loss or gradient stops the run (or skips the step)
-    "recorder": 10,       # the step's loss and lr; the epoch's metrics row
-    "ema": 15,            # the weight average moves after the step; validation swaps it in
-    "cycles": 20,         # SGDR snapshots
-    "checkpointer": 20,   # last.pt and best.pt, after the recorder and the average
-    "threshold": 21,      # threshold.json next to a new best.pt
+    "guard": 5,  # a non-finite loss or gradient stops the run (or skips the step)
+    "recorder": 10,  # the step's loss and lr; the epoch's metrics row
+    "ema": 15,  # the weight average moves after the step; validation swaps it in
+    "cycles": 20,  # SGDR snapshots
+    "checkpointer": 20,  # last.pt and best.pt, after the recorder and the average
+    "threshold": 21,  # threshold.json next to a new best.pt
     "plots": 25,
-    "signal": 25,         # Ctrl-C / SIGTERM: save and stop, after everything of this step
+    "signal": 25,  # Ctrl-C / SIGTERM: save and stop, after everything of this step
     "progress": 30,
 }
 
@@ -76,8 +76,11 @@ class Handles:
     progress: ProgressReport | None = None
 
     def named(self, names=None) -> dict[str, Callback]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) is not None and (names is None or f.name in names)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) is not None and (names is None or f.name in names)
+        }
 
     def with_state(self) -> dict[str, Callback]:
         """The callbacks a checkpoint saves, by their declared names."""
@@ -103,8 +106,14 @@ def step_learner(sess: Session, stage: StagePlan) -> tuple[Learner, Handles]:
     """The stage's model, optimizer, loaders and the callbacks that shape each step."""
     cfg, built, world = sess.cfg, sess.built, sess.world
     frozen = apply_freeze(built.groups, stage.freeze_to, stage.train_bn)
-    opt = create_optimizer(cfg.train.optimizer, param_groups(built.groups, stage.lrs, stage.wds), cfg.train.momentum,
-                           cfg.train.betas, cfg.train.eps, cfg.train.nesterov)
+    opt = create_optimizer(
+        cfg.train.optimizer,
+        param_groups(built.groups, stage.lrs, stage.wds),
+        cfg.train.momentum,
+        cfg.train.betas,
+        cfg.train.eps,
+        cfg.train.nesterov,
+    )
     check_batch(stage.bs, world.world_size, cfg.train.accumulate, cfg.data.layout)
     train_dl, valid_dl = sess.bundle.loaders(stage.bs, stage.size)
     if getattr(sess.bundle, "images", None) is not None:
@@ -115,8 +124,16 @@ def step_learner(sess: Session, stage: StagePlan) -> tuple[Learner, Handles]:
     if stage.precompute:  # the frozen body runs once; this stage trains the head on its activations
         from trainer.train.precompute import head_only
 
-        model, train_dl, valid_dl = head_only(built, stage, cfg.model.arch, train_dl, valid_dl, sess.precision,
-                                              getattr(cfg.data, "cache_dir", None), sess.log)
+        model, train_dl, valid_dl = head_only(
+            built,
+            stage,
+            cfg.model.arch,
+            train_dl,
+            valid_dl,
+            sess.precision,
+            getattr(cfg.data, "cache_dir", None),
+            sess.log,
+        )
     train_dl = shard_train(train_dl, world.rank, world.world_size)
     valid_dl = shard_valid(valid_dl, world.rank, world.world_size)
     model = wrap(model, sess.device, world)
@@ -124,15 +141,18 @@ def step_learner(sess: Session, stage: StagePlan) -> tuple[Learner, Handles]:
         accumulate=Accumulate(cfg.train.accumulate) if cfg.train.accumulate > 1 else None,
         sync_loss=SyncLoss(world) if world.enabled else None,
         freeze_norms=FreezeNorms(frozen, stage.train_bn, stage.bn_freeze, built.model),
-        clip=GradClip(cfg.train.clip) if cfg.train.clip else None)
+        clip=GradClip(cfg.train.clip) if cfg.train.clip else None,
+    )
     kind, extra = (DistributedLearner, {"world": world}) if world.enabled else (Learner, {})
-    learner = kind(model, opt, sess.task, train_dl, valid_dl, _in_order(handles, STEP), sess.precision,
-                   sess.device, **extra)
+    learner = kind(
+        model, opt, sess.task, train_dl, valid_dl, _in_order(handles, STEP), sess.precision, sess.device, **extra
+    )
     return learner, handles
 
 
-def add_run_callbacks(sess: Session, learner: Learner, handles: Handles, stage: StagePlan,
-                      stop: StopRequest | None = None) -> Handles:
+def add_run_callbacks(
+    sess: Session, learner: Learner, handles: Handles, stage: StagePlan, stop: StopRequest | None = None
+) -> Handles:
     """The rest of the stage's callbacks, in place on the learner and its handles. Rank 0 alone
     draws, prints and saves cycle snapshots; every rank takes part in checkpoints (rank 0 writes)."""
     cfg, run, world = sess.cfg, sess.run, sess.world
@@ -143,10 +163,21 @@ def add_run_callbacks(sess: Session, learner: Learner, handles: Handles, stage: 
     extra = {"peak_lr": stage.found_lr} if stage.find_lr else {}
     handles.recorder = Recorder(stage.name, stage.first_epoch, sess.history.steps, run.add_metrics, extra)
     handles.ema = WeightAverage(learner.model, cfg.train.ema) if cfg.train.ema else None
-    handles.cycles = CycleSaver(run, stage.cycle_ends, stage.first_cycle, stage.index) \
-        if stage.cycle_ends and world.is_main else None
-    save = partial(snapshot, stage=stage, model=sess.built.model, best=sess.best, callbacks=handles.with_state(),
-                   per_rank=handles.per_rank(), run=run, world=world)
+    handles.cycles = (
+        CycleSaver(run, stage.cycle_ends, stage.first_cycle, stage.index)
+        if stage.cycle_ends and world.is_main
+        else None
+    )
+    save = partial(
+        snapshot,
+        stage=stage,
+        model=sess.built.model,
+        best=sess.best,
+        callbacks=handles.with_state(),
+        per_rank=handles.per_rank(),
+        run=run,
+        world=world,
+    )
     handles.checkpointer = Checkpointer(run, lambda learn, end: save(learn, epoch_end=end), sess.best, every)
     if sess.task.name == "multi_label":
         handles.threshold = SaveThreshold(run, sess.best, handles.recorder)
@@ -155,8 +186,9 @@ def add_run_callbacks(sess: Session, learner: Learner, handles: Handles, stage: 
         handles.progress = ProgressReport(handles.recorder, sess.console, log=sess.log)
     if stop is not None:
         describe = partial(_where, stage=stage, n_stages=len(sess.plan.stages))
-        handles.signal = SaveOnSignal(stop, handles.checkpointer.save_last, run.path, describe,
-                                      world.largest if world.enabled else None)
+        handles.signal = SaveOnSignal(
+            stop, handles.checkpointer.save_last, run.path, describe, world.largest if world.enabled else None
+        )
     for cb in _in_order(handles, [n for n in ORDER if n not in STEP]) + sess.extra_callbacks:
         learner.add(cb)
     return handles
@@ -170,5 +202,7 @@ def stage_learner(sess: Session, stage: StagePlan, stop: StopRequest | None = No
 
 def _where(learn: Learner, stage: StagePlan, n_stages: int) -> str:
     s = learn.state
-    return (f"stage {stage.index + 1}/{n_stages} '{stage.name}', epoch {s.epoch + 1}/{s.n_epochs}, "
-            f"after batch {s.batch + 1}/{s.n_batches}")
+    return (
+        f"stage {stage.index + 1}/{n_stages} '{stage.name}', epoch {s.epoch + 1}/{s.n_epochs}, "
+        f"after batch {s.batch + 1}/{s.n_batches}"
+    )

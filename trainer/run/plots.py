@@ -103,7 +103,7 @@ def plot_lr_find(result, path: Path) -> Path:
 class History:
     """What the plots show across all stages of a run: every step and every validation."""
 
-    steps: list[dict] = field(default_factory=list)      # filled by the Recorder
+    steps: list[dict] = field(default_factory=list)  # filled by the Recorder
     valid: list[tuple[int, float]] = field(default_factory=list)
 
 

@@ -40,9 +40,15 @@ class ProgressReport(Callback):
         if not self.interactive:
             return
         s = learn.state
-        self.bar = Progress(TextColumn(f"epoch {s.epoch + 1}/{s.n_epochs}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(),
-                            console=self.console, transient=True)
+        self.bar = Progress(
+            TextColumn(f"epoch {s.epoch + 1}/{s.n_epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
         self.bar.start()
         self.task = self.bar.add_task("train", total=s.n_batches, completed=s.batch, loss="-")
 
@@ -76,4 +82,3 @@ class ProgressReport(Callback):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-

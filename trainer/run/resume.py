@@ -17,8 +17,17 @@ from trainer.config import Config, dump_config
 from trainer.run.status import in_use, read_status
 
 # Keys a resumed run may change: they do not change what is computed.
-MAY_CHANGE = {"name", "device", "compile", "data.cache_dir", "data.valid_bs", "data.on_device",
-              "train.checkpoint_every", "train.on_nan", "distributed.backend"}
+MAY_CHANGE = {
+    "name",
+    "device",
+    "compile",
+    "data.cache_dir",
+    "data.valid_bs",
+    "data.on_device",
+    "train.checkpoint_every",
+    "train.on_nan",
+    "distributed.backend",
+}
 
 
 class ResumeError(ValueError):
@@ -28,11 +37,16 @@ class ResumeError(ValueError):
 def find_unfinished(name: str, root: str | Path = "runs") -> Path:
     """The unfinished run of this config name that was checkpointed last."""
     folder = Path(root) / name
-    found = [last.parent.parent for last in folder.glob("*/checkpoints/last.pt")
-             if read_status(last.parent.parent) != "finished" and not in_use(last.parent.parent)]
+    found = [
+        last.parent.parent
+        for last in folder.glob("*/checkpoints/last.pt")
+        if read_status(last.parent.parent) != "finished" and not in_use(last.parent.parent)
+    ]
     if not found:
-        raise ResumeError(f"--resume auto: no unfinished run of '{name}' with a checkpoint under {folder}/ "
-                          "(start one without --resume)")
+        raise ResumeError(
+            f"--resume auto: no unfinished run of '{name}' with a checkpoint under {folder}/ "
+            "(start one without --resume)"
+        )
     return max(found, key=lambda d: ((d / "checkpoints" / "last.pt").stat().st_mtime_ns, d.name))
 
 
@@ -41,13 +55,14 @@ def resolve(spec: str | Path, name: str, root: str | Path = "runs") -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise ResumeError(f"--resume {spec}: {run_dir} is not a run directory (no config.yaml)")
     if not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise ResumeError(f"--resume {spec}: {run_dir} has no checkpoints/last.pt yet (it stopped before "
-                          "its first checkpoint): start it again without --resume")
+        raise ResumeError(
+            f"--resume {spec}: {run_dir} has no checkpoints/last.pt yet (it stopped before "
+            "its first checkpoint): start it again without --resume"
+        )
     if in_use(run_dir):
         raise ResumeError(f"--resume {spec}: {run_dir} is being trained by another process right now")
     if read_status(run_dir) == "finished":
-        raise ResumeError(f"--resume {spec}: {run_dir} finished; nothing to resume (start a new run without "
-                          "--resume)")
+        raise ResumeError(f"--resume {spec}: {run_dir} finished; nothing to resume (start a new run without --resume)")
     return run_dir
 
 
@@ -56,8 +71,10 @@ def check_fresh_out(out: Path) -> None:
     if in_use(out):
         raise ResumeError(f"--out {out}: that run is being trained by another process right now")
     if (Path(out) / "checkpoints" / "last.pt").exists():
-        raise ResumeError(f"--out {out} already holds a run (checkpoints/last.pt): continue it with "
-                          f"--resume {out}, or choose another folder")
+        raise ResumeError(
+            f"--out {out} already holds a run (checkpoints/last.pt): continue it with "
+            f"--resume {out}, or choose another folder"
+        )
 
 
 def _flat(data, prefix: str = "") -> dict:
@@ -78,10 +95,15 @@ def reconcile(cfg: Config, run_dir: Path) -> Config:
     if cfg.seed is None:
         cfg = cfg.model_copy(update={"seed": saved.seed})
     new, old = _flat(yaml.safe_load(dump_config(cfg))), _flat(yaml.safe_load(dump_config(saved)))
-    changed = sorted(k for k in new.keys() | old.keys()
-                     if new.get(k) != old.get(k) and not any(k == m or k.startswith(m + ".") for m in MAY_CHANGE))
+    changed = sorted(
+        k
+        for k in new.keys() | old.keys()
+        if new.get(k) != old.get(k) and not any(k == m or k.startswith(m + ".") for m in MAY_CHANGE)
+    )
     if changed:
         diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-        raise ResumeError(f"--resume {run_dir}: the config differs from the run's config.yaml ({diffs}). "
-                          "Resume with the same config and --set options, or start a new run")
+        raise ResumeError(
+            f"--resume {run_dir}: the config differs from the run's config.yaml ({diffs}). "
+            "Resume with the same config and --set options, or start a new run"
+        )
     return cfg

@@ -50,8 +50,14 @@ class Session:
     extra_callbacks: list[Callback] = field(default_factory=list)  # fit(callbacks=...): tests, tools
 
 
-def open_session(cfg: Config, out: str | Path | None = None, world: World = SINGLE, device: torch.device | None = None,
-                 smoke: bool = False, console: Console | None = None) -> Session:
+def open_session(
+    cfg: Config,
+    out: str | Path | None = None,
+    world: World = SINGLE,
+    device: torch.device | None = None,
+    smoke: bool = False,
+    console: Console | None = None,
+) -> Session:
     """With several processes, rank 0 picks the seed and the run directory for all of them and
     is the only one to write or print. device: the config's when not given."""
     device = device if device is not None else pick_device(cfg.device)
@@ -70,9 +76,15 @@ def open_session(cfg: Config, out: str | Path | None = None, world: World = SING
 
     stages = outline(cfg)
     with world.local_main_first():  # one decode per machine into the image cache
-        bundle = build_bundle(cfg, seed, device, stages.image_sizes, max(stages.batch_sizes) if smoke else None,
-                              log=lambda m: (log(m), world.is_main and print(m, flush=True)),
-                              model_stats=input_stats(cfg.model))
+        bundle = build_bundle(
+            cfg,
+            seed,
+            device,
+            stages.image_sizes,
+            max(stages.batch_sizes) if smoke else None,
+            log=lambda m: (log(m), world.is_main and print(m, flush=True)),
+            model_stats=input_stats(cfg.model),
+        )
     built = create_model(cfg.model, bundle.n_out, bundle.in_channels, stages.first_size or _decoded_size(bundle))
     synced = use_sync_bn(cfg.train.sync_bn, built, device, world)
     if synced is not None:  # torch BatchNorm (CUDA) and the course's BnLayer (any backend)
@@ -84,13 +96,16 @@ def open_session(cfg: Config, out: str | Path | None = None, world: World = SING
     _place(built.model, cfg, device, smoke, log)
     check_loss(cfg.train.loss, bundle.task_kind)
     task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
-    task = make_task({"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
-                     cfg.train.label_smoothing)
+    task = make_task(
+        {"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind), cfg.train.label_smoothing
+    )
     n_params = sum(p.numel() for p in built.model.parameters())
     precision = pick_precision(cfg.amp, device)
-    log(f"run {run.path}: seed {seed}, device {device} ({threads} CPU threads), amp {precision.name}, "
+    log(
+        f"run {run.path}: seed {seed}, device {device} ({threads} CPU threads), amp {precision.name}, "
         f"{n_params:,} parameters"
-        + (f", {world.world_size} processes ({backend_for(cfg.distributed.backend, device)})" if world.enabled else ""))
+        + (f", {world.world_size} processes ({backend_for(cfg.distributed.backend, device)})" if world.enabled else "")
+    )
     plan = make_plan(cfg, len(built.groups))
     return Session(cfg, plan, run, bundle, built, task, device, precision, world, smoke, log, console)
 

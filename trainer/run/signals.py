@@ -50,13 +50,17 @@ class StopRequest:
         if self.signum is not None and time.monotonic() - self._first_at < self.grace:
             return
         if self.signum is not None:
-            os.write(2, b"\nsecond interrupt: exiting now without saving (checkpoints/last.pt holds "
-                        b"the last checkpoint)\n")
+            os.write(
+                2, b"\nsecond interrupt: exiting now without saving (checkpoints/last.pt holds the last checkpoint)\n"
+            )
             self._exit_now(128 + signum)
             return
         self.signum, self._first_at = signum, time.monotonic()
-        os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
-                    "stopping (press Ctrl-C again to quit at once)\n".encode())
+        os.write(
+            2,
+            f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
+            "stopping (press Ctrl-C again to quit at once)\n".encode(),
+        )
 
 
 @contextlib.contextmanager

@@ -37,34 +37,53 @@ from trainer.train.world import World
 
 VERSION = 2
 # Version 1 (before 2026-12) keyed callback state by class name and kept "best" inside it.
-V1_CALLBACKS = {"Recorder": "recorder", "NonFiniteGuard": "guard", "ResetState": "hidden_state",
-                "WeightAverage": "ema"}
+V1_CALLBACKS = {"Recorder": "recorder", "NonFiniteGuard": "guard", "ResetState": "hidden_state", "WeightAverage": "ema"}
 
 
-def snapshot(learn: Learner, stage: StagePlan, epoch_end: bool, model: torch.nn.Module, best: BestSoFar,
-             callbacks: dict[str, Callback], per_rank: dict[str, Callback], run: RunDir, world: World) -> dict:
+def snapshot(
+    learn: Learner,
+    stage: StagePlan,
+    epoch_end: bool,
+    model: torch.nn.Module,
+    best: BestSoFar,
+    callbacks: dict[str, Callback],
+    per_rank: dict[str, Callback],
+    run: RunDir,
+    world: World,
+) -> dict:
     """A checkpoint of this moment. `model` is the whole model (the learner may train only its
     head, on precomputed activations); `callbacks` names every callback with state, `per_rank`
     those of them whose state differs between processes (saved for each)."""
     s, rng = learn.state, rng_state()
-    return {"version": VERSION, "model": unwrap(model).state_dict(), "optimizer": learn.opt.state_dict(),
-            "scaler": learn.scaler.state_dict(), "stage": stage.index,
-            "epoch": s.epoch + 1 if epoch_end else s.epoch, "batch": 0 if epoch_end else s.batch + 1,
-            "n_batches": len(learn.train_dl), "found_lr": stage.found_lr, "best": best.loss,
-            "train_loss_sum": s.epoch_loss_sum, "train_loss_count": s.epoch_loss_count,
-            "skipped_steps": s.skipped_steps, "rng": rng, **world.per_rank("rng_ranks", rng),
-            "callbacks": {name: cb.state_dict() for name, cb in callbacks.items()},
-            **world.per_rank("callbacks_ranks", {name: cb.state_dict() for name, cb in per_rank.items()}),
-            "metrics": [dict(r) for r in run.metrics]}
+    return {
+        "version": VERSION,
+        "model": unwrap(model).state_dict(),
+        "optimizer": learn.opt.state_dict(),
+        "scaler": learn.scaler.state_dict(),
+        "stage": stage.index,
+        "epoch": s.epoch + 1 if epoch_end else s.epoch,
+        "batch": 0 if epoch_end else s.batch + 1,
+        "n_batches": len(learn.train_dl),
+        "found_lr": stage.found_lr,
+        "best": best.loss,
+        "train_loss_sum": s.epoch_loss_sum,
+        "train_loss_count": s.epoch_loss_count,
+        "skipped_steps": s.skipped_steps,
+        "rng": rng,
+        **world.per_rank("rng_ranks", rng),
+        "callbacks": {name: cb.state_dict() for name, cb in callbacks.items()},
+        **world.per_rank("callbacks_ranks", {name: cb.state_dict() for name, cb in per_rank.items()}),
+        "metrics": [dict(r) for r in run.metrics],
+    }
 
 
 @dataclass
 class ResumePoint:
     run_dir: Path
     state: dict
-    stage: int         # the stage to run next
-    epoch: int         # the epoch within it
-    batch: int         # the batch within that epoch
+    stage: int  # the stage to run next
+    epoch: int  # the epoch within it
+    batch: int  # the batch within that epoch
     fresh_stage: bool  # the checkpoint closed the previous stage: only weights and random states carry over
     stale: list[Path] = field(default_factory=list)  # temporary files of an interrupted save, removed
 
@@ -80,8 +99,10 @@ class ResumePoint:
     def describe(self, stage_names: list[str]) -> str:
         if self.stage >= len(stage_names):
             return "after the last stage"
-        return (f"stage {self.stage + 1}/{len(stage_names)} '{stage_names[self.stage]}', epoch {self.epoch + 1}, "
-                f"batch {self.batch + 1}")
+        return (
+            f"stage {self.stage + 1}/{len(stage_names)} '{stage_names[self.stage]}', epoch {self.epoch + 1}, "
+            f"batch {self.batch + 1}"
+        )
 
 
 def load_point(run_dir: Path, stage_epochs: tuple[int, ...]) -> ResumePoint:
@@ -97,8 +118,9 @@ def load_point(run_dir: Path, stage_epochs: tuple[int, ...]) -> ResumePoint:
             state["best"] = min(state["best"], best.get("best_valid_loss", math.inf))
     stage, epoch, batch = position
     if stage >= len(stage_epochs):
-        raise ResumeError(f"{run_dir}: the checkpoint is at stage {stage + 1}, the config has "
-                          f"{len(stage_epochs)} stage(s)")
+        raise ResumeError(
+            f"{run_dir}: the checkpoint is at stage {stage + 1}, the config has {len(stage_epochs)} stage(s)"
+        )
     if batch == 0 and epoch >= stage_epochs[stage]:
         return ResumePoint(run_dir, state, stage + 1, 0, 0, True, stale)
     return ResumePoint(run_dir, state, stage, epoch, batch, False, stale)
@@ -112,8 +134,11 @@ def upgrade(state: dict, path: Path) -> dict:
     missing = sorted({"model", "optimizer", "stage", "epoch", "batch", "rng"} - set(state))
     version = state.get("version", 0)
     if missing or version not in (1, VERSION):
-        raise ResumeError(f"{path}: not a resumable checkpoint of version {VERSION} (it is version {version}"
-                          + (f", missing {missing}" if missing else "") + "); start the run again without --resume")
+        raise ResumeError(
+            f"{path}: not a resumable checkpoint of version {VERSION} (it is version {version}"
+            + (f", missing {missing}" if missing else "")
+            + "); start the run again without --resume"
+        )
     if version == 1:
         callbacks = state.get("callbacks", {})
         state["best"] = callbacks.get("Checkpointer", {}).get("best", math.inf)
@@ -121,13 +146,15 @@ def upgrade(state: dict, path: Path) -> dict:
         state["found_lr"] = groups[-1].get("peak_lr") if groups else None
         state["callbacks"] = {V1_CALLBACKS[k]: v for k, v in callbacks.items() if k in V1_CALLBACKS}
         if "callbacks_ranks" in state:
-            state["callbacks_ranks"] = [{V1_CALLBACKS[k]: v for k, v in r.items() if k in V1_CALLBACKS}
-                                        for r in state["callbacks_ranks"]]
+            state["callbacks_ranks"] = [
+                {V1_CALLBACKS[k]: v for k, v in r.items() if k in V1_CALLBACKS} for r in state["callbacks_ranks"]
+            ]
     return state
 
 
-def start_from(point: ResumePoint, run: RunDir, steps: list[dict], best: BestSoFar, stage_names: list[str],
-               log) -> None:
+def start_from(
+    point: ResumePoint, run: RunDir, steps: list[dict], best: BestSoFar, stage_names: list[str], log
+) -> None:
     """Before the first stage: the metrics rows up to the checkpoint (rows written after it are
     dropped, they are computed again), the per-step record and the best loss so far."""
     run.metrics = [dict(r) for r in point.state.get("metrics", [])]
@@ -136,8 +163,10 @@ def start_from(point: ResumePoint, run: RunDir, steps: list[dict], best: BestSoF
     if recorder is not None:  # the per-step record spans the whole run, earlier stages included
         steps[:] = storage.unpack_rows(recorder["steps"])
     best.loss = point.best
-    log(f"resuming {point.run_dir} from checkpoints/last.pt: {point.describe(stage_names)}"
-        + (f" (removed {len(point.stale)} temporary file(s) of an interrupted save)" if point.stale else ""))
+    log(
+        f"resuming {point.run_dir} from checkpoints/last.pt: {point.describe(stage_names)}"
+        + (f" (removed {len(point.stale)} temporary file(s) of an interrupted save)" if point.stale else "")
+    )
 
 
 def restore_weights(model: torch.nn.Module, point: ResumePoint) -> None:
@@ -146,15 +175,23 @@ def restore_weights(model: torch.nn.Module, point: ResumePoint) -> None:
     unwrap(model).load_state_dict(point.state["model"])
 
 
-def restore(learn: Learner, point: ResumePoint, callbacks: dict[str, Callback], per_rank: dict[str, Callback],
-            best: BestSoFar, world: World) -> tuple[int, int]:
+def restore(
+    learn: Learner,
+    point: ResumePoint,
+    callbacks: dict[str, Callback],
+    per_rank: dict[str, Callback],
+    best: BestSoFar,
+    world: World,
+) -> tuple[int, int]:
     """Puts the rest of the checkpoint into the stage's freshly built learner; returns (start
     epoch, start batch). The random states go last, so nothing done while building can shift them."""
     state = point.state
     if not point.fresh_stage:
         if state.get("n_batches", len(learn.train_dl)) != len(learn.train_dl):
-            raise ResumeError(f"{point.run_dir}: the checkpoint's epoch had {state['n_batches']} batches, "
-                              f"this data gives {len(learn.train_dl)} (did the dataset change?)")
+            raise ResumeError(
+                f"{point.run_dir}: the checkpoint's epoch had {state['n_batches']} batches, "
+                f"this data gives {len(learn.train_dl)} (did the dataset change?)"
+            )
         learn.opt.load_state_dict(state["optimizer"])
         if state["scaler"]:  # empty when saved without fp16 (a CPU run): the fresh scaler is right
             learn.scaler.load_state_dict(state["scaler"])

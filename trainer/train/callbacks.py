@@ -41,8 +41,14 @@ def current_mom(opt: torch.optim.Optimizer) -> float:
 class Recorder(Callback):
     """Per-step lr, momentum and loss; per-epoch rows of metrics.csv (handed to `on_row`)."""
 
-    def __init__(self, stage: str, first_epoch: int = 0, steps: list[dict] | None = None,
-                 on_row: Callable[[dict], None] | None = None, extra: dict | None = None):
+    def __init__(
+        self,
+        stage: str,
+        first_epoch: int = 0,
+        steps: list[dict] | None = None,
+        on_row: Callable[[dict], None] | None = None,
+        extra: dict | None = None,
+    ):
         self.stage, self.first_epoch, self.on_row = stage, first_epoch, on_row
         self.steps: list[dict] = steps if steps is not None else []  # shared: one list for a whole run
         self.extra = dict(extra or {})  # more columns for this stage's rows (e.g. the lr lr_find chose)
@@ -55,8 +61,15 @@ class Recorder(Callback):
     def after_batch(self, learn: Learner) -> None:
         s = learn.state
         # the loss stays a device tensor until flush(): one GPU sync per epoch, not per step
-        self.steps.append({"stage": self.stage, "step": len(self.steps),  # steps of the whole run so far
-                           "lr": self._lr, "mom": self._mom, "loss": s.loss_t})
+        self.steps.append(
+            {
+                "stage": self.stage,
+                "step": len(self.steps),  # steps of the whole run so far
+                "lr": self._lr,
+                "mom": self._mom,
+                "loss": s.loss_t,
+            }
+        )
         self._pending.append(len(self.steps) - 1)
 
     def flush(self) -> None:
@@ -74,9 +87,15 @@ class Recorder(Callback):
     def after_epoch(self, learn: Learner) -> None:
         self.flush()
         s = learn.state
-        row = {"stage": self.stage, "epoch": self.first_epoch + s.epoch + 1, "train_loss": s.train_loss,
-               **{k: v for k, v in s.valid.items()}, "lr": self._last_lr(),
-               "seconds": round(time.perf_counter() - s.epoch_start, 2), **self.extra}
+        row = {
+            "stage": self.stage,
+            "epoch": self.first_epoch + s.epoch + 1,
+            "train_loss": s.train_loss,
+            **{k: v for k, v in s.valid.items()},
+            "lr": self._last_lr(),
+            "seconds": round(time.perf_counter() - s.epoch_start, 2),
+            **self.extra,
+        }
         if s.skipped_steps:
             row["skipped_steps"] = s.skipped_steps  # train.on_nan: skip (steps skipped in this stage)
         self.last_row = row
@@ -106,8 +125,13 @@ class FreezeNorms(Callback):
 
     in_step = True
 
-    def __init__(self, frozen: list[torch.nn.Module], train_bn: bool = False, bn_freeze: bool = False,
-                 model: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        frozen: list[torch.nn.Module],
+        train_bn: bool = False,
+        bn_freeze: bool = False,
+        model: torch.nn.Module | None = None,
+    ):
         self.modules = []
         if bn_freeze and model is not None:
             self.modules = [m for m in model.modules() if is_norm(m)]

@@ -73,8 +73,11 @@ class WeightAverage(Callback):
 
     def state_dict(self) -> dict:
         raw = self.raw if self.raw is not None else self.live
-        return {"decay": self.decay, "avg": {k: v.detach().clone() for k, v in self.avg.items()},
-                "raw": {k: v.detach().clone() for k, v in raw.items()}}
+        return {
+            "decay": self.decay,
+            "avg": {k: v.detach().clone() for k, v in self.avg.items()},
+            "raw": {k: v.detach().clone() for k, v in raw.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """After the checkpoint's "model" was loaded: the training weights go back in."""

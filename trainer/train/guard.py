@@ -34,7 +34,7 @@ class NonFiniteGuard(Callback):
     def __init__(self, mode: str = "stop", check_every: int = 1):
         self.mode = mode
         self.check_every = 1 if mode == "skip" else max(1, check_every)
-        self._last_t: torch.Tensor | None = None   # the last finite loss, where the model is
+        self._last_t: torch.Tensor | None = None  # the last finite loss, where the model is
         self._last_base = math.nan
         self._first_bad: torch.Tensor | None = None  # deferred: (step, what) of the first bad step, -1 if none
 
@@ -50,10 +50,12 @@ class NonFiniteGuard(Callback):
         s = learn.state
         if self.mode == "skip":
             raise SkipStep()
-        raise TrainingDiverged(f"{what} is not finite at epoch {s.epoch + 1}, batch {s.batch + 1} "
-                               f"(step {s.step + 1} of {s.total_steps}), lr {current_lr(learn.opt):.3g}; "
-                               f"last finite loss {self.last_finite:.4g}. Try a lower lr, train.clip, "
-                               "or train.on_nan: skip")
+        raise TrainingDiverged(
+            f"{what} is not finite at epoch {s.epoch + 1}, batch {s.batch + 1} "
+            f"(step {s.step + 1} of {s.total_steps}), lr {current_lr(learn.opt):.3g}; "
+            f"last finite loss {self.last_finite:.4g}. Try a lower lr, train.clip, "
+            "or train.on_nan: skip"
+        )
 
     def after_loss(self, learn: Learner) -> None:
         if self.check_every == 1 and not math.isfinite(learn.state.loss):
@@ -101,10 +103,12 @@ class NonFiniteGuard(Callback):
         s = learn.state
         what = "the gradient norm" if grad else "the loss"
         epoch, batch = divmod(step, max(1, s.n_batches))
-        raise TrainingDiverged(f"{what} is not finite at epoch {epoch + 1}, batch {batch + 1} "
-                               f"(step {step + 1} of {s.total_steps}; seen at step {s.step}), lr at detection "
-                               f"{current_lr(learn.opt):.3g}; last finite loss {self.last_finite:.4g}. "
-                               "Try a lower lr, train.clip, or train.on_nan: skip")
+        raise TrainingDiverged(
+            f"{what} is not finite at epoch {epoch + 1}, batch {batch + 1} "
+            f"(step {step + 1} of {s.total_steps}; seen at step {s.step}), lr at detection "
+            f"{current_lr(learn.opt):.3g}; last finite loss {self.last_finite:.4g}. "
+            "Try a lower lr, train.clip, or train.on_nan: skip"
+        )
 
     def state_dict(self) -> dict:
         return {"last_finite": self.last_finite}

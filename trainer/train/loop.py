@@ -46,9 +46,9 @@ class Callback:
 class FitState:
     epoch: int = 0
     n_epochs: int = 0
-    batch: int = 0              # index within the epoch
+    batch: int = 0  # index within the epoch
     n_batches: int = 0
-    step: int = 0               # optimizer steps in this fit
+    step: int = 0  # optimizer steps in this fit
     total_steps: int = 0
     loss_t: torch.Tensor | None = None  # this batch's loss, detached, where the model is
     epoch_loss_count: int = 0
@@ -97,9 +97,17 @@ class FitState:
 
 
 class Learner:
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, task: Task, train_dl, valid_dl,
-                 callbacks: Iterable[Callback] = (), precision: Precision | None = None,
-                 device: torch.device = torch.device("cpu")):
+    def __init__(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        task: Task,
+        train_dl,
+        valid_dl,
+        callbacks: Iterable[Callback] = (),
+        precision: Precision | None = None,
+        device: torch.device = torch.device("cpu"),
+    ):
         self.model, self.opt, self.task = model, opt, task
         self.train_dl, self.valid_dl = train_dl, valid_dl
         self.callbacks = sorted(callbacks, key=lambda c: c.order)
@@ -182,8 +190,12 @@ class Learner:
 
 
 @torch.no_grad()
-def outputs(model: nn.Module, batches: Iterable, precision: Precision | None = None,
-            activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def outputs(
+    model: nn.Module,
+    batches: Iterable,
+    precision: Precision | None = None,
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The model (in eval mode, then back) over batches of (x, y), in their order: the outputs
     (through `activation` when given) and the targets, on the CPU."""
     was = model.training

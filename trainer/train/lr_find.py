@@ -36,10 +36,10 @@ class LrFindError(RuntimeError):
 
 @dataclass
 class LrFindResult:
-    lrs: list[float]          # the last layer group's lr at each step (the one people quote)
-    losses: list[float]       # raw training loss at each step
-    smoothed: list[float]     # bias-corrected moving average of the loss
-    stopped: str              # "num_it", "diverged" (4x the best) or "not finite"
+    lrs: list[float]  # the last layer group's lr at each step (the one people quote)
+    losses: list[float]  # raw training loss at each step
+    smoothed: list[float]  # bias-corrected moving average of the loss
+    stopped: str  # "num_it", "diverged" (4x the best) or "not finite"
     suggestions: dict[str, float] = field(default_factory=dict)
     recommended: str = RECOMMENDED
 
@@ -49,12 +49,15 @@ class LrFindResult:
         return self.suggestions[self.recommended]
 
     def rows(self) -> list[dict]:
-        return [{"step": i, "lr": lr, "loss": loss, "smoothed_loss": sm}
-                for i, (lr, loss, sm) in enumerate(zip(self.lrs, self.losses, self.smoothed, strict=True))]
+        return [
+            {"step": i, "lr": lr, "loss": loss, "smoothed_loss": sm}
+            for i, (lr, loss, sm) in enumerate(zip(self.lrs, self.losses, self.smoothed, strict=True))
+        ]
 
     def summary(self) -> str:
-        parts = [f"{k} {v:.3g}" + (" (recommended)" if k == self.recommended else "")
-                 for k, v in self.suggestions.items()]
+        parts = [
+            f"{k} {v:.3g}" + (" (recommended)" if k == self.recommended else "") for k, v in self.suggestions.items()
+        ]
         return f"lr_find over {len(self.lrs)} steps (stopped: {self.stopped}): " + ", ".join(parts)
 
 
@@ -134,22 +137,32 @@ def check_range(start_lr: float, end_lr: float, num_it: int) -> None:
         raise ValueError(f"lr_find: the number of iterations must be at least 2, got {num_it}")
 
 
-def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
-            seed: int = 0, beta: float = 0.98, stop_div: float = 4.0) -> LrFindResult:
+def lr_find(
+    learn: Learner,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    seed: int = 0,
+    beta: float = 0.98,
+    stop_div: float = 4.0,
+) -> LrFindResult:
     """Runs the range test on a learner's model, optimizer and training data, with the callbacks
     that are part of its training step (freezing, clipping, accumulation), and leaves all of them
     as they were."""
     check_range(start_lr, end_lr, num_it)
     finder = LrFinder(start_lr, end_lr, num_it, beta, stop_div)
     keep = [c for c in learn.callbacks if c.in_step]
-    probe = Learner(learn.model, learn.opt, learn.task, learn.train_dl, None, [*keep, finder],
-                    learn.precision, learn.device)
+    probe = Learner(
+        learn.model, learn.opt, learn.task, learn.train_dl, None, [*keep, finder], learn.precision, learn.device
+    )
     with restored(learn):
         torch.manual_seed(seed)  # same dropout masks every time; the data order is seeded already
         probe.fit(math.ceil(num_it / max(1, len(learn.train_dl))))
     if not finder.losses:
-        raise LrFindError(f"lr_find: the loss is not finite from the first step (lr {start_lr:.3g}); "
-                          "try a lower --start-lr, or check the data and the model")
+        raise LrFindError(
+            f"lr_find: the loss is not finite from the first step (lr {start_lr:.3g}); "
+            "try a lower --start-lr, or check the data and the model"
+        )
     result = LrFindResult(finder.lrs, finder.losses, finder.smoothed, finder.stopped)
     result.suggestions = suggest(result.lrs, result.smoothed, num_it)
     return result

@@ -76,8 +76,9 @@ def _sgd(groups: list[dict], momentum: float, betas, eps: float, nesterov: bool 
 # be faster still, but rounds differently).
 
 
-def create_optimizer(name: str, groups: list[dict], momentum: float = 0.9, betas=(0.9, 0.99),
-                     eps: float = 1e-5, nesterov: bool = False) -> torch.optim.Optimizer:
+def create_optimizer(
+    name: str, groups: list[dict], momentum: float = 0.9, betas=(0.9, 0.99), eps: float = 1e-5, nesterov: bool = False
+) -> torch.optim.Optimizer:
     """nesterov: SGD's look-ahead momentum (the DAWNBench ResNet-9 recipe's); the config refuses
     it with adamw."""
     return OPTIMIZERS.get(name)(groups, momentum, betas, eps, nesterov=nesterov)

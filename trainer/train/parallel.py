@@ -43,11 +43,15 @@ def check_batch(bs: int, world_size: int, accumulate: int, layout: str) -> None:
     """The config's batch size is the batch of one optimizer step, over all processes and
     micro-batches together; each process computes bs / (processes x accumulate) items at a time."""
     if accumulate > 1 and layout == "text":
-        raise ValueError("train.accumulate is for image models: a character model keeps a hidden state per "
-                         "stream, which micro-batches would cut")
+        raise ValueError(
+            "train.accumulate is for image models: a character model keeps a hidden state per "
+            "stream, which micro-batches would cut"
+        )
     if bs % (world_size * accumulate):
-        raise ValueError(f"batch size {bs} does not divide by {world_size} process(es) x train.accumulate "
-                         f"{accumulate}: choose a batch size that is a multiple of {world_size * accumulate}")
+        raise ValueError(
+            f"batch size {bs} does not divide by {world_size} process(es) x train.accumulate "
+            f"{accumulate}: choose a batch size that is a multiple of {world_size * accumulate}"
+        )
 
 
 class Accumulate(Callback):
@@ -127,9 +131,11 @@ def use_sync_bn(on: bool, built: Built, device: torch.device, world: World) -> i
             return None
         torch_norms = [m for m in built.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if torch_norms:
-            raise ValueError(f"train.sync_bn needs CUDA GPUs for this model's {len(torch_norms)} torch BatchNorm "
-                             "layer(s) (torch's SyncBatchNorm does not run on the CPU); set it to false for CPU "
-                             "processes, or use a course model (bnresnet, bnconvnet) whose BnLayer syncs over gloo")
+            raise ValueError(
+                f"train.sync_bn needs CUDA GPUs for this model's {len(torch_norms)} torch BatchNorm "
+                "layer(s) (torch's SyncBatchNorm does not run on the CPU); set it to false for CPU "
+                "processes, or use a course model (bnresnet, bnconvnet) whose BnLayer syncs over gloo"
+            )
     return convert_sync_bn(built)
 
 

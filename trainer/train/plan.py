@@ -54,21 +54,21 @@ class StagePlan:
     index: int
     name: str
     epochs: int
-    first_epoch: int             # epochs of the stages before it (metrics.csv counts over the run)
-    size: int | None             # image size; None: the size the images are decoded at
+    first_epoch: int  # epochs of the stages before it (metrics.csv counts over the run)
+    size: int | None  # image size; None: the size the images are decoded at
     bs: int
-    lrs: tuple[float, ...]       # peak lr per layer group; with find_lr, the shape (last group 1.0)
-    wds: tuple[float, ...]       # weight decay per layer group
-    freeze_to: int               # the first trainable layer group (0: all train)
+    lrs: tuple[float, ...]  # peak lr per layer group; with find_lr, the shape (last group 1.0)
+    wds: tuple[float, ...]  # weight decay per layer group
+    freeze_to: int  # the first trainable layer group (0: all train)
     train_bn: bool
     bn_freeze: bool
     schedule_name: str
     schedule: Schedule
     precompute: bool
     cycle_ends: tuple[int, ...]  # SGDR cycles ending at these epochs (1-based) are saved; () for none
-    first_cycle: int             # the number of this stage's first saved cycle (cycle-<k>.pt)
-    new_size: bool               # its image size differs from the stage before: best.pt starts again
-    find_lr: bool                # lr: auto: lr_find picks the peak lr at the start of the stage
+    first_cycle: int  # the number of this stage's first saved cycle (cycle-<k>.pt)
+    new_size: bool  # its image size differs from the stage before: best.pt starts again
+    find_lr: bool  # lr: auto: lr_find picks the peak lr at the start of the stage
     found_lr: float | None = None
 
     def with_found_lr(self, lr: float) -> StagePlan:
@@ -76,8 +76,10 @@ class StagePlan:
         return replace(self, lrs=tuple(x * lr for x in self.lrs), found_lr=lr)
 
     def describe(self, n_stages: int) -> str:
-        return (f"stage {self.index + 1}/{n_stages} '{self.name}': {self.epochs} epoch(s), {self.schedule_name}, "
-                f"first trainable group {self.freeze_to}")
+        return (
+            f"stage {self.index + 1}/{n_stages} '{self.name}': {self.epochs} epoch(s), {self.schedule_name}, "
+            f"first trainable group {self.freeze_to}"
+        )
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,12 @@ class Plan:
 
 def outline(cfg: Config) -> Outline:
     stages = expand_stages(cfg.train.stages)
-    return Outline(tuple(st.name for st in stages), tuple(st.total_epochs for st in stages),
-                   tuple(st.size for st in stages), tuple(st.bs or cfg.data.bs for st in stages))
+    return Outline(
+        tuple(st.name for st in stages),
+        tuple(st.total_epochs for st in stages),
+        tuple(st.size for st in stages),
+        tuple(st.bs or cfg.data.bs for st in stages),
+    )
 
 
 def make_plan(cfg: Config, n_groups: int) -> Plan:
@@ -111,13 +117,28 @@ def make_plan(cfg: Config, n_groups: int) -> Plan:
     for k, st in enumerate(stages):
         wd = st.wd if st.wd is not None else cfg.train.wd
         saved = tuple(cycle_ends(st)) if st.save_cycles else ()
-        out.append(StagePlan(
-            index=k, name=st.name, epochs=st.total_epochs, first_epoch=first_epoch, size=st.size,
-            bs=st.bs or cfg.data.bs, lrs=tuple(per_group(st.lr, n_groups, "lr", st.name)),
-            wds=tuple(per_group(wd, n_groups, "wd", st.name)), freeze_to=freeze[k], train_bn=st.train_bn,
-            bn_freeze=st.bn_freeze, schedule_name=st.schedule, schedule=stage_schedule(st),
-            precompute=st.precompute, cycle_ends=saved, first_cycle=first_cycle,
-            new_size=k > 0 and sizes[k] != sizes[k - 1], find_lr=is_auto(st.lr)))
+        out.append(
+            StagePlan(
+                index=k,
+                name=st.name,
+                epochs=st.total_epochs,
+                first_epoch=first_epoch,
+                size=st.size,
+                bs=st.bs or cfg.data.bs,
+                lrs=tuple(per_group(st.lr, n_groups, "lr", st.name)),
+                wds=tuple(per_group(wd, n_groups, "wd", st.name)),
+                freeze_to=freeze[k],
+                train_bn=st.train_bn,
+                bn_freeze=st.bn_freeze,
+                schedule_name=st.schedule,
+                schedule=stage_schedule(st),
+                precompute=st.precompute,
+                cycle_ends=saved,
+                first_cycle=first_cycle,
+                new_size=k > 0 and sizes[k] != sizes[k - 1],
+                find_lr=is_auto(st.lr),
+            )
+        )
         first_epoch += st.total_epochs
         first_cycle += len(saved)
     return Plan(tuple(out))
@@ -125,11 +146,17 @@ def make_plan(cfg: Config, n_groups: int) -> Plan:
 
 def check_stages(cfg: Config) -> list[tuple[str, str]]:
     """Config check: an architecture built for one input size gets one size in every stage."""
-    sizes = sorted({st.size or getattr(cfg.data, "size", None) for st in cfg.train.stages},
-                   key=lambda s: (s is not None, s or 0))  # None: the images' own size
+    sizes = sorted(
+        {st.size or getattr(cfg.data, "size", None) for st in cfg.train.stages}, key=lambda s: (s is not None, s or 0)
+    )  # None: the images' own size
     if one_size_only(cfg.model.arch) and len(sizes) > 1:
-        return [("train.stages", f"'{cfg.model.arch}' is built for one input size, but the stages use sizes "
-                 f"{', '.join(str(s or 'native') for s in sizes)}; give every stage the same size")]
+        return [
+            (
+                "train.stages",
+                f"'{cfg.model.arch}' is built for one input size, but the stages use sizes "
+                f"{', '.join(str(s or 'native') for s in sizes)}; give every stage the same size",
+            )
+        ]
     return []
 
 
@@ -149,10 +176,21 @@ def expand_stages(stages: Sequence[Stage]) -> list[Stage]:
         lr = st.lr if isinstance(st.lr, float) else None
         if lr is None:
             raise StageError(f"stage '{st.name}': fine_tune needs a single number for lr")
-        out.append(base.model_copy(update={"name": f"{st.name}-frozen", "epochs": ft.freeze_epochs,
-                                           "freeze": "body", "pct_start": 0.99}))
-        out.append(base.model_copy(update={"name": st.name, "unfreeze": True, "freeze": None,
-                                           "lr": LrSpread(max=lr / 2, ratio=ft.ratio ** 0.5)}))
+        out.append(
+            base.model_copy(
+                update={"name": f"{st.name}-frozen", "epochs": ft.freeze_epochs, "freeze": "body", "pct_start": 0.99}
+            )
+        )
+        out.append(
+            base.model_copy(
+                update={
+                    "name": st.name,
+                    "unfreeze": True,
+                    "freeze": None,
+                    "lr": LrSpread(max=lr / 2, ratio=ft.ratio**0.5),
+                }
+            )
+        )
     return out
 
 
@@ -166,8 +204,10 @@ def freeze_points(stages: Sequence[Stage], n_groups: int) -> list[int]:
             current = n_groups - 1
         if st.freeze_to is not None:
             if st.freeze_to >= n_groups:
-                raise StageError(f"stage '{st.name}': freeze_to {st.freeze_to} but the model has "
-                                 f"{n_groups} layer groups (0..{n_groups - 1})")
+                raise StageError(
+                    f"stage '{st.name}': freeze_to {st.freeze_to} but the model has "
+                    f"{n_groups} layer groups (0..{n_groups - 1})"
+                )
             current = st.freeze_to
         points.append(current)
     return points
@@ -203,8 +243,9 @@ def per_group(value, n_groups: int, what: str, stage: str) -> list[float]:
         return [top / value.ratio ** (n_groups - 1 - i) for i in range(n_groups)]
     if isinstance(value, (list, tuple)):
         if len(value) != n_groups:
-            raise StageError(f"stage '{stage}': {what} lists {len(value)} values but the model has "
-                             f"{n_groups} layer groups")
+            raise StageError(
+                f"stage '{stage}': {what} lists {len(value)} values but the model has {n_groups} layer groups"
+            )
         return [float(v) for v in value]
     return [float(value)] * n_groups
 

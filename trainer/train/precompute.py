@@ -55,7 +55,7 @@ class TensorBatches:
         if self.shuffle:
             order = order[torch.randperm(len(order), generator=epoch_generator(self.seed, self.epoch))]
         for i in range(start, len(self)):
-            rows = order[i * self.bs:(i + 1) * self.bs]
+            rows = order[i * self.bs : (i + 1) * self.bs]
             yield i, self.x[rows].to(self.device), self.y[rows].to(self.device)
 
     def __iter__(self):
@@ -66,15 +66,19 @@ class TensorBatches:
 def check_frozen(built: Built, stage_name: str, train_bn: bool) -> tuple[nn.Module, nn.Module]:
     """The (features, head) split, after checking the features are really frozen."""
     if "features" not in built.extra:
-        raise PrecomputeError(f"stage '{stage_name}': precompute: true is not available for this "
-                              "architecture (it has no body/head split)")
+        raise PrecomputeError(
+            f"stage '{stage_name}': precompute: true is not available for this architecture (it has no body/head split)"
+        )
     features, head = built.extra["features"], built.extra["head"]
     if any(p.requires_grad for p in features.parameters()):
-        raise PrecomputeError(f"stage '{stage_name}': precompute: true needs a frozen body "
-                              "(add freeze: body to the stage)")
+        raise PrecomputeError(
+            f"stage '{stage_name}': precompute: true needs a frozen body (add freeze: body to the stage)"
+        )
     if train_bn:
-        raise PrecomputeError(f"stage '{stage_name}': precompute: true cannot train the body's "
-                              "batch-norm layers (train_bn: true); drop one of them")
+        raise PrecomputeError(
+            f"stage '{stage_name}': precompute: true cannot train the body's "
+            "batch-norm layers (train_bn: true); drop one of them"
+        )
     return features, head
 
 
@@ -102,8 +106,9 @@ def compute_activations(features: nn.Module, dl: ImageBatches, precision) -> tor
     return outputs(features, plain, precision)[0]
 
 
-def cached_activations(features: nn.Module, dl: ImageBatches, arch: str, precision, cache_dir: str | None,
-                       log=print) -> torch.Tensor:
+def cached_activations(
+    features: nn.Module, dl: ImageBatches, arch: str, precision, cache_dir: str | None, log=print
+) -> torch.Tensor:
     key = activation_key(arch, features, dl, str(precision.dtype))
     path = Path(cache_root(cache_dir)) / "activations" / f"{key}.pt"
     if path.is_file():
@@ -114,8 +119,16 @@ def cached_activations(features: nn.Module, dl: ImageBatches, arch: str, precisi
     return x
 
 
-def head_only(built: Built, stage: StagePlan, arch: str, train_dl: ImageBatches, valid_dl: ImageBatches, precision,
-              cache_dir: str | None = None, log=print) -> tuple[nn.Module, TensorBatches, TensorBatches]:
+def head_only(
+    built: Built,
+    stage: StagePlan,
+    arch: str,
+    train_dl: ImageBatches,
+    valid_dl: ImageBatches,
+    precision,
+    cache_dir: str | None = None,
+    log=print,
+) -> tuple[nn.Module, TensorBatches, TensorBatches]:
     """The head and loaders of cached activations that replace the model and image loaders."""
     features, head = check_frozen(built, stage.name, stage.train_bn)
     loaders = []

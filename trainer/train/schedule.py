@@ -63,8 +63,12 @@ class Schedule:
     mom: Sched | None = None
 
 
-def one_cycle(pct_start: float = 0.25, div: float = 25.0, div_final: float = 1e4,
-              moms: tuple[float, float, float] = (0.95, 0.85, 0.95)) -> Schedule:
+def one_cycle(
+    pct_start: float = 0.25,
+    div: float = 25.0,
+    div_final: float = 1e4,
+    moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
+) -> Schedule:
     """Cosine warm-up from 1/div to 1, then cosine down to 1/(div*div_final); momentum mirrors it."""
     pcts = [pct_start, 1 - pct_start]
     lr = combine(pcts, [annealed(anneal_cos, 1 / div, 1.0), annealed(anneal_cos, 1.0, 1 / (div * div_final))])
@@ -80,15 +84,17 @@ def sgdr_cycle_lengths(n_cycles: int, cycle_len: int, cycle_mult: int) -> list[i
 def sgdr(cycle_lengths: Sequence[int]) -> Schedule:
     """Cosine from the peak to zero within each cycle, restarting at the peak (warm restarts)."""
     total = sum(cycle_lengths)
-    return Schedule(combine([c / total for c in cycle_lengths],
-                            [annealed(anneal_cos, 1.0, 0.0) for _ in cycle_lengths]))
+    return Schedule(
+        combine([c / total for c in cycle_lengths], [annealed(anneal_cos, 1.0, 0.0) for _ in cycle_lengths])
+    )
 
 
 def warmup_cosine(warmup_pct: float = 0.1) -> Schedule:
     if warmup_pct == 0:
         return Schedule(annealed(anneal_cos, 1.0, 0.0))
-    return Schedule(combine([warmup_pct, 1 - warmup_pct],
-                            [annealed(anneal_linear, 0.0, 1.0), annealed(anneal_cos, 1.0, 0.0)]))
+    return Schedule(
+        combine([warmup_pct, 1 - warmup_pct], [annealed(anneal_linear, 0.0, 1.0), annealed(anneal_cos, 1.0, 0.0)])
+    )
 
 
 def constant_schedule() -> Schedule:

@@ -49,8 +49,11 @@ def _single_metrics(logits, y):
 def _multi_metrics(logits, y):
     probs = torch.sigmoid(logits.float())
     t = best_threshold(probs, y)
-    return {"fbeta": fbeta_samples(probs, y, t), "accuracy_thresh": ((probs > t) == (y > 0.5)).float().mean().item(),
-            "threshold": t}
+    return {
+        "fbeta": fbeta_samples(probs, y, t),
+        "accuracy_thresh": ((probs > t) == (y > 0.5)).float().mean().item(),
+        "threshold": t,
+    }
 
 
 class FlatCrossEntropy(nn.Module):
@@ -67,8 +70,13 @@ def _lm_metrics(logits, y):
 
 def make_task(kind: str, label_smoothing: float = 0.0) -> Task:
     if kind == "single_label":
-        return Task(kind, nn.CrossEntropyLoss(label_smoothing=label_smoothing),
-                    lambda o: torch.softmax(o.float(), -1), _single_metrics, "accuracy")
+        return Task(
+            kind,
+            nn.CrossEntropyLoss(label_smoothing=label_smoothing),
+            lambda o: torch.softmax(o.float(), -1),
+            _single_metrics,
+            "accuracy",
+        )
     if kind == "multi_label":
         return Task(kind, nn.BCEWithLogitsLoss(), lambda o: torch.sigmoid(o.float()), _multi_metrics, "fbeta")
     if kind == "language_model":
@@ -79,8 +87,12 @@ def make_task(kind: str, label_smoothing: float = 0.0) -> Task:
 def check_loss(loss: str, data_kind: str) -> None:
     """train.loss must suit the labels: bce for several tags per image, cross_entropy for one."""
     if (loss, data_kind) == ("bce", "single_label"):
-        raise ValueError("train.loss: bce needs multi-label data (several tags per row of a labels CSV); "
-                         "this dataset has one label per image: use cross_entropy or auto")
+        raise ValueError(
+            "train.loss: bce needs multi-label data (several tags per row of a labels CSV); "
+            "this dataset has one label per image: use cross_entropy or auto"
+        )
     if (loss, data_kind) == ("cross_entropy", "multi_label"):
-        raise ValueError("train.loss: cross_entropy needs one label per image; this dataset has several "
-                         "tags per image: use bce or auto")
+        raise ValueError(
+            "train.loss: cross_entropy needs one label per image; this dataset has several "
+            "tags per image: use bce or auto"
+        )
