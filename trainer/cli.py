@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -12,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from trainer.config import Config, ConfigError, dump_config, load_config
 from trainer.data.items import DataError
@@ -22,7 +24,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Train image classifiers and character-level language models from a YAML config.",
 )
-console = Console()
+console = Console()  # results
+errors = Console(stderr=True)  # errors and warnings
 
 CONFIG = typer.Argument(..., help="YAML config file.")
 SETS = typer.Option(None, "--set", help="Override a key, e.g. --set data.bs=64 (repeatable).")
@@ -31,7 +34,7 @@ SETS = typer.Option(None, "--set", help="Override a key, e.g. --set data.bs=64 (
 def fail(message: str, code: int = 2, show: bool = True):
     # escaped: a message quoting the user's input ("[1, 2]", a path) is text, not rich markup
     if show:
-        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -52,10 +55,11 @@ def guarded(fn):
         return fn()
     try:
         return fn()
-    except (DataError, StageError, FileNotFoundError, ValueError) as e:
+    except (DataError, StageError, ConfigError, FileNotFoundError, ValueError) as e:
         fail(str(e), show=not getattr(e, "rank0_says", False))
     except (RuntimeError, OSError) as e:  # a diverged run, a full disk: the run failed, say why
-        fail(str(e), 1, show=not getattr(e, "rank0_says", False))
+        said = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None else str(e)
+        fail(said, 1, show=not getattr(e, "rank0_says", False))
 
 
 @app.command()
@@ -165,6 +169,7 @@ def predict(
     """Predict a folder of images: id, predicted label(s), one probability column per class."""
     from trainer.inference.finished import load_run
     from trainer.inference.predict import cycle_checkpoints, predict_ensemble, predict_folder, predictions_table
+    from trainer.storage import writable_file, write_output
 
     if ensemble not in ("none", "cycles"):
         fail(f"--ensemble must be none or cycles, not '{ensemble}'")
@@ -173,12 +178,13 @@ def predict(
         fail("--labels and --probs exclude each other")
 
     def work():
+        target = writable_file(out or run_dir / "predictions.csv")  # checked before any work
         run = load_run(run_dir, checkpoint)
         if ensemble == "cycles":
             files, p = predict_ensemble(run, data, cycle_checkpoints(run_dir))
         else:
             files, p = predict_folder(run, data, tta=tta)
-        return predictions_table(
+        table = predictions_table(
             files,
             p,
             run.classes,
@@ -188,11 +194,11 @@ def predict(
             probs_only=probs,
             id_column=id_column,
         )
+        write_output(target, lambda f: f.write(table.to_csv(index=False).encode("utf-8")))
+        return len(table), target
 
-    df = guarded(work)
-    target = out or run_dir / "predictions.csv"
-    df.to_csv(target, index=False)
-    console.print(f"wrote {len(df)} predictions to {target}", highlight=False)
+    n, target = guarded(work)
+    console.print(f"wrote {n} predictions to {target}", highlight=False)
 
 
 @app.command()
@@ -201,12 +207,15 @@ def generate(
     prime: str = typer.Option(..., help='Text to start from, e.g. "for thos".'),
     chars: int = typer.Option(400, min=0, help="How many characters to generate."),
     temperature: float = typer.Option(0.8, min=0.0, help="Sampling temperature; 0 is greedy."),
-    seed: int | None = typer.Option(None, help="Seed for the sampling (default: random)."),
+    seed: int | None = typer.Option(None, min=0, max=2**63 - 1, help="Seed for the sampling (default: random)."),
     checkpoint: str = typer.Option("best", help="best or last."),
 ):
     """Generate text from a character-level language model: the prime, then --chars more."""
     from trainer.inference.generate import generate as sample
     from trainer.inference.generate import load_text_run
+
+    if not temperature < math.inf:
+        fail(f"--temperature {temperature}: must be 0 (greedy) or a finite positive number")
 
     def work():
         run = load_text_run(run_dir, checkpoint)
@@ -320,7 +329,19 @@ def evaluate(
 
 
 def main() -> None:
-    app(prog_name="trainer")
+    """Usage errors (an unknown option, a value of the wrong type) as one line on stderr: typer's
+    own report is a box of many lines."""
+    try:
+        code = app(prog_name="trainer", standalone_mode=False)
+    except typer.Abort:
+        errors.print("aborted", highlight=False)
+        sys.exit(1)
+    except TyperException as e:  # typer's usage errors
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        errors.print(f"[red]error:[/red] {escape(e.format_message())}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ never code). The base layer: every other package may use it, it uses none of the
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -23,11 +24,18 @@ def atomic_write_bytes(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if full_disk(e):
+            raise OSError(e.errno, f"{path}: no space left to write it (the partial file was removed)") from None
         raise
     _fsync_dir(path.parent)
+
+
+def full_disk(e: BaseException) -> bool:
+    """No space left, a quota, or a file-size limit: the same thing to a user."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -59,14 +67,31 @@ def save(state: dict, path: Path) -> None:
 
 def load(path: Path, map_location="cpu") -> dict:
     """Refuses anything but tensors and plain containers: a checkpoint is data, never code."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise ValueError(f"{path}: the checkpoint is an empty file (a save cut short, or a copy that failed)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # torch raises UnpicklingError and friends for a hostile pickle
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # an empty file says nothing
         raise ValueError(
-            f"{path}: refused to load the checkpoint (not plain tensors and data, or corrupt): {str(e).splitlines()[0]}"
+            f"{path}: refused to load the checkpoint (not plain tensors and data, or corrupt): {why}"
         ) from None
+
+
+def model_state(path: Path) -> dict:
+    """The model weights of a checkpoint of this tool, or a ValueError naming the file."""
+    state = load(path)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        held = (
+            f"a dict without model weights (keys: {sorted(map(str, state))[:5]})"
+            if isinstance(state, dict)
+            else f"a {type(state).__name__}"
+        )
+        raise ValueError(f"{path}: not a checkpoint of trainer (it holds {held})")
+    return weights
 
 
 def pack_rows(rows: list[dict]) -> dict:
@@ -87,3 +112,41 @@ def pack_rows(rows: list[dict]) -> dict:
 def unpack_rows(packed: dict) -> list[dict]:
     cols = {k: v.tolist() if torch.is_tensor(v) else list(v) for k, v in packed["columns"].items()}
     return [{k: cols[k][i] for k in cols} for i in range(packed["n"])]
+
+
+class OutputError(ValueError):
+    """An output path that cannot or must not be written; the CLI prints it and exits 2."""
+
+
+def writable_file(path: str | Path) -> Path:
+    """An output file the user named, checked before any work: its folder is made; a folder, a
+    link or a device at the path is refused, never replaced by a file."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        kind = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
+        raise OutputError(f"{path}: is {kind}; give the path of a file to write (nothing was replaced)")
+    writable_folder(path.parent)
+    return path
+
+
+def writable_folder(path: str | Path) -> Path:
+    """A folder to write into, made if missing; a file at the path is refused."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"{path}: is a file (or below one), not a folder to write into") from None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot make this folder ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: this folder is not writable")
+    return path
+
+
+def write_output(path: Path, write) -> None:
+    """Writes an output file atomically; a failure (a full disk, a folder gone read-only) is an
+    OutputError naming the path, the work before it having been done in vain but nothing half-written."""
+    try:
+        atomic_write_bytes(path, write)
+    except OSError as e:
+        raise OutputError(f"{path}: could not write it ({e.strerror or e})") from None

@@ -12,62 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
-from tests.conftest import CLASSES, make_csv_dataset, make_folder_dataset, shape_image, tiny_config
+from tests.cli.cases import check, config, csv, fake_run, first, fit, fit_csv, folder, registry, runner, text_fit
+from tests.conftest import CLASSES, shape_image, tiny_config
 from trainer.cli import app
 
-runner = CliRunner()
-CASES: dict = {}
-
-
-def case(code: int, *messages: str):
-    def deco(fn):
-        CASES[fn.__name__] = (fn, code, messages)
-        return fn
-
-    return deco
-
-
-def folder(tmp: Path) -> Path:
-    return make_folder_dataset(tmp / "data", n_train=4, n_valid=2)
-
-
-def csv(tmp: Path, rows: list[str] | None = None) -> Path:
-    root = make_csv_dataset(tmp / "data", n=12)
-    if rows is not None:
-        (root / "labels.csv").write_text("\n".join(["id,label", *rows]) + "\n")
-    return root
-
-
-def config(tmp: Path, data: Path | str, text: str | None = None, **over) -> Path:
-    path = tmp / "c.yaml"
-    over.setdefault("stages", "[{epochs: 1, lr: 1.0e-2}]")
-    path.write_text(text if text is not None else tiny_config(data, **over))
-    return path
-
-
-def fit(tmp: Path, data: Path | str, *extra: str, **over) -> list[str]:
-    return ["fit", str(config(tmp, data, **over)), "--out", str(tmp / "run"), *extra]
-
-
-def fit_csv(tmp: Path, data: Path, extra: str = "") -> list[str]:
-    return fit(tmp, data, layout="csv", data_extra=", suffix: .jpg" + extra)
-
-
-def text_fit(tmp: Path, corpus: Path, extra: str = "") -> list[str]:
-    text = (
-        f"name: lm\nseed: 0\ndata: {{layout: text, path: '{corpus}', bptt: 8{extra}}}\n"
-        "model: {arch: gru}\ntrain:\n  stages: [{epochs: 1, lr: 1.0e-3}]\n"
-    )
-    return ["fit", str(config(tmp, corpus, text=text)), "--out", str(tmp / "run")]
-
-
-def first(root: Path, part: str = "train", cls: str = "circle") -> Path:
-    return sorted((root / part / cls).iterdir())[0]
-
+CASES, case = registry()
 
 # ---- image files -------------------------------------------------------------------------
 
@@ -503,19 +454,6 @@ def config_python_tag(tmp):
 # ---- runs and checkpoints -------------------------------------------------------------------
 
 
-def fake_run(tmp: Path, last: bytes | None = None) -> tuple[Path, Path]:
-    d = folder(tmp)
-    cfg = config(tmp, d)
-    run = tmp / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(cfg.read_text())))
-    (run / "classes.json").write_text('{"classes": ["circle", "square", "stripe"], "multi_label": false}')
-    (run / "stats.json").write_text('{"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "size": 16, "channels": 3}')
-    if last is not None:
-        (run / "checkpoints" / "last.pt").write_bytes(last)
-    return cfg, run
-
-
 @case(2, "is not a run directory (no config.yaml)")
 def resume_not_a_run(tmp):
     return ["fit", str(config(tmp, folder(tmp))), "--resume", str(tmp)]
@@ -568,16 +506,7 @@ def test_the_corpus_is_large():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    build, code, messages = CASES[name]
-    argv = build(tmp_path)
-    res = runner.invoke(app, argv)
-    assert res.exit_code == code, f"{name}: exit {res.exit_code}\n{res.output}"
-    assert res.exception is None or isinstance(res.exception, SystemExit), f"{name}: {res.exception!r}"
-    assert "Traceback" not in res.output
-    for m in messages:
-        assert m in res.output, f"{name}: {m!r} not in\n{res.output}"
-    assert not (tmp_path / "pwned").exists()
+    check(CASES[name], name, tmp_path, monkeypatch)
 
 
 # ---- converted, never an error --------------------------------------------------------------

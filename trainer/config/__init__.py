@@ -1,6 +1,6 @@
 """Typed configuration: schema, YAML loading with located errors, overrides."""
 
-from trainer.config.load import ConfigError, apply_override, dump_config, load_config, parse_yaml
+from trainer.config.load import ConfigError, apply_override, dump_config, load_config, parse_yaml, read_saved_config
 from trainer.config.schema import IMAGENET_STATS, Config, CsvData, FolderData, ModelConfig, Stage, TextData, Train
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_yaml",
+    "read_saved_config",
 ]

@@ -31,6 +31,9 @@ _FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
+MAX_VALUES = 100_000  # a config holds a few hundred; aliases that multiply get no further
+
+
 def parse_yaml(text: str, source: str = "<string>"):
     """Returns (data, node) where node keeps line numbers for error messages. Safe loading only:
     a tag such as !!python/object is an error, never a constructor call."""
@@ -38,7 +41,8 @@ def parse_yaml(text: str, source: str = "<string>"):
         node = yaml.compose(text, Loader=_Loader)
         if node is None:
             return {}, None
-        _no_duplicate_keys(node, source)
+        _check_size(node, source)
+        _no_duplicate_keys(node, source, set())
         data = _Loader(text).construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -48,8 +52,37 @@ def parse_yaml(text: str, source: str = "<string>"):
     return data, node
 
 
-def _no_duplicate_keys(node, source: str) -> None:
+def _check_size(node, source: str) -> None:
+    """Refuses a document whose aliases expand past MAX_VALUES (a "billion laughs" file): counted
+    on the node graph, where every alias is one shared node, so the count itself stays cheap."""
+    sizes: dict[int, int] = {}
+
+    def size(n) -> int:
+        if id(n) not in sizes:
+            sizes[id(n)] = 0  # an alias to an enclosing node: cut the cycle
+            children = (
+                [c for kv in n.value for c in kv]
+                if isinstance(n, yaml.MappingNode)
+                else n.value
+                if isinstance(n, yaml.SequenceNode)
+                else []
+            )
+            sizes[id(n)] = 1 + sum(size(c) for c in children)
+            if sizes[id(n)] > MAX_VALUES:
+                raise ConfigError(
+                    f"{source}:{n.start_mark.line + 1}: the YAML expands to more than "
+                    f"{MAX_VALUES:,} values (aliases repeating aliases); a config holds a few hundred"
+                )
+        return sizes[id(n)]
+
+    size(node)
+
+
+def _no_duplicate_keys(node, source: str, seen_nodes: set[int]) -> None:
     """YAML keeps the last of two equal keys without a word; a silently ignored lr is worse."""
+    if id(node) in seen_nodes:  # an alias: checked where it was defined
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict = {}
         for key, value in node.value:
@@ -60,10 +93,10 @@ def _no_duplicate_keys(node, source: str) -> None:
                         f"(first on line {seen[key.value]})"
                     )
                 seen[key.value] = key.start_mark.line + 1
-            _no_duplicate_keys(value, source)
+            _no_duplicate_keys(value, source, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _no_duplicate_keys(item, source)
+            _no_duplicate_keys(item, source, seen_nodes)
 
 
 def _node_at(node, loc: Iterable):
@@ -170,6 +203,8 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = source
         origin = next((o for p, o in origins.items() if key == p or key.startswith(p + ".")), None)
+        # an error about a whole section (a rule across its keys) that a --set inside it changed
+        origin = origin or next((o for p, o in origins.items() if p.startswith(key + ".")), None)
         if origin:
             where = origin
         elif node is not None:
@@ -248,6 +283,23 @@ def load_config(
         ]
         raise ConfigError(format_errors(errs, data, node, source, origins))
     return cfg
+
+
+def read_saved_config(path: str | Path) -> Config:
+    """A run's own config.yaml: read safely and validated as any config, without the checks that
+    need the data on this machine (predict and export work on a run moved elsewhere)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({e})") from None
+    data, node = parse_yaml(text, str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: not a run's config (a mapping of keys: name, data, model, train)")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e.errors(), data, node, str(path), {})) from None
 
 
 def _check_paths(cfg: Config) -> list[tuple[str, str]]:

@@ -15,6 +15,8 @@ IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 PosFloat = Annotated[float, Field(gt=0)]
 PosInt = Annotated[int, Field(ge=1)]
+# Image sizes in pixels: 8192 px squared is 200 MB a colour image, already far past any course config.
+Pixels = Annotated[int, Field(ge=1, le=8192)]
 
 
 class Strict(BaseModel):
@@ -65,7 +67,7 @@ class Stage(Strict):
     train_bn: bool = False
     bn_freeze: bool = False
     # data per stage (progressive resizing, bigger batches later)
-    size: PosInt | None = None
+    size: Pixels | None = None
     bs: PosInt | None = None
     precompute: bool = False
     fine_tune: FineTune | None = None
@@ -155,10 +157,10 @@ class ImageData(Strict):
     bs: PosInt = 64
     train: str = "train"
     test: str | None = None
-    size: PosInt | None = None
+    size: Pixels | None = None
     channels: Literal[1, 3] = 3
     stats: Literal["auto", "imagenet", "none"] | tuple[list[float], list[float]] | None = None
-    cache_size: PosInt | None = None
+    cache_size: Pixels | None = None
     cache_dir: str | None = None
     on_bad_image: Literal["error", "skip"] = "error"
     valid_bs: PosInt | None = None
@@ -238,6 +240,8 @@ class Config(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not v or "/" in v or "\\" in v or v.startswith("."):
+        if not v or "/" in v or "\\" in v or v.startswith(".") or "\x00" in v:
             raise ValueError("name must be a plain word (it names the run folder)")
+        if len(v.encode("utf-8")) > 100:  # file systems allow 255 bytes; the run folder adds more
+            raise ValueError(f"name is {len(v.encode('utf-8'))} bytes long; at most 100 (it names the run folder)")
         return v

@@ -7,9 +7,11 @@ a memory-mapped array. The cache is keyed by the files (path, size, mtime) and t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,9 +49,28 @@ def _fit(img: Image.Image, size: int) -> Image.Image:
     return ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR, centering=(0.5, 0.5))
 
 
+# PIL warns about images declaring more pixels than MAX_IMAGE_PIXELS and fails at twice that;
+# _open refuses both as a bad image (named), so the warning itself would only be noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+@contextlib.contextmanager
+def _open(path: Path):
+    """Image.open, refusing an image that declares an enormous size before its pixels are read."""
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: cannot read image (it declares too many pixels: {str(e)[:100]})") from None
+    with img:
+        if img.width * img.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+            raise DataError(f"{path}: cannot read image (it declares {img.width}x{img.height} pixels, more than "
+                            f"{Image.MAX_IMAGE_PIXELS:,}: a decompression bomb or a huge scan)")
+        yield img
+
+
 def read_image(path: Path, size: int | None, channels: int) -> np.ndarray:
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             img.load()
             img = _to_mode(ImageOps.exif_transpose(img) or img, channels)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -62,7 +83,7 @@ def read_image(path: Path, size: int | None, channels: int) -> np.ndarray:
 
 def native_size(path: Path) -> int:
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             return min(img.size)
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
@@ -88,7 +109,12 @@ def decode_all(files: list[Path], size: int, channels: int, skip_bad: bool = Fal
             return np.load(arr_path, mmap_mode="r"), bad
         except (OSError, ValueError, KeyError):
             log(f"the image cache {arr_path} is damaged; decoding again")
-    out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+    try:
+        out = np.empty((len(files), channels, size, size), dtype=np.uint8)
+    except MemoryError:
+        gib = len(files) * channels * size * size / 2**30
+        raise DataError(f"{len(files)} images at {size}px need {gib:,.1f} GiB of memory, more than this machine has; "
+                        "lower data.size / the stages' size, or use data.subset") from None
     bad: list[int] = []
 
     def work(i: int):
@@ -106,9 +132,15 @@ def decode_all(files: list[Path], size: int, channels: int, skip_bad: bool = Fal
     bad.sort()
     if bad:
         out = np.delete(out, bad, axis=0)
-    root.mkdir(parents=True, exist_ok=True)
     tmp = arr_path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, out)
-    os.replace(tmp, arr_path)
-    atomic_write_text(meta_path, json.dumps({"bad": bad, "n": len(files), "size": size}))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, out)
+        os.replace(tmp, arr_path)
+        atomic_write_text(meta_path, json.dumps({"bad": bad, "n": len(files), "size": size}))
+    except OSError as e:  # a full disk costs the cache, not the run: the images are decoded already
+        tmp.unlink(missing_ok=True)
+        log(f"warning: could not write the image cache {arr_path} ({e.strerror or e}); training from memory, "
+            "decoding again next time")
+        return out, bad
     return np.load(arr_path, mmap_mode="r"), bad

@@ -7,6 +7,7 @@ space-separated tags make it multi-label).
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def folder_items(root: Path, train: str = "train", valid: str = "valid", test: s
     if empty:
         raise DataError(f"{root / train}: class folder(s) with no images: {', '.join(empty)}")
     classes = sorted(train_sets)
+    if len(classes) < 2:
+        raise DataError(f"{root / train}: one class folder ({classes[0]}); a classifier needs at least two "
+                        f"({train}/<class>/<images> for each)")
     valid_sets = _class_folders(root, valid)
     unknown = sorted(set(valid_sets) - set(classes))
     if unknown:
@@ -83,6 +87,8 @@ def read_labels_csv(csv_path: Path, delim: str = " ") -> tuple[list[str], list[l
         raise DataError(f"{csv_path}: labels file not found") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"{csv_path}: cannot read the labels CSV: {str(e).splitlines()[0]}") from None
+    if not isinstance(df.index, pd.RangeIndex):  # pandas made the extra field of every row an index
+        raise DataError(f"{csv_path}: {_ragged_row(csv_path)}")
     if df.shape[1] < 2 or len(df) == 0:
         raise DataError(f"{csv_path}: expected a header `id,label` and at least one row")
     ids = [_safe_id(v, csv_path) for v in df.iloc[:, 0]]
@@ -94,6 +100,18 @@ def read_labels_csv(csv_path: Path, delim: str = " ") -> tuple[list[str], list[l
     if missing:
         raise DataError(f"{csv_path}: empty label for id(s): {', '.join(missing[:5])}")
     return ids, tags
+
+
+def _ragged_row(csv_path: Path) -> str:
+    """Where the rows stop matching the header, in words."""
+    with open(csv_path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = csv.reader(f)
+        header = next(rows, [])
+        for line, row in enumerate(rows, 2):
+            if row and len(row) != len(header):
+                return (f"line {line} has {len(row)} fields, the header {len(header)} ({','.join(row[:4])}); "
+                        "a value holding a comma needs quotes")
+    return "the rows have more fields than the header"
 
 
 def split_ids(n: int, valid_pct: float, seed: int) -> np.ndarray:
@@ -139,6 +157,9 @@ def csv_items(root: Path, labels: str = "labels.csv", folder: str = "train", suf
     if only_valid:
         raise DataError(f"{csv_path}: class(es) only in the validation split: {', '.join(only_valid[:5])} "
                         "(add training examples, or change data.valid_pct / the seed)")
+    if len(train_classes) < 2:
+        raise DataError(f"{csv_path}: every training row has the label {train_classes[0]!r}; a classifier needs at "
+                        "least two classes")
     index = {c: i for i, c in enumerate(train_classes)}
     labels_idx = [[index[t] for t in ts] if multi else index[ts[0]] for ts in tags]
     items = ImageItems(train_classes, [], [], [], [], multi_label=multi)

@@ -21,6 +21,7 @@ from trainer.data.loaders import ImageBatches
 from trainer.inference.finished import LoadedRun
 from trainer.inference.pictures import confusion_plot, image_grid, label_text, to_display
 from trainer.inference.tta import predict_view, tta_predict
+from trainer.storage import writable_folder, write_output
 from trainer.train.plan import outline
 
 
@@ -163,7 +164,7 @@ def evaluate(
     k: int = 9,
     log=print,
 ) -> Evaluation:
-    out = Path(out or run.path)
+    out = writable_folder(out or run.path)  # checked before any work
     dl = validation_batches(run, data_path, log=log)
     activation = run.task().activation
     if tta:
@@ -180,12 +181,10 @@ def evaluate(
         cm = confusion_matrix(best.argmax(1), y, len(run.classes))
         ev.confused = most_confused(cm, run.classes)
         ev.files["confusion_matrix"] = confusion_plot(cm, run.classes, out / "confusion_matrix.png")
-        pd.DataFrame(ev.confused, columns=["actual", "predicted", "count"]).to_csv(
-            out / "most_confused.csv", index=False
-        )
+        _write_csv(pd.DataFrame(ev.confused, columns=["actual", "predicted", "count"]), out / "most_confused.csv")
         ev.files["most_confused"] = out / "most_confused.csv"
     ev.files["top_losses"] = plot_top_losses(run, dl, best, out / "top_losses.png", k, heatmap, threshold)
-    pd.DataFrame(ev.per_class).to_csv(out / "per_class.csv", index=False)
+    _write_csv(pd.DataFrame(ev.per_class), out / "per_class.csv")
     report = {
         "metrics": metrics,
         "metrics_tta": metrics_tta,
@@ -193,6 +192,10 @@ def evaluate(
         "tta": run.cfg.tta.model_dump() if tta else None,
         "per_class": ev.per_class,
     }
-    (out / "evaluation.json").write_text(json.dumps(report, indent=1))
+    write_output(out / "evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode("utf-8")))
     ev.files["evaluation"] = out / "evaluation.json"
     return ev
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    write_output(path, lambda f: f.write(df.to_csv(index=False).encode("utf-8")))

@@ -8,6 +8,7 @@ loading it back and comparing its outputs with the model's on a sample batch.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from trainer.inference.finished import LoadedRun, load_run
 from trainer.models import create_model
+from trainer.storage import OutputError, writable_file
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torchscript": ".pt"}
 
@@ -52,22 +54,33 @@ def export_run(
 ) -> Exported:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}' (expected one of {', '.join(FORMATS)})")
+    path = writable_file(Path(out) if out is not None else Path(run_dir) / "export" / f"model{FORMATS[fmt]}")
     run = load_run(run_dir, which, device="cpu")
-    path = Path(out) if out is not None else Path(run_dir) / "export" / f"model{FORMATS[fmt]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = run.built.model.eval()
     x = sample_input(run)
     with torch.no_grad():
         expected = model(x)
-    {"safetensors": _safetensors, "onnx": _onnx, "torchscript": _torchscript}[fmt](run, model, x, path)
-    diff = None
-    if verify:
-        reload = {"safetensors": _reload_safetensors, "onnx": _run_onnx, "torchscript": _run_torchscript}[fmt]
-        got = reload(run, path, x)
-        diff = (got - expected).abs().max().item()
-        if not diff <= 1e-3 * max(1.0, expected.abs().max().item()):
-            raise RuntimeError(f"export check failed: {path} gives outputs up to {diff:.3g} away from the model's")
-    return Exported(path, fmt, path.stat().st_size, diff)
+    # written and checked under a temporary name, then renamed: a failure never leaves half a file at `path`
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        {"safetensors": _safetensors, "onnx": _onnx, "torchscript": _torchscript}[fmt](run, model, x, tmp)
+        diff = _check(run, fmt, tmp, x, expected) if verify else None
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"{path}: could not write the export ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Exported(path, fmt, size, diff)
+
+
+def _check(run: LoadedRun, fmt: str, path: Path, x: torch.Tensor, expected: torch.Tensor) -> float:
+    """The export loaded back and run on the sample: its largest difference from the model."""
+    reload = {"safetensors": _reload_safetensors, "onnx": _run_onnx, "torchscript": _run_torchscript}[fmt]
+    diff = (reload(run, path, x) - expected).abs().max().item()
+    if not diff <= 1e-3 * max(1.0, expected.abs().max().item()):
+        raise RuntimeError(f"export check failed: the export gives outputs up to {diff:.3g} away from the model's")
+    return diff
 
 
 def _safetensors(run: LoadedRun, model, x, path: Path) -> None:

@@ -6,17 +6,19 @@ model keeps its hidden state, so the work is linear in the number of characters 
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, Field
 
 from trainer import storage
 from trainer.config import Config
 from trainer.data.text import Vocab
-from trainer.inference.finished import find_checkpoint, read_run_config
+from trainer.inference.finished import find_checkpoint, read_json, read_run_config
 from trainer.models import create_model
+from trainer.models.weights import load_weights
 from trainer.run.runtime import pick_device
 
 
@@ -29,6 +31,10 @@ class TextRun:
     device: torch.device
 
 
+class VocabFile(BaseModel):
+    itos: list[str] = Field(min_length=2)
+
+
 def load_text_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> TextRun:
     path = Path(run_dir)
     cfg = read_run_config(path)
@@ -36,11 +42,10 @@ def load_text_run(run_dir: str | Path, which: str = "best", device: str = "auto"
         raise ValueError(
             f"{path}: an image run; `trainer generate` needs a language-model run (use `trainer predict` for images)"
         )
-    if not (path / "vocab.json").is_file():
-        raise FileNotFoundError(f"{path}: no vocab.json in the run directory")
-    vocab = Vocab.from_json(json.loads((path / "vocab.json").read_text(encoding="utf-8")))
+    vocab = Vocab.from_json(read_json(path / "vocab.json", VocabFile).model_dump())
     built = create_model(cfg.model, len(vocab), 0, 0)
-    built.model.load_state_dict(storage.load(find_checkpoint(path, which))["model"])
+    ckpt = find_checkpoint(path, which)
+    load_weights(built.model, storage.model_state(ckpt), ckpt)
     dev = pick_device(device)
     built.model.to(dev).eval()
     return TextRun(path, cfg, built.model, vocab, dev)
@@ -69,8 +74,8 @@ def generate(
     """The prime followed by n_chars generated characters."""
     if not prime:
         raise ValueError("--prime must have at least one character to start from")
-    if temperature < 0:
-        raise ValueError("--temperature must be 0 (greedy) or more")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"--temperature {temperature}: must be 0 (greedy) or a finite positive number")
     g = torch.Generator()
     g.manual_seed(seed) if seed is not None else g.seed()
     model.eval()

@@ -3,12 +3,15 @@ confusion matrix. matplotlib's object API with the Agg canvas: no window, no glo
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from trainer.storage import writable_file, write_output
 
 
 def to_display(x: torch.Tensor, mean, std) -> np.ndarray:
@@ -19,10 +22,12 @@ def to_display(x: torch.Tensor, mean, std) -> np.ndarray:
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """A PNG, written whole or not at all (the format is PNG whatever the file's name says)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_output(path, lambda f: f.write(buf.getvalue()))
     return path
 
 
@@ -98,13 +103,15 @@ def label_text(y: torch.Tensor, classes: list[str]) -> str:
 
 
 def show_batch(cfg, path: Path, n: int = 16, log=print) -> Path:
-    """A grid of the first n augmented training images of epoch 0, as the first stage sees them."""
+    """A grid of the first n augmented training images of epoch 0, as the first stage sees them,
+    into a PNG (a path without a suffix gets .png)."""
     from trainer.data.bundle import build_bundle
     from trainer.models import input_stats
     from trainer.train.plan import outline
 
     if cfg.data.layout == "text":
         raise ValueError("show-batch shows images; this config trains a language model")
+    path = writable_file(Path(path) if Path(path).suffix else Path(path).with_suffix(".png"))
     stages = outline(cfg)
     bundle = build_bundle(
         cfg, cfg.seed or 0, torch.device("cpu"), stages.image_sizes, log=log, model_stats=input_stats(cfg.model)

@@ -15,6 +15,7 @@ from trainer.data.items import DataError, image_files
 from trainer.data.loaders import ImageBatches
 from trainer.inference.finished import LoadedRun
 from trainer.inference.tta import tta_predict
+from trainer.models.weights import load_weights
 from trainer.train.loop import outputs
 
 
@@ -72,7 +73,7 @@ def predict_ensemble(
     dl = batches_for(run, load_folder(files, run.stats["size"], run.stats["channels"]), bs)
     total = None
     for ckpt in checkpoints:
-        run.built.model.load_state_dict(storage.load(ckpt)["model"])
+        load_weights(run.built.model, storage.model_state(ckpt), ckpt)
         probs = predict_probs(run, dl)
         total = probs if total is None else total + probs
     return files, total / len(checkpoints)
@@ -100,7 +101,16 @@ def predictions_table(
 ) -> pd.DataFrame:
     """One row per image: its id, the label (multi-label: the tags above the threshold, space
     separated) and one probability column per class in class order. labels_only and probs_only
-    give the two Kaggle submission shapes (planet's image_name,tags; dog breeds' id,<classes>)."""
+    give the two Kaggle submission shapes (planet's image_name,tags; dog breeds' id,<classes>).
+    A class named like the id or label column is refused: one column would overwrite the other."""
+    label_column = None if probs_only else "tags" if multi_label else "label"
+    columns = [id_column, *([label_column] if label_column else []), *([] if labels_only else classes)]
+    twice = [c for c in dict.fromkeys(columns) if columns.count(c) > 1]
+    if twice:
+        raise ValueError(
+            f"the prediction table would have two columns named '{twice[0]}' (the id, the label or a "
+            "class); choose another --id-column, or --labels to leave out the class columns"
+        )
     df = pd.DataFrame({id_column: file_ids(files)})
     if probs_only:
         pass

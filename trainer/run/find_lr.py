@@ -14,6 +14,7 @@ from trainer.config import Config
 from trainer.run import distributed
 from trainer.run.learner import step_learner
 from trainer.run.plots import plot_lr_find
+from trainer.run.resume import check_fresh_out
 from trainer.run.rundir import write_table
 from trainer.run.runtime import pick_device
 from trainer.run.session import Session, open_session
@@ -53,6 +54,7 @@ def lr_find_stage(
     world, device = distributed.start(cfg.distributed.backend, pick_device(cfg.device))
     done = False
     try:
+        world.from_main(lambda: check_fresh_out(Path(out), marker="lr_find.json"))  # a user's folder stays theirs
         sess = open_session(cfg, out, world, device, console=console)
         chosen = sess.plan.find(stage)
         learner, _ = step_learner(sess, chosen)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config import Config, dump_config
+from trainer.config import Config, ConfigError, dump_config, read_saved_config
 from trainer.run.status import in_use, read_status
 
 # Keys a resumed run may change: they do not change what is computed.
@@ -66,14 +66,26 @@ def resolve(spec: str | Path, name: str, root: str | Path = "runs") -> Path:
     return run_dir
 
 
-def check_fresh_out(out: Path) -> None:
-    """--out into a folder that already holds a run would write over its checkpoints and metrics."""
+def check_fresh_out(out: Path, marker: str = "status.json") -> None:
+    """--out must be a new or empty folder, or a run of this tool (it holds `marker`) that never
+    reached a checkpoint: a folder of the user's would have files replaced, a run's checkpoints
+    and metrics overwritten."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ResumeError(f"--out {out}: is a file; give a folder for the run (a new or empty one)")
     if in_use(out):
         raise ResumeError(f"--out {out}: that run is being trained by another process right now")
-    if (Path(out) / "checkpoints" / "last.pt").exists():
+    if (out / "checkpoints" / "last.pt").exists():
         raise ResumeError(
             f"--out {out} already holds a run (checkpoints/last.pt): continue it with "
             f"--resume {out}, or choose another folder"
+        )
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not (out / marker).is_file():  # not a run directory of ours
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise ResumeError(
+            f"--out {out}: the folder holds files that are not a run of trainer ({shown}); "
+            "nothing was written: give a new or empty folder"
         )
 
 
@@ -89,9 +101,9 @@ def reconcile(cfg: Config, run_dir: Path) -> Config:
     """The config to resume with: the run's own seed, and nothing changed that would change the
     results (a different lr or batch size after a resume is a different run, not a resume)."""
     try:
-        saved = Config.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
-    except Exception as e:  # noqa: BLE001 - any damage to the saved config means we cannot check it
-        raise ResumeError(f"{run_dir / 'config.yaml'}: cannot read the run's config ({e})") from None
+        saved = read_saved_config(run_dir / "config.yaml")
+    except ConfigError as e:  # a damaged saved config means the resume cannot be checked
+        raise ResumeError(f"cannot resume: {e}") from None
     if cfg.seed is None:
         cfg = cfg.model_copy(update={"seed": saved.seed})
     new, old = _flat(yaml.safe_load(dump_config(cfg))), _flat(yaml.safe_load(dump_config(saved)))

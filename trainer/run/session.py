@@ -3,6 +3,7 @@ the data, the model, the stage plan, the task, the machine's settings)."""
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,7 +83,7 @@ def open_session(
             device,
             stages.image_sizes,
             max(stages.batch_sizes) if smoke else None,
-            log=lambda m: (log(m), world.is_main and print(m, flush=True)),
+            log=lambda m: (log(m), world.is_main and say(m)),
             model_stats=input_stats(cfg.model),
         )
     built = create_model(cfg.model, bundle.n_out, bundle.in_channels, stages.first_size or _decoded_size(bundle))
@@ -108,6 +109,11 @@ def open_session(
     )
     plan = make_plan(cfg, len(built.groups))
     return Session(cfg, plan, run, bundle, built, task, device, precision, world, smoke, log, console)
+
+
+def say(message: str) -> None:
+    """A line for the user: warnings to stderr, the rest to stdout."""
+    print(message, file=sys.stderr if message.startswith("warning:") else sys.stdout, flush=True)
 
 
 def _place(model: torch.nn.Module, cfg: Config, device: torch.device, smoke: bool, log) -> None:

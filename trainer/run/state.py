@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from trainer import storage
+from trainer.models.weights import load_weights
 from trainer.run.checkpoints import BestSoFar
 from trainer.run.resume import ResumeError
 from trainer.run.rundir import RunDir
@@ -112,8 +113,8 @@ def load_point(run_dir: Path, stage_epochs: tuple[int, ...]) -> ResumePoint:
     state = upgrade(storage.load(path), path)
     best_pt = run_dir / "checkpoints" / "best.pt"
     position = (int(state["stage"]), int(state["epoch"]), int(state["batch"]))
-    if best_pt.is_file():  # a crash between writing best.pt and last.pt: best.pt is the newer
-        best = storage.load(best_pt)
+    best = _readable(best_pt)
+    if best is not None:  # a crash between writing best.pt and last.pt: best.pt is the newer
         if (best.get("stage", -1), best.get("epoch", -1), best.get("batch", -1)) > position:
             state["best"] = min(state["best"], best.get("best_valid_loss", math.inf))
     stage, epoch, batch = position
@@ -124,6 +125,15 @@ def load_point(run_dir: Path, stage_epochs: tuple[int, ...]) -> ResumePoint:
     if batch == 0 and epoch >= stage_epochs[stage]:
         return ResumePoint(run_dir, state, stage + 1, 0, 0, True, stale)
     return ResumePoint(run_dir, state, stage, epoch, batch, False, stale)
+
+
+def _readable(path: Path) -> dict | None:
+    """A checkpoint that may be missing or damaged (best.pt: only its loss is read here)."""
+    try:
+        state = storage.load(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def upgrade(state: dict, path: Path) -> dict:
@@ -172,7 +182,10 @@ def start_from(
 def restore_weights(model: torch.nn.Module, point: ResumePoint) -> None:
     """The checkpoint's weights into the whole model, before the stage's learner is built (so a
     precomputed stage computes its activations from them)."""
-    unwrap(model).load_state_dict(point.state["model"])
+    weights = point.state["model"]
+    if not isinstance(weights, dict):
+        raise ResumeError(f"{point.run_dir / 'checkpoints' / 'last.pt'}: its model weights are not a state dict")
+    load_weights(unwrap(model), weights, point.run_dir / "checkpoints" / "last.pt")
 
 
 def restore(

@@ -93,7 +93,10 @@ class FitState:
 
     @property
     def train_loss(self) -> float:
-        return self.epoch_loss_sum / max(1, self.epoch_loss_count)
+        """The epoch's mean loss; NaN when no step counted (every one skipped as non-finite)."""
+        if self.epoch_loss_count == 0:
+            return math.nan
+        return self.epoch_loss_sum / self.epoch_loss_count
 
 
 class Learner:

@@ -131,8 +131,8 @@ def restored(learn: Learner):
 
 
 def check_range(start_lr: float, end_lr: float, num_it: int) -> None:
-    if not 0 < start_lr < end_lr:
-        raise ValueError(f"lr_find: need 0 < start lr < end lr, got {start_lr:g} and {end_lr:g}")
+    if not 0 < start_lr < end_lr < math.inf:
+        raise ValueError(f"lr_find: need 0 < start lr < end lr, both finite, got {start_lr:g} and {end_lr:g}")
     if num_it < 2:
         raise ValueError(f"lr_find: the number of iterations must be at least 2, got {num_it}")
 

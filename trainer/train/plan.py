@@ -10,6 +10,7 @@ epochs); `make_plan(cfg, n_groups)` adds what depends on the layer groups.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -240,7 +241,16 @@ def per_group(value, n_groups: int, what: str, stage: str) -> list[float]:
         return [1.0] * n_groups
     if isinstance(value, LrSpread):
         top = 1.0 if value.max == "auto" else value.max
-        return [top / value.ratio ** (n_groups - 1 - i) for i in range(n_groups)]
+        try:
+            spread = [top / value.ratio ** (n_groups - 1 - i) for i in range(n_groups)]
+        except (OverflowError, ZeroDivisionError):
+            spread = [math.inf]
+        if not all(0 < v < math.inf for v in spread):
+            raise StageError(
+                f"stage '{stage}': {what} {{max: {top:g}, ratio: {value.ratio:g}}} over {n_groups} layer "
+                "groups gives rates that are not finite positive numbers; choose a smaller ratio"
+            )
+        return spread
     if isinstance(value, (list, tuple)):
         if len(value) != n_groups:
             raise StageError(
