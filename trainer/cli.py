@@ -6,7 +6,9 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import typer
@@ -78,6 +80,9 @@ def fit(
         min=1,
         help="Train with N processes on this machine (DDP; one per GPU), started as torchrun would.",
     ),
+    allow_changes: bool = typer.Option(
+        False, "--allow-changes", help="With --resume: let stages that have not started change (epochs, cycles, lr...)."
+    ),
     launched_with: int | None = typer.Option(None, "--launched-with-devices", hidden=True),
 ):
     """Train: run every stage of the config and write a run directory."""
@@ -92,13 +97,20 @@ def fit(
         raise typer.Exit(
             launch.launch(
                 devices,
-                launch.fit_args(config, sets, out, smoke, resume, devices),
+                launch.fit_args(config, sets, out, smoke, resume, devices, allow_changes),
                 log=lambda m: console.print(m, highlight=False, markup=False),
             )
         )
     main = launch.is_main_process()  # under torchrun only rank 0 reports
+    throwaway = smoke and out is None and resume is None  # removed when it passes, kept when it fails
+    if throwaway and main:
+        out = Path(tempfile.mkdtemp(prefix=f"trainer-smoke-{cfg.name}-"))
     try:
-        result = guarded(lambda: run_fit(cfg, out, smoke, console, resume=resume))
+        result = guarded(lambda: run_fit(cfg, out, smoke, console, resume=resume, allow_changes=allow_changes))
+    except typer.Exit as e:
+        if throwaway and main and e.exit_code:
+            errors.print(f"the smoke run's directory is kept for a look: {out}", highlight=False, soft_wrap=True)
+        raise
     except Interrupted as e:
         command = shlex.join(
             launch.resume_command(
@@ -119,7 +131,10 @@ def fit(
     except KeyboardInterrupt:
         console.print("interrupted before training started: nothing to save", highlight=False)
         raise typer.Exit(130) from None
-    if main:
+    if main and throwaway:
+        shutil.rmtree(result.run_dir, ignore_errors=True)
+        console.print("smoke run passed (its temporary run directory is removed; --out DIR keeps one)", highlight=False)
+    elif main:
         console.print(f"run directory: {result.run_dir}", highlight=False)
         if smoke:
             console.print("smoke run passed", highlight=False)
@@ -139,12 +154,17 @@ def schema():
 
 
 @app.command()
-def summary(config: Path = CONFIG, sets: list[str] | None = SETS):
+def summary(
+    config: Path = CONFIG,
+    sets: list[str] | None = SETS,
+    stage: str | None = typer.Option(None, help="Show the model as this stage freezes it (default: the first)."),
+):
     """A per-layer table: layer, output shape, parameters, trainable (like learn.summary())."""
     from trainer.inference.summary import summarize
 
     cfg = load(config, sets)
-    rows, total, trainable = guarded(lambda: summarize(cfg))
+    rows, total, trainable, name = guarded(lambda: summarize(cfg, stage))
+    console.print(f"as stage '{name}' trains it:", highlight=False)
     table = Table("layer", "output shape", "parameters", "trainable")
     for r in rows:
         table.add_row(r["layer"], str(r["shape"]), f"{r['params']:,}", str(r["trainable"]))
@@ -181,7 +201,11 @@ def predict(
         target = writable_file(out or run_dir / "predictions.csv")  # checked before any work
         run = load_run(run_dir, checkpoint)
         if ensemble == "cycles":
-            files, p = predict_ensemble(run, data, cycle_checkpoints(run_dir))
+            snapshots = cycle_checkpoints(run_dir)
+            files, p = predict_ensemble(run, data, snapshots)
+            console.print(
+                f"averaged {len(snapshots)} snapshots ({', '.join(s.stem for s in snapshots)})", highlight=False
+            )
         else:
             files, p = predict_folder(run, data, tta=tta)
         table = predictions_table(
@@ -299,26 +323,38 @@ def evaluate(
     data: Path | None = typer.Option(None, help="The dataset folder, if not where the run found it."),
     out: Path | None = typer.Option(None, help="Folder for the plots and tables (default RUN_DIR)."),
     k: int = typer.Option(9, min=1, help="How many top losses to show."),
-    checkpoint: str = typer.Option("best", help="best or last."),
+    checkpoint: str = typer.Option("best", help="best, last or cycle-K."),
+    ensemble: str = typer.Option("none", help="cycles: also score the mean of the SGDR snapshots."),
 ):
     """Metrics and per-class accuracy on the validation set; confusion matrix, most confused
     pairs and top losses (with --heatmap, Grad-CAM over them)."""
     from trainer.inference.evaluate import evaluate as run_eval
     from trainer.inference.finished import load_run
+    from trainer.inference.predict import cycle_checkpoints
 
-    ev = guarded(
-        lambda: run_eval(
-            load_run(run_dir, checkpoint), data, tta, heatmap, out, k, log=lambda m: console.print(m, highlight=False)
-        )
-    )
-    table = Table("metric", "plain", *(["tta"] if ev.metrics_tta else []))
+    if ensemble not in ("none", "cycles"):
+        fail(f"--ensemble must be none or cycles, not '{ensemble}'")
+
+    def work():
+        snapshots = cycle_checkpoints(run_dir) if ensemble == "cycles" else None
+        log = lambda m: console.print(m, highlight=False)  # noqa: E731
+        return run_eval(load_run(run_dir, checkpoint), data, tta, heatmap, out, k, log=log, ensemble=snapshots)
+
+    ev = guarded(work)
+    columns = {"plain": ev.metrics, "tta": ev.metrics_tta, f"ensemble of {ev.snapshots}": ev.metrics_ensemble}
+    columns = {name: m for name, m in columns.items() if m}
+    table = Table("metric", *columns)
     for name, v in ev.metrics.items():
-        table.add_row(name, f"{v:.4f}", *([f"{ev.metrics_tta[name]:.4f}"] if ev.metrics_tta else []))
+        if isinstance(v, (int, float)):
+            table.add_row(name, *(f"{m[name]:.4f}" for m in columns.values()))
     console.print(table)
-    classes = Table("class", "n", "accuracy")
+    extra = ["precision", "recall", "f2"] if ev.per_class and "f2" in ev.per_class[0] else []
+    classes = Table("class", "n", "accuracy", *extra)
     for r in ev.per_class:
-        classes.add_row(r["class"], str(r["n"]), f"{r['accuracy']:.4f}")
+        classes.add_row(r["class"], str(r["n"]), *(f"{r[c]:.4f}" for c in ["accuracy", *extra]))
     console.print(classes)
+    for w in ev.warnings:
+        errors.print(f"warning: {w}", highlight=False, soft_wrap=True)
     if ev.confused:
         confused = Table("actual", "predicted", "count", title="most confused")
         for r in ev.confused[:10]:

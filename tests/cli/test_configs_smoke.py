@@ -2,11 +2,13 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import make_csv_dataset, make_folder_dataset
+from tests.conftest import CLASSES, make_folder_dataset, shape_image
 from tests.runs import ROOT
 from trainer.cli import app
 
@@ -22,17 +24,31 @@ def fake_data(cfg: dict, tmp: Path) -> Path:
         return path
     size = min(int(data.get("size") or 32), 32)
     if data["layout"] == "csv":
-        root = make_csv_dataset(tmp / "csv", n=24, size=size)
-        suffix = data.get("suffix", "")
-        if suffix != ".jpg":
-            for f in (root / "train").iterdir():
-                f.rename(f.with_name(f.stem + suffix))
-        if data.get("labels", "labels.csv") != "labels.csv":
-            (root / "labels.csv").rename(root / data["labels"])
-        if data.get("train", "train") != "train":
-            (root / "train").rename(root / data["train"])
-        return root
+        return kaggle_csv(data, tmp / "csv", size)
     return make_folder_dataset(tmp / "folder", n_train=6, n_valid=3, size=size, valid=data.get("valid", "valid"))
+
+
+def kaggle_csv(data: dict, root: Path, size: int) -> Path:
+    """A labels CSV as the config reads it, Kaggle's way: its file, image folder, suffix and column
+    names (dog breeds: id,breed; planet: image_name,tags, several tags to an image, images twice as
+    wide as high)."""
+    multi = data.get("label_column") == "tags"
+    folder = root / data.get("train", "train")
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = [f"{data.get('id_column', 'id')},{data.get('label_column', 'breed')}"]
+    for i in range(24):
+        c = CLASSES[i % 3]
+        img = np.asarray(shape_image(c, size, rng))
+        if multi:
+            img = np.concatenate([img, img], 1)  # not square: data.resize decides
+        Image.fromarray(img).save(folder / f"img{i}{data.get('suffix', '') or '.png'}", format="PNG")
+        rows.append(f"img{i},{c} {'big' if i % 2 else 'small'}" if multi else f"img{i},{c}")
+    (root / data.get("labels", "labels.csv")).write_text("\n".join(rows) + "\n")
+    if not data.get("suffix"):  # ids are the file names
+        for f in folder.iterdir():
+            f.rename(f.with_suffix(""))
+    return root
 
 
 def smoke_overrides(cfg: dict) -> list[str]:

@@ -122,3 +122,32 @@ def test_cli_schema_is_json():
     assert res.exit_code == 0
     schema = json.loads(res.output)
     assert "train" in schema["properties"]
+
+
+# ---- YAML's words and empty values ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("word", ["off", "on", "yes", "no", "y", "n", "Off", "NO"])
+def test_yaml_words_stay_words(tmp_path, folder_data, word):
+    from trainer.config import parse_yaml
+
+    assert parse_yaml(f"a: {word}\nb: true\nc: False\n")[0] == {"a": word, "b": True, "c": False}
+    p = write(tmp_path, tiny_config(folder_data) + "amp: off\n")
+    assert load_config(p).amp == "off"
+    assert load_config(write(tmp_path, tiny_config(folder_data), "d.yaml"), ["amp=off"]).amp == "off"
+    assert load_config(p, ["compile=yes"]).compile is True  # a boolean key still takes the words
+
+
+def test_an_empty_value_says_so_and_what_the_key_holds(tmp_path, folder_data, csv_data):
+    p = write(tmp_path, tiny_config(folder_data))
+    assert error_of(p, ["data.bs="]).endswith("--set data.bs=: data.bs: is empty; give a value")
+    text = tiny_config(csv_data, layout="csv", data_extra=", suffix: ")
+    msg = error_of(write(tmp_path, text, "e.yaml"))
+    assert "data.suffix: is empty; give a value; the ending added to each id to name its image file" in msg
+    cfg = load_config(write(tmp_path, tiny_config(csv_data, layout="csv"), "f.yaml"), ["data.suffix="])
+    assert cfg.data.suffix == ""  # --set KEY= is the empty word: no suffix
+
+
+def test_a_set_inside_a_failing_section_is_named(tmp_path, folder_data):
+    p = write(tmp_path, tiny_config(folder_data))
+    assert error_of(p, ["train.nesterov=true"]).startswith("--set train.nesterov=true: train: nesterov needs")

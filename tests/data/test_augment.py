@@ -6,10 +6,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trainer.cli import app
-from trainer.data.augment import (AugmentSpec, augment_batch, dihedral_theta, fixed_view, preset,
-                                  random_affine)
 from tests.conftest import tiny_config
+from trainer.cli import app
+from trainer.data.augment import AugmentSpec, augment_batch, dihedral_theta, fixed_view, preset, random_affine
 
 runner = CliRunner()
 
@@ -74,8 +73,12 @@ def test_pad_crop_shifts_whole_pixels_with_reflection_padding(size):
     padded = np.pad(x.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="symmetric")
     offsets = set()
     for i in range(len(x)):
-        found = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-                 if np.allclose(out[i].numpy(), padded[i, :, dy:dy + size, dx:dx + size], atol=1e-5)]
+        found = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if np.allclose(out[i].numpy(), padded[i, :, dy : dy + size, dx : dx + size], atol=1e-5)
+        ]
         assert len(found) >= 1, f"image {i} is not a whole-pixel crop of the reflection-padded image"
         offsets.add(found[0])
     assert len(offsets) > 5  # the crops really move around
@@ -109,8 +112,10 @@ def test_affine_probability_is_respected():
     eye = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
     untouched = (theta - eye).abs().flatten(1).max(1).values < 1e-6
     assert untouched.float().mean().item() == pytest.approx(0.75, abs=0.03)
-    assert torch.equal(random_affine(spec.__class__(max_rotate=10, p_affine=0.0), 50, 16,
-                                     torch.Generator().manual_seed(0)), eye.expand(50, 2, 3))
+    assert torch.equal(
+        random_affine(spec.__class__(max_rotate=10, p_affine=0.0), 50, 16, torch.Generator().manual_seed(0)),
+        eye.expand(50, 2, 3),
+    )
 
 
 def test_lighting_probability_and_range():
@@ -184,12 +189,14 @@ def test_cutout_is_off_for_tta_views():
 
 
 def test_cutout_squares_are_zero_after_normalising(tmp_path, folder_data):
-    from trainer.config import load_config
     from tests.playbook_util import learner_for, prepare
+    from trainer.config import load_config
 
     path = tmp_path / "c.yaml"
-    path.write_text(tiny_config(folder_data, data_extra=", stats: [[0.3, 0.4, 0.5], [0.2, 0.2, 0.2]]")
-                    + "transforms: {preset: pad_crop, cutout: 3}\n")
+    path.write_text(
+        tiny_config(folder_data, data_extra=", stats: [[0.3, 0.4, 0.5], [0.2, 0.2, 0.2]]")
+        + "transforms: {preset: pad_crop, cutout: 3}\n"
+    )
     dl = learner_for(prepare(load_config(path), tmp_path / "run")).train_dl
     assert dl.augment.cutout == 3
     _, x, _ = next(iter(dl.iterate()))

@@ -14,16 +14,19 @@ from trainer.data.items import DataError
 from trainer.data.text import UNK, TextStreams, Vocab, build_text_bundle, draw_lengths, streams
 from trainer.inference.generate import generate
 from trainer.models import create_model
-from trainer.train.plan import CONFIG_CHECKS
 from trainer.run.rundir import read_table
+from trainer.train.plan import CONFIG_CHECKS
 
 runner = CliRunner()
 
 
-def text_config(path, arch="gru", model="n_fac: 8, n_hidden: 32", stages="[{epochs: 2, lr: 1.0e-2}]",
-                data="bs: 4, bptt: 10", **_):
-    return (f"name: lm\nseed: 0\ndata: {{layout: text, path: '{path}', {data}}}\n"
-            f"model: {{arch: {arch}, {model}}}\ntrain:\n  clip: 0.5\n  stages: {stages}\n")
+def text_config(
+    path, arch="gru", model="n_fac: 8, n_hidden: 32", stages="[{epochs: 2, lr: 1.0e-2}]", data="bs: 4, bptt: 10", **_
+):
+    return (
+        f"name: lm\nseed: 0\ndata: {{layout: text, path: '{path}', {data}}}\n"
+        f"model: {{arch: {arch}, {model}}}\ntrain:\n  clip: 0.5\n  stages: {stages}\n"
+    )
 
 
 def load(tmp_path, text, sets=()):
@@ -33,6 +36,7 @@ def load(tmp_path, text, sets=()):
 
 
 # --- vocabulary -------------------------------------------------------------------------------
+
 
 def test_vocab_round_trips_and_maps_unseen_characters_to_unk():
     v = Vocab.from_text("hello world")
@@ -77,11 +81,13 @@ def test_text_too_short_for_the_streams_is_a_clear_error(tmp_path):
 
 def test_missing_valid_path_fails_at_config_time(tmp_path, text_file):
     from trainer.config import ConfigError
+
     with pytest.raises(ConfigError, match="data.valid_path"):
         load(tmp_path, text_config(text_file, data=f"bs: 4, bptt: 5, valid_path: '{tmp_path / 'nope.txt'}'"))
 
 
 # --- streams and batches ----------------------------------------------------------------------
+
 
 def test_fastai_sequence_length_distribution():
     lengths = draw_lengths(np.random.default_rng(0), 70, 20_000)
@@ -120,7 +126,7 @@ def test_batches_are_a_pure_function_of_seed_epoch_and_index():
     full = epoch_batches(a, 2)
     resumed = epoch_batches(b, 2, start=7)
     assert [i for i, _, _ in resumed] == list(range(7, len(a)))
-    for (i, x, y), (j, x2, y2) in zip(full[7:], resumed):
+    for (i, x, y), (j, x2, y2) in zip(full[7:], resumed, strict=True):
         assert i == j and torch.equal(x, x2) and torch.equal(y, y2)
     other = epoch_batches(TextStreams(data, 30, seed=2, variable=True), 2)
     assert [x.shape[0] for _, x, _ in other] != [x.shape[0] for _, x, _ in full]
@@ -136,8 +142,16 @@ def test_validation_uses_fixed_bptt_and_honours_the_limit():
 
 # --- models -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch,opts", [("charrnn", {}), ("gru", {"n_layers": 2, "dropout": 0.3}),
-                                       ("lstm", {"n_layers": 2, "dropout": 0.5}), ("lstm", {"n_layers": 1})])
+
+@pytest.mark.parametrize(
+    "arch,opts",
+    [
+        ("charrnn", {}),
+        ("gru", {"n_layers": 2, "dropout": 0.3}),
+        ("lstm", {"n_layers": 2, "dropout": 0.5}),
+        ("lstm", {"n_layers": 1}),
+    ],
+)
 def test_stateful_model_carries_state_exactly(arch, opts):
     from trainer.config.schema import ModelConfig
 
@@ -166,11 +180,13 @@ def test_hidden_state_is_detached_between_batches_and_reset_on_a_new_batch_size(
 
 def test_arch_options_are_checked(tmp_path, text_file):
     from trainer.config import ConfigError
+
     with pytest.raises(ConfigError, match="model.n_layers: 'charrnn' does not take this option"):
         load(tmp_path, text_config(text_file, arch="charrnn", model="n_layers: 2"))
 
 
 # --- generation -------------------------------------------------------------------------------
+
 
 class CountingModel(torch.nn.Module):
     """Wraps a char model and counts the positions fed to it."""
@@ -211,12 +227,16 @@ def test_generation_is_linear_greedy_at_zero_and_seeded():
 
 # --- the whole pipeline through the CLI -------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory, text_file):
     tmp = tmp_path_factory.mktemp("lm")
     cfg = tmp / "lm.yaml"
-    cfg.write_text(text_config(text_file, data="bs: 8, bptt: 12", model="n_fac: 8, n_hidden: 48",
-                               stages="[{epochs: 3, lr: 1.0e-2}]"))
+    cfg.write_text(
+        text_config(
+            text_file, data="bs: 8, bptt: 12", model="n_fac: 8, n_hidden: 48", stages="[{epochs: 3, lr: 1.0e-2}]"
+        )
+    )
     res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp / "run")])
     assert res.exit_code == 0, res.output
     return tmp / "run"
@@ -234,8 +254,9 @@ def test_fit_records_nats_bits_and_accuracy(lm_run):
 
 
 def test_generate_command_prints_prime_and_chars(lm_run):
-    res = runner.invoke(app, ["generate", str(lm_run), "--prime", "for thos", "--chars", "60",
-                              "--temperature", "0", "--seed", "1"])
+    res = runner.invoke(
+        app, ["generate", str(lm_run), "--prime", "for thos", "--chars", "60", "--temperature", "0", "--seed", "1"]
+    )
     assert res.exit_code == 0, res.output
     text = res.output.rstrip("\n")
     assert text.startswith("for thos") and len(text) == 68
@@ -259,8 +280,20 @@ def test_summary_of_a_text_config(tmp_path, text_file):
 
 def test_text_config_smoke_writes_the_vocabulary(text_file, tmp_path):
     # every config is smoke-run by tests/test_configs_smoke.py; this one checks the LM run's vocab file
-    res = runner.invoke(app, ["fit", "configs/nietzsche_gru.yaml", "--smoke", "--set", f"data.path={text_file}",
-                              "--set", "data.bs=4", "--out", str(tmp_path / "run")])
+    res = runner.invoke(
+        app,
+        [
+            "fit",
+            "configs/nietzsche_gru.yaml",
+            "--smoke",
+            "--set",
+            f"data.path={text_file}",
+            "--set",
+            "data.bs=4",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "smoke run passed" in res.output
     assert (tmp_path / "run" / "vocab.json").is_file()
@@ -278,9 +311,9 @@ def test_a_corpus_with_a_byte_order_mark_is_read_once_without_it(tmp_path, text_
 
 
 def test_state_is_reset_at_each_epoch_and_before_validation(tmp_path, text_file):
+    from tests.playbook_util import prepare
     from trainer.run.learner import stage_learner
     from trainer.train.loop import Callback
-    from tests.playbook_util import prepare
 
     cfg = load(tmp_path, text_config(text_file))
     sess = prepare(cfg, tmp_path / "run")
@@ -306,11 +339,13 @@ def test_state_is_reset_at_each_epoch_and_before_validation(tmp_path, text_file)
 def test_a_resumed_language_model_run_equals_the_uninterrupted_one(tmp_path, text_file, crash_at):
     """The training streams' hidden state is checkpointed: a crash mid-epoch and a resume give the
     same metrics and bitwise the same weights."""
-    from trainer.run import fit as spine
     from tests.runs import Crash, CrashAt, assert_same_run
+    from trainer.run import fit as spine
 
-    text = text_config(text_file, model="n_fac: 8, n_hidden: 16", data="bs: 4, bptt: 10",
-                       arch="lstm") + "  checkpoint_every: 1\n"
+    text = (
+        text_config(text_file, model="n_fac: 8, n_hidden: 16", data="bs: 4, bptt: 10", arch="lstm")
+        + "  checkpoint_every: 1\n"
+    )
     cfg = load(tmp_path, text)
     spine.fit(cfg, tmp_path / "reference")
     with pytest.raises(Crash):

@@ -228,3 +228,34 @@ def test_a_run_in_use_is_neither_resumed_nor_picked_by_auto(cfg_path, tmp_path, 
         held.close()
     res = runner.invoke(app, ["fit", str(cfg_path), "--out", str(run)])  # not in use, but not empty either
     assert res.exit_code == 2 and "already holds a run (checkpoints/last.pt): continue it with --resume" in res.output
+
+
+def test_log_and_plots_keep_the_whole_history_over_an_interruption(cfg_path, reference, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        spine.fit(load_config(cfg_path), out, callbacks=[SendSignal(signal.SIGINT, 6)])
+    spine.fit(load_config(cfg_path), resume=out)
+    log = (out / "log.txt").read_text()
+    assert "interrupted by SIGINT: saved checkpoints/last.pt at stage 2/2 'all', epoch 1/2, after batch 2/4" in log
+    assert "resuming" in log and "; command: " in log
+    # losses.png's validation points: every epoch's, those before the interruption included
+    points = checkpoint.load(out / "checkpoints" / "last.pt")["callbacks"]["recorder"]["points"]
+    assert [p[0] for p in points] == [4, 8, 12] and len(points) == len(metrics_without_seconds(out))
+    assert_same_run(reference, out)
+
+
+def test_allow_changes_lets_stages_that_have_not_started_change(cfg_path, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Crash):
+        spine.fit(load_config(cfg_path), out, callbacks=[CrashAt(2)])  # in stage 1 ('head')
+    resume = ["fit", str(cfg_path), "--resume", str(out)]
+    res = runner.invoke(app, [*resume, "--set", "train.stages.1.epochs=1"])
+    assert res.exit_code == 2 and "--allow-changes lets stages that have not started change" in res.output
+    res = runner.invoke(app, [*resume, "--set", "train.stages.0.epochs=2", "--allow-changes"])
+    assert res.exit_code == 2 and "lets stages from 2 on change" in res.output  # not the stage that is running
+    res = runner.invoke(app, [*resume, "--set", "train.stages.1.epochs=1", "--allow-changes"])
+    assert res.exit_code == 0, res.output
+    assert [r["stage"] for r in metrics_without_seconds(out)] == ["head", "all"]  # 'all': 1 epoch, not 2
+    assert "resumed with --allow-changes (train.stages.1.epochs: 2 -> 1)" in (out / "log.txt").read_text()
+    assert (out / "config.yaml").read_text().startswith("# resumed with --allow-changes")
+    assert load_config(out / "config.yaml").train.stages[1].epochs == 1

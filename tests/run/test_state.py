@@ -31,10 +31,13 @@ def crash_resume_compare(tmp_path: Path, text: str, crash: CrashAt) -> Path:
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("at", [7, 9], ids=["mid-first-epoch", "second-epoch"])
+@pytest.mark.parametrize(
+    "at", [(7,), (9,), (1, "after_epoch", 99)], ids=["mid-first-epoch", "second-epoch", "just-before-it"]
+)
 def test_a_stage_with_lr_auto_resumes_with_the_lr_it_found(tmp_path, folder_data, at):
-    """metrics.csv's peak_lr column included: the found lr rides in the checkpoint."""
-    run = crash_resume_compare(tmp_path, resumable_config(folder_data).replace(*AUTO), CrashAt(at))
+    """metrics.csv's peak_lr column included: the found lr rides in the checkpoint; a checkpoint
+    that closed the stage before runs lr_find again, as the uninterrupted run did."""
+    run = crash_resume_compare(tmp_path, resumable_config(folder_data).replace(*AUTO), CrashAt(*at))
     rows = metrics_without_seconds(run)
     assert [r["peak_lr"] != "" for r in rows] == [False, True, True]
 

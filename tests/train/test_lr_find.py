@@ -182,3 +182,25 @@ def test_cli_lr_find_user_errors_exit_2(tmp_path, folder_data):
     res = runner.invoke(app, ["lr-find", str(cfg), "--start-lr", "1", "--end-lr", "0.1"])
     assert res.exit_code == 2 and "0 < start lr < end lr" in res.output
     assert "Traceback" not in res.output
+
+
+def test_the_plot_leaves_out_the_diverging_tail():
+    from trainer.run.plots import useful_part
+
+    curve = [2.0, 2.0, 1.8, 1.2, 0.9, 1.1, 1.9, 2.5, 9.0, 40.0]  # flat, the dip, then the blow-up
+    assert useful_part(curve) == 7  # up to where it passes its start (2.0) after the dip
+    assert useful_part([2.0, 1.5, 1.0, 0.8]) == 4  # no tail: all of it
+    assert useful_part([2.0, float("nan"), 1.0]) == 3
+
+
+def test_lr_find_writes_no_empty_checkpoints_folder(tmp_path, folder_data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tiny_config(folder_data))
+    res = runner.invoke(app, ["lr-find", str(cfg), "--num-it", "6", "--out", str(tmp_path / "lrf")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "lrf").iterdir() if p.name.startswith("lr_find")) == [
+        "lr_find.csv",
+        "lr_find.json",
+        "lr_find.png",
+    ]
+    assert not (tmp_path / "lrf" / "checkpoints").exists()

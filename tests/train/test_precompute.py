@@ -161,8 +161,8 @@ def test_cache_size_decodes_once(tmp_path, folder_data, monkeypatch):
         _write(tmp_path, tiny_config(folder_data, data_extra=f", cache_size: 40, cache_dir: '{tmp_path / 'cache'}'"))
     )
     calls = []
-    real = decode.read_image
-    monkeypatch.setattr(decode, "read_image", lambda *a: calls.append(a[1]) or real(*a))
+    real = decode.read_image_shape
+    monkeypatch.setattr(decode, "read_image_shape", lambda *a: calls.append(a[1]) or real(*a))
     images = load_images(cfg.data, 0, [20])
     assert images.size == 40 and images.train_x.shape[-1] == 40
     assert set(calls) == {40} and len(calls) == len(images.train_y) + len(images.valid_y)

@@ -24,11 +24,19 @@ class ConfigError(Exception):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-3 as a float (YAML 1.1 wants a dot: 1.0e-3)."""
+    """SafeLoader with YAML 1.2's plain scalars: 1e-3 is a float (YAML 1.1 wants a dot: 1.0e-3) and
+    only true/false are booleans, so `amp: off` or `on`, `yes`, `no`, `y`, `n` stay the words they are."""
 
 
 _FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$""")
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 MAX_VALUES = 100_000  # a config holds a few hundred; aliases that multiply get no further
@@ -181,7 +189,22 @@ def _hint(err: dict, loc: tuple, data: dict) -> str:
     return ""
 
 
+def _description(loc: tuple, data: dict) -> str:
+    """The schema's word for what a key holds, where it has one."""
+    if loc[:1] == ("data",) and len(loc) == 2:
+        from trainer.config import schema
+
+        layout = data.get("data", {}).get("layout") if isinstance(data.get("data"), dict) else None
+        model = {"folder": schema.FolderData, "csv": schema.CsvData, "text": schema.TextData}.get(layout or "")
+    else:
+        model = _model_for(loc)
+    field = getattr(model, "model_fields", {}).get(loc[-1]) if loc else None
+    return (field.description or "") if field is not None else ""
+
+
 def _message(err: dict) -> str:
+    if err.get("input") in ("", None) and err["type"] not in ("missing", "extra_forbidden", "semantic"):
+        return "is empty; give a value"
     if err["type"] == "extra_forbidden":
         return "unknown key"
     if err["type"] == "union_tag_invalid":
@@ -211,6 +234,8 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
             found = _node_at(node, loc)
             where = f"{source}:{found.start_mark.line + 1}"
         hint = _hint(err, loc, data)
+        if err.get("input") in ("", None) and not hint:
+            hint = _description(loc, data)
         lines.append(f"{where}: {key}: {_message(err)}" + (f"; {hint}" if hint else ""))
     return "\n".join(lines)
 
@@ -220,7 +245,7 @@ def apply_override(data: dict, assignment: str) -> str:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. --set data.bs=64")
     key, raw = assignment.split("=", 1)
-    value, _ = parse_yaml(raw or "null", f"--set {assignment}")
+    value = parse_yaml(raw, f"--set {assignment}")[0] if raw else ""  # KEY= sets the empty word
     parts = key.strip().split(".")
     target: Any = data
     for i, part in enumerate(parts[:-1]):

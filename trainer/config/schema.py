@@ -99,6 +99,9 @@ class Train(Strict):
     wd: Annotated[float, Field(ge=0)] = 0.01
     loss: Literal["auto", "cross_entropy", "bce"] = "auto"
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # multi-label: the probability above which a tag is predicted, chosen on the validation set
+    # for the best F2: one for every tag, or one per tag (saved in threshold.json; predict uses it)
+    threshold: Literal["single", "per_class"] = "single"
     clip: PosFloat | None = None
     checkpoint_every: Literal["epoch"] | PosInt = "epoch"
     on_nan: Literal["stop", "skip"] = "stop"
@@ -153,11 +156,15 @@ class Subset(Strict):
 
 
 class ImageData(Strict):
-    path: str
+    path: str = Field(description="the dataset's folder")
     bs: PosInt = 64
-    train: str = "train"
+    train: str = Field("train", description="the folder of training images, under data.path")
     test: str | None = None
     size: Pixels | None = None
+    # how a non-square image becomes a square (fastai's ResizeMethod): crop its centre, squish it,
+    # or pad it (with its reflection, or zeros) to keep all of it
+    resize: Literal["crop", "squish", "pad"] = "crop"
+    pad_mode: Literal["reflection", "zeros"] = "reflection"
     channels: Literal[1, 3] = 3
     stats: Literal["auto", "imagenet", "none"] | tuple[list[float], list[float]] | None = None
     cache_size: Pixels | None = None
@@ -184,8 +191,11 @@ class FolderData(ImageData):
 
 class CsvData(ImageData):
     layout: Literal["csv"]
-    labels: str = "labels.csv"
-    suffix: str = ""
+    labels: str = Field("labels.csv", description="the labels CSV, under data.path")
+    # the CSV's columns by name (Kaggle's planet: image_name and tags); unset: the first two columns
+    id_column: str | None = Field(None, min_length=1, description="the CSV column holding the image ids")
+    label_column: str | None = Field(None, min_length=1, description="the CSV column holding the labels")
+    suffix: str = Field("", description="the ending added to each id to name its image file, e.g. .jpg ('' for none)")
     valid_pct: Annotated[float, Field(gt=0, lt=1)] = 0.2
     valid_ids: str | None = None
     label_delim: str = " "

@@ -17,16 +17,16 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    flip: bool = False          # horizontal flips (side-on photos)
-    dihedral: bool = False      # all 8 flips/rotations by 90 degrees (top-down images)
-    max_rotate: float = 0.0     # degrees
+    flip: bool = False  # horizontal flips (side-on photos)
+    dihedral: bool = False  # all 8 flips/rotations by 90 degrees (top-down images)
+    max_rotate: float = 0.0  # degrees
     max_zoom: float = 1.0
-    pad: int = 0                # pixels of reflection padding for random crops (CIFAR)
+    pad: int = 0  # pixels of reflection padding for random crops (CIFAR)
     max_lighting: float = 0.0
     p_flip: float = 0.5
     p_affine: float = 0.75
     p_lighting: float = 0.75
-    cutout: int = 0             # side in pixels of one square blanked per image (DeVries & Taylor)
+    cutout: int = 0  # side in pixels of one square blanked per image (DeVries & Taylor)
 
     @property
     def has_geometry(self) -> bool:
@@ -34,13 +34,29 @@ class AugmentSpec:
 
     @property
     def is_identity(self) -> bool:
-        return not (self.flip or self.dihedral or self.max_rotate or self.max_zoom > 1
-                    or self.pad or self.max_lighting or self.cutout)
+        return not (
+            self.flip
+            or self.dihedral
+            or self.max_rotate
+            or self.max_zoom > 1
+            or self.pad
+            or self.max_lighting
+            or self.cutout
+        )
 
 
-def preset(name: str, max_zoom: float = 1.0, max_rotate: float = 10.0, max_lighting: float = 0.2,
-           p_flip: float = 0.5, p_affine: float = 0.75, p_lighting: float = 0.75,
-           pad: int | None = None, size: int = 32, cutout: int = 0) -> AugmentSpec:
+def preset(
+    name: str,
+    max_zoom: float = 1.0,
+    max_rotate: float = 10.0,
+    max_lighting: float = 0.2,
+    p_flip: float = 0.5,
+    p_affine: float = 0.75,
+    p_lighting: float = 0.75,
+    pad: int | None = None,
+    size: int = 32,
+    cutout: int = 0,
+) -> AugmentSpec:
     common = dict(max_zoom=max_zoom, p_flip=p_flip, p_affine=p_affine, p_lighting=p_lighting, cutout=cutout)
     if name == "side_on":
         return AugmentSpec(flip=True, max_rotate=max_rotate, max_lighting=max_lighting, **common)
@@ -147,15 +163,16 @@ def cutout(x: torch.Tensor, side: int, g: torch.Generator, fill: torch.Tensor | 
     left = torch.randint(0, w - side + 1, (n, 1), generator=g).to(x.device)
     rows = torch.arange(h, device=x.device).view(1, h)
     cols = torch.arange(w, device=x.device).view(1, w)
-    inside_rows = (rows >= top) & (rows < top + side)    # (n, h)
+    inside_rows = (rows >= top) & (rows < top + side)  # (n, h)
     inside_cols = (cols >= left) & (cols < left + side)  # (n, w)
     mask = (inside_rows[:, :, None] & inside_cols[:, None, :]).unsqueeze(1)  # (n, 1, h, w)
     fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     return torch.where(mask, fill, x)
 
 
-def augment_batch(x: torch.Tensor, spec: AugmentSpec, out_size: int, g: torch.Generator,
-                  fill: torch.Tensor | float = 0.0) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, spec: AugmentSpec, out_size: int, g: torch.Generator, fill: torch.Tensor | float = 0.0
+) -> torch.Tensor:
     """x: float pixels in [0, 1], (N, C, H, W). The generator makes the batch reproducible.
     `fill`: the colour of cutout squares (per channel or one value)."""
     if x.shape[-1] > 2 * out_size:

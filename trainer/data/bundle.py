@@ -46,11 +46,18 @@ class ImageBundle:
 
     def loaders(self, bs: int, size: int | None = None) -> tuple[ImageBatches, ImageBatches]:
         size = size or self.images.size
-        common = dict(size=size, mean=torch.tensor(self.mean), std=torch.tensor(self.std), seed=self.seed,
-                      device=self.device, channels_last=self.channels_last)
+        common = dict(
+            size=size,
+            mean=torch.tensor(self.mean),
+            std=torch.tensor(self.std),
+            seed=self.seed,
+            device=self.device,
+            channels_last=self.channels_last,
+        )
         tx, ty, vx, vy = self.tensors()
-        train = ImageBatches(tx, ty, bs, shuffle=True, augment=self.augment_spec(size),
-                             drop_last=len(ty) > bs, **common)
+        train = ImageBatches(
+            tx, ty, bs, shuffle=True, augment=self.augment_spec(size), drop_last=len(ty) > bs, **common
+        )
         valid = ImageBatches(vx, vy, self.valid_bs or bs * 2, **common)
         return train, valid
 
@@ -65,13 +72,21 @@ class ImageBundle:
         return self._device_copy
 
     def files_to_save(self) -> dict:
-        return {"classes.json": {"classes": self.images.classes, "multi_label": self.images.multi_label},
-                "stats.json": {"mean": self.mean, "std": self.std, "size": self.images.size,
-                               "channels": self.in_channels}}
+        return {
+            "classes.json": {"classes": self.images.classes, "multi_label": self.images.multi_label},
+            "stats.json": {"mean": self.mean, "std": self.std, "size": self.images.size, "channels": self.in_channels},
+        }
 
 
-def build_bundle(cfg: Config, seed: int, device: torch.device, sizes: tuple[int, ...] = (),
-                 smoke_bs: int | None = None, log=print, model_stats=None):
+def build_bundle(
+    cfg: Config,
+    seed: int,
+    device: torch.device,
+    sizes: tuple[int, ...] = (),
+    smoke_bs: int | None = None,
+    log=print,
+    model_stats=None,
+):
     """The run's data. sizes: every image size a stage asks for (the images are decoded once, at
     the largest); smoke_bs: a smoke run's largest batch size (a small slice of the items is
     enough); model_stats: the normalisation a pretrained body expects (data.stats unset)."""
@@ -89,8 +104,18 @@ def build_bundle(cfg: Config, seed: int, device: torch.device, sizes: tuple[int,
     on_device = keep_on_device(data.on_device, images, device)
     if on_device and device.type != "cpu":
         log(f"keeping the {_nbytes(images) / 2**20:.0f} MiB of decoded images on {device} (data.on_device)")
-    return ImageBundle(images, mean, std, {"name": transforms.pop("preset"), **transforms}, seed, device,
-                       cfg.channels_last, data.valid_bs, smoke_bs is not None, on_device=on_device)
+    return ImageBundle(
+        images,
+        mean,
+        std,
+        {"name": transforms.pop("preset"), **transforms},
+        seed,
+        device,
+        cfg.channels_last,
+        data.valid_bs,
+        smoke_bs is not None,
+        on_device=on_device,
+    )
 
 
 def _nbytes(images: ImageSet) -> int:

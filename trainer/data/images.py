@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from trainer.config.schema import IMAGENET_STATS, CsvData, FolderData
-from trainer.data.decode import decode_all, native_size
+from trainer.data.decode import Fit, decode_all, native_size
 from trainer.data.items import DataError, ImageItems, csv_items, folder_items, subsample
 
 
@@ -22,7 +22,7 @@ class ImageSet:
     valid_x: torch.Tensor
     valid_y: torch.Tensor
     valid_files: list[Path]
-    size: int              # the cached size; stages resize batches from it
+    size: int  # the cached size; stages resize batches from it
     skipped: int = 0
 
     @property
@@ -38,8 +38,18 @@ def list_items(cfg: FolderData | CsvData, seed: int) -> ImageItems:
     if cfg.layout == "folder":
         items = folder_items(Path(cfg.path), cfg.train, cfg.valid, cfg.test)
     else:
-        items = csv_items(Path(cfg.path), cfg.labels, cfg.train, cfg.suffix, cfg.valid_pct, cfg.valid_ids,
-                          seed, cfg.label_delim, cfg.test)
+        items = csv_items(
+            Path(cfg.path),
+            cfg.labels,
+            cfg.train,
+            cfg.suffix,
+            cfg.valid_pct,
+            cfg.valid_ids,
+            seed,
+            cfg.label_delim,
+            cfg.test,
+            (cfg.id_column, cfg.label_column),
+        )
     if cfg.subset is not None:
         items = subsample(items, cfg.subset.train, cfg.subset.valid, seed)
     return items
@@ -59,6 +69,11 @@ def _keep(values: list, bad: list[int]) -> list:
     return [v for i, v in enumerate(values) if i not in drop]
 
 
+def fit_of(cfg: FolderData | CsvData) -> Fit:
+    """How the config makes its images square."""
+    return Fit(cfg.resize, cfg.pad_mode)
+
+
 def cache_size_for(cfg: FolderData | CsvData, stage_sizes: list[int], files: list[Path]) -> int:
     """Decode at the largest size any stage asks for (or cache_size), else the images' own size
     (of the first readable file when bad images are skipped)."""
@@ -67,29 +82,41 @@ def cache_size_for(cfg: FolderData | CsvData, stage_sizes: list[int], files: lis
         return max(wanted)
     for f in files:
         try:
-            return native_size(f)
+            return native_size(f, fit_of(cfg))
         except DataError:
             if cfg.on_bad_image != "skip":
                 raise
     raise DataError(f"{cfg.path}: no readable images in the training set")
 
 
-def load_images(cfg: FolderData | CsvData, seed: int, stage_sizes: list[int] = (), log=print,
-                items: ImageItems | None = None) -> ImageSet:
+def load_images(
+    cfg: FolderData | CsvData, seed: int, stage_sizes: list[int] = (), log=print, items: ImageItems | None = None
+) -> ImageSet:
     items = items or list_items(cfg, seed)
     size = cache_size_for(cfg, list(stage_sizes), items.train_files)
     skip = cfg.on_bad_image == "skip"
-    tx, tbad = decode_all(items.train_files, size, cfg.channels, skip, cfg.cache_dir, log)
-    vx, vbad = decode_all(items.valid_files, size, cfg.channels, skip, cfg.cache_dir, log)
+    fit = fit_of(cfg)
+    tx, tbad, tn = decode_all(items.train_files, size, cfg.channels, skip, cfg.cache_dir, log, fit)
+    vx, vbad, vn = decode_all(items.valid_files, size, cfg.channels, skip, cfg.cache_dir, log, fit)
     if tbad or vbad:
         log(f"skipped {len(tbad) + len(vbad)} unreadable image(s) (data.on_bad_image: skip)")
+    if tn or vn:
+        n = len(items.train_files) + len(items.valid_files)
+        log(f"{tn + vn} of {n} images are not square; data.resize: {fit.mode} {fit.describe()}")
     train_labels, valid_labels = _keep(items.train_labels, tbad), _keep(items.valid_labels, vbad)
     if len(train_labels) == 0 or len(valid_labels) == 0:
         raise DataError(f"{cfg.path}: no readable images left in the training or validation set")
     n = len(items.classes)
-    return ImageSet(items, as_tensor(tx), label_tensor(train_labels, n, items.multi_label),
-                    as_tensor(vx), label_tensor(valid_labels, n, items.multi_label),
-                    _keep(items.valid_files, vbad), size, len(tbad) + len(vbad))
+    return ImageSet(
+        items,
+        as_tensor(tx),
+        label_tensor(train_labels, n, items.multi_label),
+        as_tensor(vx),
+        label_tensor(valid_labels, n, items.multi_label),
+        _keep(items.valid_files, vbad),
+        size,
+        len(tbad) + len(vbad),
+    )
 
 
 def as_tensor(arr: np.ndarray) -> torch.Tensor:

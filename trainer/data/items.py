@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from trainer.registry import did_you_mean
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -54,8 +56,10 @@ def folder_items(root: Path, train: str = "train", valid: str = "valid", test: s
         raise DataError(f"{root / train}: class folder(s) with no images: {', '.join(empty)}")
     classes = sorted(train_sets)
     if len(classes) < 2:
-        raise DataError(f"{root / train}: one class folder ({classes[0]}); a classifier needs at least two "
-                        f"({train}/<class>/<images> for each)")
+        raise DataError(
+            f"{root / train}: one class folder ({classes[0]}); a classifier needs at least two "
+            f"({train}/<class>/<images> for each)"
+        )
     valid_sets = _class_folders(root, valid)
     unknown = sorted(set(valid_sets) - set(classes))
     if unknown:
@@ -80,7 +84,10 @@ def _safe_id(raw: str, csv_path: Path) -> str:
     return ident
 
 
-def read_labels_csv(csv_path: Path, delim: str = " ") -> tuple[list[str], list[list[str]]]:
+def read_labels_csv(
+    csv_path: Path, delim: str = " ", id_column: str | None = None, label_column: str | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """The ids and tags of a labels CSV: the named columns, else the first two."""
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
@@ -91,11 +98,20 @@ def read_labels_csv(csv_path: Path, delim: str = " ") -> tuple[list[str], list[l
         raise DataError(f"{csv_path}: {_ragged_row(csv_path)}")
     if df.shape[1] < 2 or len(df) == 0:
         raise DataError(f"{csv_path}: expected a header `id,label` and at least one row")
-    ids = [_safe_id(v, csv_path) for v in df.iloc[:, 0]]
+    for key, name in (("data.id_column", id_column), ("data.label_column", label_column)):
+        if name is not None and name not in df.columns:
+            hint = did_you_mean(name, df.columns)
+            raise DataError(
+                f"{csv_path}: no column {name!r} ({key}); its columns: {', '.join(df.columns)}"
+                + (f"; {hint}" if hint else "")
+            )
+    id_values = df[id_column] if id_column is not None else df.iloc[:, 0]
+    label_values = df[label_column] if label_column is not None else df.iloc[:, 1]
+    ids = [_safe_id(v, csv_path) for v in id_values]
     dup = pd.Series(ids)[pd.Series(ids).duplicated()].unique()
     if len(dup):
         raise DataError(f"{csv_path}: duplicate id(s): {', '.join(map(str, dup[:5]))}")
-    tags = [[t for t in str(v).split(delim) if t] for v in df.iloc[:, 1]]
+    tags = [[t for t in str(v).split(delim) if t] for v in label_values]
     missing = [ids[i] for i, t in enumerate(tags) if not t]
     if missing:
         raise DataError(f"{csv_path}: empty label for id(s): {', '.join(missing[:5])}")
@@ -109,8 +125,10 @@ def _ragged_row(csv_path: Path) -> str:
         header = next(rows, [])
         for line, row in enumerate(rows, 2):
             if row and len(row) != len(header):
-                return (f"line {line} has {len(row)} fields, the header {len(header)} ({','.join(row[:4])}); "
-                        "a value holding a comma needs quotes")
+                return (
+                    f"line {line} has {len(row)} fields, the header {len(header)} ({','.join(row[:4])}); "
+                    "a value holding a comma needs quotes"
+                )
     return "the rows have more fields than the header"
 
 
@@ -136,17 +154,29 @@ def _valid_mask(ids: list[str], path: Path) -> np.ndarray:
     return mask
 
 
-def csv_items(root: Path, labels: str = "labels.csv", folder: str = "train", suffix: str = "",
-              valid_pct: float = 0.2, valid_ids: str | None = None, seed: int = 0,
-              delim: str = " ", test: str | None = None) -> ImageItems:
+def csv_items(
+    root: Path,
+    labels: str = "labels.csv",
+    folder: str = "train",
+    suffix: str = "",
+    valid_pct: float = 0.2,
+    valid_ids: str | None = None,
+    seed: int = 0,
+    delim: str = " ",
+    test: str | None = None,
+    columns: tuple[str | None, str | None] = (None, None),
+) -> ImageItems:
+    """columns: the CSV's id and label columns by name (None: the first, the second)."""
     root = Path(root)
     csv_path = root / labels
-    ids, tags = read_labels_csv(csv_path, delim)
+    ids, tags = read_labels_csv(csv_path, delim, *columns)
     files = [root / folder / f"{i}{suffix}" for i in ids]
     absent = [str(f) for f in files if not f.is_file()]
     if absent:
-        raise DataError(f"{csv_path}: {len(absent)} listed file(s) not found, e.g. {absent[0]} "
-                        f"(check data.suffix, now {suffix!r}, and data.train, now {folder!r})")
+        raise DataError(
+            f"{csv_path}: {len(absent)} listed file(s) not found, e.g. {absent[0]} "
+            f"(check data.suffix, now {suffix!r}, and data.train, now {folder!r})"
+        )
     if valid_ids:
         mask = _valid_mask(ids, root / valid_ids)
     else:
@@ -155,15 +185,19 @@ def csv_items(root: Path, labels: str = "labels.csv", folder: str = "train", suf
     train_classes = sorted({t for k, ts in enumerate(tags) if not mask[k] for t in ts})
     only_valid = sorted({t for k, ts in enumerate(tags) if mask[k] for t in ts} - set(train_classes))
     if only_valid:
-        raise DataError(f"{csv_path}: class(es) only in the validation split: {', '.join(only_valid[:5])} "
-                        "(add training examples, or change data.valid_pct / the seed)")
+        raise DataError(
+            f"{csv_path}: class(es) only in the validation split: {', '.join(only_valid[:5])} "
+            "(add training examples, or change data.valid_pct / the seed)"
+        )
     if len(train_classes) < 2:
-        raise DataError(f"{csv_path}: every training row has the label {train_classes[0]!r}; a classifier needs at "
-                        "least two classes")
+        raise DataError(
+            f"{csv_path}: every training row has the label {train_classes[0]!r}; a classifier needs at "
+            "least two classes"
+        )
     index = {c: i for i, c in enumerate(train_classes)}
     labels_idx = [[index[t] for t in ts] if multi else index[ts[0]] for ts in tags]
     items = ImageItems(train_classes, [], [], [], [], multi_label=multi)
-    for k, (f, y) in enumerate(zip(files, labels_idx)):
+    for k, (f, y) in enumerate(zip(files, labels_idx, strict=True)):
         (items.valid_files if mask[k] else items.train_files).append(f)
         (items.valid_labels if mask[k] else items.train_labels).append(y)
     if test:

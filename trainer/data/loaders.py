@@ -20,11 +20,11 @@ def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
 
 @dataclass
 class ImageBatches:
-    images: torch.Tensor            # (N, C, S, S) uint8, on the CPU or already on the device
-    labels: torch.Tensor            # (N,) int64, or (N, n_classes) float for multi-label
+    images: torch.Tensor  # (N, C, S, S) uint8, on the CPU or already on the device
+    labels: torch.Tensor  # (N,) int64, or (N, n_classes) float for multi-label
     bs: int
     size: int
-    mean: torch.Tensor              # (C,) in [0, 1] units
+    mean: torch.Tensor  # (C,) in [0, 1] units
     std: torch.Tensor
     shuffle: bool = False
     augment: AugmentSpec | None = None
@@ -33,7 +33,7 @@ class ImageBatches:
     device: torch.device = torch.device("cpu")
     channels_last: bool = False
     epoch: int = 0
-    limit: int | None = None        # at most this many batches (smoke runs)
+    limit: int | None = None  # at most this many batches (smoke runs)
     indices: torch.Tensor | None = None  # a subset (a rank's shard, a slice of validation)
 
     def __post_init__(self):
@@ -51,7 +51,7 @@ class ImageBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def with_(self, **changes) -> "ImageBatches":
+    def with_(self, **changes) -> ImageBatches:
         return replace(self, **changes)
 
     def order(self) -> torch.Tensor:
@@ -60,8 +60,7 @@ class ImageBatches:
             idx = idx[torch.randperm(len(idx), generator=epoch_generator(self.seed, self.epoch))]
         return idx
 
-    def batch(self, rows: torch.Tensor, g: torch.Generator | None = None, spec: AugmentSpec | None = None,
-              view=None):
+    def batch(self, rows: torch.Tensor, g: torch.Generator | None = None, spec: AugmentSpec | None = None, view=None):
         """Turns rows of the uint8 tensor into a normalised float batch on the device. `view`, a
         function of (pixels in [0, 1], size), replaces augmentation (a fixed TTA view)."""
         # sorted wherever the images are (sequential reads suit a memory-mapped cache), so data
@@ -97,7 +96,7 @@ class ImageBatches:
         """Yields (batch index, x, y) from batch `start` on (resume skips what was done)."""
         order = self.order()
         for i in range(start, len(self)):
-            rows = order[i * self.bs:(i + 1) * self.bs]
+            rows = order[i * self.bs : (i + 1) * self.bs]
             g = epoch_generator(self.seed, self.epoch, salt=i + 1) if self.augment else None
             yield (i, *self.batch(rows, g))
 

@@ -41,7 +41,7 @@ class BatchSlices:
     def iterate(self, start: int = 0):
         dl, order = self.inner, self.inner.order()
         for i in range(start, len(dl)):
-            rows = order[i * dl.bs:(i + 1) * dl.bs].tensor_split(self.world_size)[self.rank]
+            rows = order[i * dl.bs : (i + 1) * dl.bs].tensor_split(self.world_size)[self.rank]
             salt = i + 1 + self.rank * RANK_SALT
             g = epoch_generator(dl.seed, dl.epoch, salt=salt) if dl.augment else None
             yield (i, *dl.batch(rows, g))

@@ -16,8 +16,9 @@ length and a resumed run must see the batches the interrupted one would have.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,11 @@ class Vocab:
     itos: tuple[str, ...]  # itos[0] is UNK, then the training text's characters, sorted
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str) -> Vocab:
         return cls((UNK, *sorted(set(text))))
 
     @classmethod
-    def from_json(cls, data: dict) -> "Vocab":
+    def from_json(cls, data: dict) -> Vocab:
         itos = tuple(data["itos"])
         if not itos or itos[0] != UNK:
             raise ValueError(f"vocab.json: the first entry must be the unknown token {UNK!r}")
@@ -75,8 +76,10 @@ def read_text(path: str | Path, key: str = "data.path", min_chars: int = 2) -> s
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it, "
-                        f"e.g. iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}") from None
+        raise DataError(
+            f"{p}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); convert it, "
+            f"e.g. iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}"
+        ) from None
     if "\x00" in text:
         raise DataError(f"{p}: looks binary (NUL bytes at offset {text.index(chr(0))}), not a text corpus")
     if not text.strip():
@@ -109,7 +112,7 @@ def draw_lengths(rng: np.random.Generator, bptt: int, n: int) -> np.ndarray:
     return np.maximum(5, rng.normal(base, 5).astype(np.int64))
 
 
-@lru_cache(maxsize=None)
+@cache
 def mean_length(bptt: int) -> float:
     return float(draw_lengths(np.random.default_rng(0), bptt, 20_000).mean())
 
@@ -129,12 +132,12 @@ class TextStreams:
     """Batches (x, y) of shape (seq, bs): y is x one character later. Training draws variable
     lengths per (seed, epoch); validation uses fixed bptt (the last batch may be shorter)."""
 
-    data: torch.Tensor          # (steps, bs) int64, on the device
+    data: torch.Tensor  # (steps, bs) int64, on the device
     bptt: int
     seed: int = 0
     variable: bool = False
     epoch: int = 0
-    limit: int | None = None    # at most this many batches (smoke runs)
+    limit: int | None = None  # at most this many batches (smoke runs)
 
     def __post_init__(self):
         self.n_steps = len(self.data) - 1
@@ -163,7 +166,7 @@ class TextStreams:
         b = self.bounds().tolist()
         for i in range(start, len(self)):
             lo, hi = b[i], b[i + 1]
-            yield i, self.data[lo:hi], self.data[lo + 1:hi + 1]
+            yield i, self.data[lo:hi], self.data[lo + 1 : hi + 1]
 
     def __iter__(self):
         for _, x, y in self.iterate():
@@ -191,8 +194,9 @@ class TextBundle:
     def _streams(self, ids: torch.Tensor, bs: int, what: str) -> torch.Tensor:
         if len(ids) // bs < 2:
             if not self.smoke:
-                raise DataError(f"the {what} text has {len(ids)} characters: too few for {bs} streams of "
-                                f"at least 2; lower data.bs")
+                raise DataError(
+                    f"the {what} text has {len(ids)} characters: too few for {bs} streams of at least 2; lower data.bs"
+                )
             bs = max(1, len(ids) // 2)  # a tiny CI text still exercises the whole pipeline
             self.log(f"smoke: the {what} text is short; {bs} streams")
         if len(ids) < 2:
@@ -214,9 +218,11 @@ def build_text_bundle(cfg: Config, seed: int, device: torch.device, smoke: bool 
     vocab = Vocab.from_text(train)
     train_ids, valid_ids = vocab.encode(train), vocab.encode(valid)
     unseen = int((valid_ids == 0).sum())
-    log(f"text: {len(train_ids):,} training and {len(valid_ids):,} validation characters, vocabulary "
-        f"{len(vocab)} (with the unknown token)" + (f"; {unseen} validation characters unseen in training"
-                                                     if unseen else ""))
+    log(
+        f"text: {len(train_ids):,} training and {len(valid_ids):,} validation characters, vocabulary "
+        f"{len(vocab)} (with the unknown token)"
+        + (f"; {unseen} validation characters unseen in training" if unseen else "")
+    )
     return TextBundle(vocab, train_ids, valid_ids, data.bptt, seed, device, smoke, log)
 
 

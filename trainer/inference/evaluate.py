@@ -15,14 +15,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from trainer import storage
 from trainer.data.images import load_images
 from trainer.data.items import DataError
 from trainer.data.loaders import ImageBatches
 from trainer.inference.finished import LoadedRun
 from trainer.inference.pictures import confusion_plot, image_grid, label_text, to_display
 from trainer.inference.tta import predict_view, tta_predict
+from trainer.models.weights import load_weights
 from trainer.storage import writable_folder, write_output
 from trainer.train.plan import outline
+from trainer.train.tasks import at_edge, fbeta_per_tag
 
 
 @dataclass
@@ -32,6 +35,9 @@ class Evaluation:
     per_class: list[dict]
     confused: list[dict]
     files: dict[str, Path] = field(default_factory=dict)
+    metrics_ensemble: dict | None = None  # --ensemble cycles: the mean of the SGDR snapshots
+    snapshots: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 def validation_batches(run: LoadedRun, data_path: str | Path | None = None, bs: int = 128, log=print) -> ImageBatches:
@@ -88,19 +94,35 @@ def most_confused(cm: np.ndarray, classes: list[str], min_count: int = 1) -> lis
 
 
 def per_class(
-    probs: torch.Tensor, y: torch.Tensor, classes: list[str], multi_label: bool, threshold: float = 0.5
+    probs: torch.Tensor,
+    y: torch.Tensor,
+    classes: list[str],
+    multi_label: bool,
+    threshold: float | torch.Tensor = 0.5,
 ) -> list[dict]:
     """Single-label: the share of each class's images predicted right (its recall).
-    Multi-label: per tag, the share of images where its presence is predicted right."""
+    Multi-label: per tag, the share of images where its presence is predicted right, and the
+    tag's precision, recall and F2 over the images (n: the images that have the tag)."""
+    if multi_label:
+        pred = (probs > torch.as_tensor(threshold, dtype=probs.dtype)).float()
+        precision, recall, f2 = fbeta_per_tag(pred, y.float())
+        right = (pred == (y > 0.5).float()).float().mean(0)
+        return [
+            {
+                "class": name,
+                "n": int(y[:, c].sum()),
+                "accuracy": right[c].item(),
+                "precision": precision[c].item(),
+                "recall": recall[c].item(),
+                "f2": f2[c].item(),
+            }
+            for c, name in enumerate(classes)
+        ]
     rows = []
     for c, name in enumerate(classes):
-        if multi_label:
-            right = ((probs[:, c] > threshold) == (y[:, c] > 0.5)).float()
-            n = len(y)
-        else:
-            mask = y == c
-            n = int(mask.sum())
-            right = (probs[mask].argmax(1) == c).float() if n else torch.zeros(0)
+        mask = y == c
+        n = int(mask.sum())
+        right = (probs[mask].argmax(1) == c).float() if n else torch.zeros(0)
         rows.append({"class": name, "n": n, "accuracy": right.mean().item() if n else float("nan")})
     return rows
 
@@ -119,7 +141,7 @@ def plot_top_losses(
     path: Path,
     k: int = 9,
     heatmap: bool = False,
-    threshold: float = 0.5,
+    threshold: float | torch.Tensor = 0.5,
 ) -> Path:
     """The k worst validation images, titled predicted / actual / loss / probability of the actual
     class (the mean over tags for multi-label); with heatmap, Grad-CAM of the predicted class."""
@@ -132,11 +154,12 @@ def plot_top_losses(
     titles = []
     for i in top.tolist():
         if run.multi_label:
-            pred = label_text((probs[i] > threshold).float(), run.classes)
+            pred = label_text((probs[i] > threshold).float(), run.classes, most=3)
             p_actual = probs[i][y[i] > 0.5].mean().item()
         else:
             pred, p_actual = run.classes[int(probs[i].argmax())], probs[i, y[i]].item()
-        titles.append(f"{pred} / {label_text(y[i], run.classes)}\n{losses[i]:.2f} / {p_actual:.2f}")
+        actual = label_text(y[i], run.classes, most=3)  # several tags stay legible: three, then +N
+        titles.append(f"{pred} / {actual}\n{losses[i]:.2f} / {p_actual:.2f}")
     overlays = None
     if heatmap:
         from trainer.inference.gradcam import grad_cam
@@ -163,7 +186,9 @@ def evaluate(
     out: Path | None = None,
     k: int = 9,
     log=print,
+    ensemble: list[Path] | None = None,
 ) -> Evaluation:
+    """`ensemble`: checkpoints (the SGDR snapshots) whose mean prediction is scored beside the run's."""
     out = writable_folder(out or run.path)  # checked before any work
     dl = validation_batches(run, data_path, log=log)
     activation = run.task().activation
@@ -174,9 +199,16 @@ def evaluate(
     y = dl.labels
     metrics = scores(run, probs, y)
     metrics_tta = scores(run, probs_tta, y) if probs_tta is not None else None
-    threshold = metrics.get("threshold", run.threshold)
+    threshold = torch.tensor(metrics.get("thresholds", metrics.get("threshold", run.threshold)))
     best = probs_tta if probs_tta is not None else probs  # tables and pictures use the better prediction
     ev = Evaluation(metrics, metrics_tta, per_class(best, y, run.classes, run.multi_label, threshold), [])
+    if ensemble:
+        ev.metrics_ensemble, ev.snapshots = scores(run, snapshot_mean(run, dl, ensemble), y), len(ensemble)
+    if run.multi_label and at_edge(threshold.tolist()):
+        ev.warnings.append(
+            f"the best threshold sits at the edge of the searched grid ({threshold.tolist()}): "
+            "the model's probabilities are all high or all low for some tag"
+        )
     if not run.multi_label:
         cm = confusion_matrix(best.argmax(1), y, len(run.classes))
         ev.confused = most_confused(cm, run.classes)
@@ -188,6 +220,8 @@ def evaluate(
     report = {
         "metrics": metrics,
         "metrics_tta": metrics_tta,
+        "metrics_ensemble": ev.metrics_ensemble,
+        "snapshots": ev.snapshots,
         "n_valid": len(y),
         "tta": run.cfg.tta.model_dump() if tta else None,
         "per_class": ev.per_class,
@@ -195,6 +229,20 @@ def evaluate(
     write_output(out / "evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode("utf-8")))
     ev.files["evaluation"] = out / "evaluation.json"
     return ev
+
+
+def snapshot_mean(run: LoadedRun, dl: ImageBatches, checkpoints: list[Path]) -> torch.Tensor:
+    """The mean prediction of the snapshots; the run's own weights are put back after."""
+    own = {k: v.clone() for k, v in run.built.model.state_dict().items()}
+    total = None
+    try:
+        for ckpt in checkpoints:
+            load_weights(run.built.model, storage.model_state(ckpt), ckpt)
+            p = predict_view(run.built.model, dl, run.task().activation)
+            total = p if total is None else total + p
+    finally:
+        run.built.model.load_state_dict(own)
+    return total / len(checkpoints)
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:

@@ -32,7 +32,8 @@ class LoadedRun:
     multi_label: bool
     stats: dict
     device: torch.device
-    threshold: float = 0.5  # multi-label: chosen on the validation set during fit (threshold.json)
+    # multi-label: chosen on the validation set during fit (threshold.json): one, or one per tag
+    threshold: float | list[float] = 0.5
 
     @property
     def size(self) -> int:
@@ -40,7 +41,12 @@ class LoadedRun:
         return outline(self.cfg).last_size or self.stats["size"]
 
     def task(self) -> Task:
-        return make_task("multi_label" if self.multi_label else "single_label")
+        return make_task("multi_label" if self.multi_label else "single_label", threshold=self.cfg.train.threshold)
+
+    def thresholds(self) -> torch.Tensor:
+        """The multi-label threshold of each tag."""
+        t = torch.tensor(self.threshold, dtype=torch.float32)
+        return t.expand(len(self.classes)) if t.dim() == 0 else t
 
     def augment_spec(self) -> AugmentSpec | None:
         """The run's training augmentation at its final size (TTA draws its views from it)."""
@@ -135,4 +141,4 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "auto") -> 
 
 
 class ThresholdFile(BaseModel):
-    threshold: Annotated[float, Field(ge=0, le=1)]
+    threshold: Annotated[float, Field(ge=0, le=1)] | list[Annotated[float, Field(ge=0, le=1)]]

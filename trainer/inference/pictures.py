@@ -95,11 +95,14 @@ def confusion_plot(cm: np.ndarray, classes: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def label_text(y: torch.Tensor, classes: list[str]) -> str:
-    """A class name, or the space-separated tags of a multi-hot row."""
+def label_text(y: torch.Tensor, classes: list[str], most: int | None = None) -> str:
+    """A class name, or the space-separated tags of a multi-hot row (at most `most`, then +N)."""
     if y.dim() == 0:
         return classes[int(y)]
-    return " ".join(classes[i] for i in torch.nonzero(y > 0.5).flatten().tolist()) or "-"
+    tags = [classes[i] for i in torch.nonzero(y > 0.5).flatten().tolist()]
+    if most is not None and len(tags) > most:
+        tags = [*tags[:most], f"+{len(tags) - most}"]
+    return " ".join(tags) or "-"
 
 
 def show_batch(cfg, path: Path, n: int = 16, log=print) -> Path:

@@ -11,6 +11,7 @@ import torch
 
 from trainer import storage
 from trainer.data.decode import read_image
+from trainer.data.images import fit_of
 from trainer.data.items import DataError, image_files
 from trainer.data.loaders import ImageBatches
 from trainer.inference.finished import LoadedRun
@@ -19,10 +20,12 @@ from trainer.models.weights import load_weights
 from trainer.train.loop import outputs
 
 
-def load_folder(files: list[Path], size: int, channels: int) -> torch.Tensor:
+def load_folder(run: LoadedRun, files: list[Path]) -> torch.Tensor:
+    """The images as the run's training saw them: its decoded size, channels and data.resize."""
     if not files:
         raise DataError("no image files found to predict on")
-    return torch.from_numpy(np.stack([read_image(f, size, channels) for f in files]))
+    fit = fit_of(run.cfg.data)
+    return torch.from_numpy(np.stack([read_image(f, run.stats["size"], run.stats["channels"], fit) for f in files]))
 
 
 def batches_for(run: LoadedRun, images: torch.Tensor, bs: int = 128) -> ImageBatches:
@@ -46,7 +49,7 @@ def predict_folder(
 ) -> tuple[list[Path], torch.Tensor]:
     folder = Path(folder)
     files = image_files(folder) if folder.is_dir() else [folder]
-    images = load_folder(files, run.stats["size"], run.stats["channels"])
+    images = load_folder(run, files)
     dl = batches_for(run, images, bs)
     if tta:
         return files, tta_predict(run.built.model, dl, run.task().activation, run.tta_views(), run.cfg.tta.beta)[0]
@@ -70,7 +73,7 @@ def predict_ensemble(
     """A snapshot ensemble: the mean of the probabilities each saved cycle predicts."""
     folder = Path(folder)
     files = image_files(folder) if folder.is_dir() else [folder]
-    dl = batches_for(run, load_folder(files, run.stats["size"], run.stats["channels"]), bs)
+    dl = batches_for(run, load_folder(run, files), bs)
     total = None
     for ckpt in checkpoints:
         load_weights(run.built.model, storage.model_state(ckpt), ckpt)
@@ -94,7 +97,7 @@ def predictions_table(
     probs: torch.Tensor,
     classes: list[str],
     multi_label: bool,
-    threshold: float = 0.5,
+    threshold: float | list[float] = 0.5,
     labels_only: bool = False,
     probs_only: bool = False,
     id_column: str = "id",
@@ -115,7 +118,8 @@ def predictions_table(
     if probs_only:
         pass
     elif multi_label:
-        df["tags"] = [" ".join(c for c, p in zip(classes, row, strict=True) if p > threshold) for row in probs.tolist()]
+        above = probs > torch.as_tensor(threshold, dtype=probs.dtype)  # one threshold, or one per tag
+        df["tags"] = [" ".join(c for c, on in zip(classes, row, strict=True) if on) for row in above.tolist()]
     else:
         df["label"] = [classes[i] for i in probs.argmax(1).tolist()]
     if not labels_only:

@@ -7,25 +7,35 @@ import torch.nn as nn
 
 from trainer.config import Config
 from trainer.models import create_model
-from trainer.train.plan import outline
+from trainer.train.plan import apply_freeze, make_plan, outline
 
 
-def summarize(cfg: Config, n_out: int | None = None, size: int | None = None) -> tuple[list[dict], int, int]:
-    """Rows for each leaf layer; n_out/size default to the data's (read from the config): the
-    model a run of this config builds, at its first stage's size."""
+def summarize(cfg: Config, stage: str | None = None) -> tuple[list[dict], int, int, str]:
+    """Rows for each leaf layer of the model a run of this config builds, frozen as `stage` (the
+    first by default) leaves it and at that stage's image size; and the stage's name."""
     from trainer.data.images import cache_size_for, list_items
 
     if cfg.data.layout == "text":
         from trainer.data.text import vocab_size
 
-        built = create_model(cfg.model, n_out or vocab_size(cfg), 0, 0)
-        return layer_rows(built.model, torch.zeros(cfg.data.bptt, 2, dtype=torch.long))  # (seq, bs)
+        built = create_model(cfg.model, vocab_size(cfg), 0, 0)
+        chosen = _freeze(cfg, built, stage)
+        return (*layer_rows(built.model, torch.zeros(cfg.data.bptt, 2, dtype=torch.long)), chosen.name)  # (seq, bs)
     items = list_items(cfg.data, cfg.seed or 0)
-    n_out = n_out or len(items.classes)
     stages = outline(cfg)
-    size = size or stages.first_size or cache_size_for(cfg.data, list(stages.image_sizes), items.train_files)
-    built = create_model(cfg.model.model_copy(update={"pretrained": False}), n_out, cfg.data.channels, size)
-    return layer_rows(built.model, torch.zeros(2, cfg.data.channels, size, size))
+    decoded = cache_size_for(cfg.data, list(stages.image_sizes), items.train_files)
+    model_cfg = cfg.model.model_copy(update={"pretrained": False})
+    built = create_model(model_cfg, len(items.classes), cfg.data.channels, stages.first_size or decoded)
+    chosen = _freeze(cfg, built, stage)
+    size = chosen.size or decoded
+    return (*layer_rows(built.model, torch.zeros(2, cfg.data.channels, size, size)), chosen.name)
+
+
+def _freeze(cfg: Config, built, stage: str | None):
+    """The stage's freeze state on the model (requires_grad), as training applies it."""
+    chosen = make_plan(cfg, len(built.groups)).find(stage)
+    apply_freeze(built.groups, chosen.freeze_to, chosen.train_bn)
+    return chosen
 
 
 def layer_rows(model: nn.Module, x: torch.Tensor) -> tuple[list[dict], int, int]:

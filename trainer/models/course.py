@@ -15,10 +15,30 @@ def _halves(layers: list[nn.Module]) -> list[nn.Module]:
     return [nn.Sequential(*layers[:mid]), nn.Sequential(*layers[mid:])]
 
 
+def course_widths(layers, n_in: int, n_out: int | None, arch: str) -> tuple[list[int], list[str]]:
+    """`layers` as hidden widths. The course writes the input's width first (and, for SimpleNet,
+    the classes last): SimpleNet([32*32*3, 40, 10]), ConvNet([3, 20, 40, 80], 10). Where the first
+    width is the input's, it is read that way, and a note says so."""
+    layers = list(layers)
+    if len(layers) < 2 or layers[0] != n_in or (n_out is not None and layers[-1] != n_out):
+        return layers, []
+    hidden = layers[1:-1] if n_out is not None else layers[1:]
+    if not hidden and n_out is not None:  # [in, out]: no hidden layer, the course's logistic regression
+        return [], [
+            f"model.layers {layers} read as the course writes them: input {n_in}, output {n_out}, no hidden layer"
+        ]
+    return hidden, [
+        f"model.layers {layers} read as the course writes them (input width first"
+        + (", classes last" if n_out is not None else "")
+        + f"): {arch} with layers {hidden}"
+    ]
+
+
 @MODELS.register("simplenet")
 def simplenet(n_out: int, in_channels: int, size: int, layers=(40,), **_) -> Built:
-    """Linear layers with ReLU between: layers [3072, 40, 10] in course terms (input and output
-    widths come from the data)."""
+    """Linear layers with ReLU between: hidden widths, e.g. [40] (the course's [3072, 40, 10] is
+    read as that too: input and output widths come from the data)."""
+    layers, notes = course_widths(layers, in_channels * size * size, n_out, "simplenet")
     widths = [in_channels * size * size, *layers, n_out]
     mods: list[nn.Module] = [nn.Flatten()]
     for i, (a, b) in enumerate(pairwise(widths)):
@@ -26,7 +46,8 @@ def simplenet(n_out: int, in_channels: int, size: int, layers=(40,), **_) -> Bui
         if i < len(widths) - 2:
             mods.append(nn.ReLU(inplace=True))
     model = nn.Sequential(*mods)
-    return Built(model, [nn.Sequential(*mods[:-1]), mods[-1]], extra=split(nn.Sequential(*mods[:-1]), mods[-1]))
+    groups = [nn.Sequential(*mods[:-1]), mods[-1]]
+    return Built(model, groups, extra=split(nn.Sequential(*mods[:-1]), mods[-1]), notes=notes)
 
 
 class _ConvNet(nn.Module):
@@ -44,28 +65,32 @@ class _ConvNet(nn.Module):
         return self.out(self.pool(self.layers(x)))
 
 
-def _built(net: _ConvNet) -> Built:
+def _built(net: _ConvNet, notes: list[str] | None = None) -> Built:
     return Built(
         net,
         [*_halves(list(net.layers)), nn.Sequential(net.pool, net.out)],
         extra=split(nn.Sequential(net.layers, net.pool), net.out, net.layers),
+        notes=notes or [],
     )
 
 
 @MODELS.register("convnet")
 def convnet(n_out: int, in_channels: int, layers=(20, 40, 80), **_) -> Built:
-    """Stride-2 3x3 convolutions (no padding) + adaptive max pool + linear: ConvNet([3, 20, 40, 80], 10)."""
+    """Stride-2 3x3 convolutions (no padding) + adaptive max pool + linear: layers [20, 40, 80] (the
+    course's ConvNet([3, 20, 40, 80], 10) is read as that too)."""
+    layers, notes = course_widths(layers, in_channels, None, "convnet")
     widths = [in_channels, *layers]
     convs = [nn.Sequential(nn.Conv2d(a, b, 3, stride=2), nn.ReLU(inplace=True)) for a, b in pairwise(widths)]
-    return _built(_ConvNet(convs, widths[-1], n_out))
+    return _built(_ConvNet(convs, widths[-1], n_out), notes)
 
 
 @MODELS.register("convnet2")
 def convnet2(n_out: int, in_channels: int, layers=(20, 40, 80), **_) -> Built:
-    """ConvLayer (3x3, stride 2, padding 1) stack + adaptive max pool + linear."""
+    """ConvLayer (3x3, stride 2, padding 1) stack + adaptive max pool + linear (layers as convnet's)."""
+    layers, notes = course_widths(layers, in_channels, None, "convnet2")
     widths = [in_channels, *layers]
     convs = [nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU(inplace=True)) for a, b in pairwise(widths)]
-    return _built(_ConvNet(convs, widths[-1], n_out))
+    return _built(_ConvNet(convs, widths[-1], n_out), notes)
 
 
 @MODELS.register("bnconvnet")

@@ -18,6 +18,7 @@ class Built:
     model: nn.Module
     groups: list[nn.Module]
     extra: dict[str, nn.Module] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # how the factory read its options, for the run's log
 
 
 MODELS: Registry = Registry("architecture")

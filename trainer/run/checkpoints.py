@@ -120,5 +120,9 @@ class SaveThreshold(Callback):
         if "threshold" in v and v.get("valid_loss") == self.best.loss:
             self.run.write_json(
                 "threshold.json",
-                {"threshold": v["threshold"], "fbeta": v.get("fbeta"), "epoch": self.recorder.last_row.get("epoch")},
+                {
+                    "threshold": v.get("thresholds", v["threshold"]),
+                    "fbeta": v.get("fbeta"),
+                    "epoch": self.recorder.last_row.get("epoch"),
+                },
             )

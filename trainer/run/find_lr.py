@@ -23,14 +23,19 @@ from trainer.train.loop import Learner
 from trainer.train.lr_find import LrFindResult, check_range, lr_find
 from trainer.train.plan import StagePlan
 
-SMOKE_LR_FIND_IT = 4
+SMOKE_LR = 1e-3  # lr: auto in a smoke run: a few batches cannot find a rate, so a safe one is used
 
 
 def find_lr(sess: Session, learner: Learner, stage: StagePlan) -> float:
     """lr: auto: lr_find at the start of the stage (on the weights as the previous stages left
     them); its recommendation becomes the stage's peak lr. Recorded in the run directory as
     lr_find-<stage>.csv/.json/.png, a line of log.txt and a peak_lr column in metrics.csv."""
-    result = lr_find(learner, num_it=SMOKE_LR_FIND_IT if sess.smoke else 100, seed=sess.cfg.seed or 0)
+    if sess.smoke:
+        sess.log(
+            f"stage '{stage.name}': lr: auto uses {SMOKE_LR:g} in a smoke run (lr_find needs more than a few batches)"
+        )
+        return SMOKE_LR
+    result = lr_find(learner, seed=sess.cfg.seed or 0)
     if sess.world.is_main:  # every rank found the same lr (the losses are averaged over ranks)
         save_result(result, sess.run.path, f"lr_find-{stage.name}")
     sess.log(f"stage '{stage.name}': {result.summary()}; using lr {result.lr:.3g}")

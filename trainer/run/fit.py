@@ -9,11 +9,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from trainer.config import Config
+from trainer.config import Config, dump_config
 from trainer.run import distributed, state
 from trainer.run.find_lr import find_lr
 from trainer.run.learner import add_run_callbacks, step_learner
-from trainer.run.resume import ResumeError, check_fresh_out, reconcile, resolve
+from trainer.run.resume import ResumeError, check_fresh_out, reconcile, resolve, saved_config
 from trainer.run.runtime import pick_device
 from trainer.run.session import Session, open_session
 from trainer.run.signals import Interrupted, StopRequest, graceful_stop
@@ -38,6 +38,7 @@ def fit(
     console: Console | None = None,
     resume: str | Path | None = None,
     callbacks: tuple[Callback, ...] = (),
+    allow_changes: bool = False,
 ) -> FitResult:
     """Runs every stage. resume: a run directory, or "auto" for the newest unfinished run of this
     config's name, to continue exactly where its last checkpoint left off. Under torchrun, rank 0
@@ -45,9 +46,11 @@ def fit(
     world, device = distributed.start(cfg.distributed.backend, pick_device(cfg.device))
     ended_alike = False  # every rank finished, or every rank stopped on a signal at the same step
     try:
-        cfg, out, point = world.from_main(lambda: locate(cfg, out, smoke, resume))
+        cfg, out, point, changes = world.from_main(lambda: locate(cfg, out, smoke, resume, allow_changes))
         sess = open_session(cfg, out, world, device, smoke, console)
         sess.extra_callbacks += list(callbacks)
+        if changes:
+            note_changes(sess, changes)
         result = train_stages(sess, point)
         ended_alike = True
         return result
@@ -61,11 +64,15 @@ def fit(
 def train_stages(sess: Session, point: state.ResumePoint | None = None) -> FitResult:
     """Every stage in order (from the checkpoint's, when resuming), into one metrics.csv."""
     if point is not None:
-        state.start_from(point, sess.run, sess.history.steps, sess.best, sess.plan.names, sess.log)
+        state.start_from(point, sess.run, sess.history, sess.best, sess.plan.names, sess.log)
     grace = LAUNCHER_GRACE if sess.world.enabled else 0.0
     with run_status(sess.run), graceful_stop(grace=grace) as stop:
-        for stage in sess.plan.stages[point.stage if point is not None else 0 :]:
-            train_stage(sess, stage, stop, point if point is not None and stage.index == point.stage else None)
+        try:
+            for stage in sess.plan.stages[point.stage if point is not None else 0 :]:
+                train_stage(sess, stage, stop, point if point is not None and stage.index == point.stage else None)
+        except Interrupted as e:
+            sess.log(str(e))  # when and where; the resume will say how it went on
+            raise
     final = sess.run.metrics[-1] if sess.run.metrics else {}
     sess.log(f"done: {final}")
     return FitResult(sess.run.path, sess.run.metrics, final)
@@ -90,15 +97,29 @@ def train_stage(sess: Session, stage: StagePlan, stop: StopRequest, point: state
     learner.fit(stage.epochs, *start)
 
 
-def locate(cfg: Config, out: str | Path | None, smoke: bool, resume_from: str | Path | None):
-    """(config, run directory, resume point) before any work: a resumed run's own seed and
-    checkpoint, or a check that --out is not a run already."""
+def note_changes(sess: Session, changes: list[str]) -> None:
+    """--allow-changes: the run is no longer what one config computes from the start, and says so
+    in log.txt and at the head of its config.yaml (the config it goes on with)."""
+    said = "; ".join(changes)
+    sess.log(f"resumed with --allow-changes ({said}): this run is not bitwise reproducible from its config.yaml")
+    head = f"# resumed with --allow-changes ({said}):\n# stages before these ran with the earlier values\n"
+    sess.run.write_text("config.yaml", head + dump_config(sess.cfg))
+
+
+def locate(cfg: Config, out: str | Path | None, smoke: bool, resume_from: str | Path | None, allow_changes: bool):
+    """(config, run directory, resume point, changes) before any work: a resumed run's own seed and
+    checkpoint, and with allow_changes the changes made to stages that have not started; or a
+    check that --out is not a run already."""
     if resume_from is None:
+        if allow_changes:
+            raise ResumeError("--allow-changes goes with --resume (it lets a resumed run change its later stages)")
         if out is not None:
             check_fresh_out(Path(out))
-        return cfg, out, None
+        return cfg, out, None, []
     if smoke:
         raise ResumeError("--resume and --smoke do not go together (a smoke run is throwaway)")
     out = resolve(resume_from, cfg.name)
-    cfg = reconcile(cfg, out)
-    return cfg, out, state.load_point(out, outline(cfg).epochs)
+    point = state.load_point(out, outline(saved_config(out)).epochs)
+    changeable = point.stage + (0 if point.fresh_stage else 1) if allow_changes else None
+    cfg, changes = reconcile(cfg, out, changeable)
+    return cfg, out, point, changes

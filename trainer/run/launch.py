@@ -17,7 +17,13 @@ INTERRUPTED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signa
 
 
 def fit_args(
-    config: Path, sets: list[str] | None, out: Path | None, smoke: bool, resume: str | None, devices: int
+    config: Path,
+    sets: list[str] | None,
+    out: Path | None,
+    smoke: bool,
+    resume: str | None,
+    devices: int,
+    allow_changes: bool = False,
 ) -> list[str]:
     """The `trainer fit` arguments each process gets: the same command, with --devices N said as
     how the run was started (so rank 0 prints a resume command with it)."""
@@ -28,6 +34,8 @@ def fit_args(
         args.append("--smoke")
     if resume is not None:
         args += ["--resume", str(resume)]
+    if allow_changes:
+        args.append("--allow-changes")
     return args
 
 

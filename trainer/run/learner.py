@@ -25,7 +25,7 @@ from trainer.run.signals import SaveOnSignal, StopRequest
 from trainer.run.state import snapshot
 from trainer.train.callbacks import FreezeNorms, GradClip, Recorder, ResetState, ScheduleLR
 from trainer.train.ema import WeightAverage
-from trainer.train.guard import NonFiniteGuard, guard_every
+from trainer.train.guard import LossCheck, NonFiniteGuard, guard_every
 from trainer.train.loop import Callback, Learner
 from trainer.train.optim import create_optimizer, param_groups
 from trainer.train.parallel import Accumulate, DistributedLearner, SyncLoss, check_batch, wrap
@@ -44,6 +44,7 @@ ORDER = {
     "freeze_norms": -5,  # frozen BatchNorm layers stay in eval mode
     "clip": 0,
     "guard": 5,  # a non-finite loss or gradient stops the run (or skips the step)
+    "loss_check": 6,  # smoke runs: a loss that is not finite or explodes fails the run
     "recorder": 10,  # the step's loss and lr; the epoch's metrics row
     "ema": 15,  # the weight average moves after the step; validation swaps it in
     "cycles": 20,  # SGDR snapshots
@@ -66,6 +67,7 @@ class Handles:
     freeze_norms: FreezeNorms | None = None
     clip: GradClip | None = None
     guard: NonFiniteGuard | None = None
+    loss_check: LossCheck | None = None
     recorder: Recorder | None = None
     ema: WeightAverage | None = None
     cycles: CycleSaver | None = None
@@ -119,7 +121,7 @@ def step_learner(sess: Session, stage: StagePlan) -> tuple[Learner, Handles]:
     if getattr(sess.bundle, "images", None) is not None:
         check_input(built.model, cfg.model.arch, sess.bundle.in_channels, train_dl.size, sess.device)
     if sess.smoke:
-        train_dl.limit = valid_dl.limit = SMOKE_BATCHES
+        train_dl.limit, valid_dl.limit = SMOKE_BATCHES, 1
     model = built.model
     if stage.precompute:  # the frozen body runs once; this stage trains the head on its activations
         from trainer.train.precompute import head_only
@@ -160,8 +162,11 @@ def add_run_callbacks(
     handles.hidden_state = ResetState()
     handles.schedule = ScheduleLR(stage.schedule, stage.lrs)
     handles.guard = NonFiniteGuard(cfg.train.on_nan, guard_every(sess.device))
+    handles.loss_check = LossCheck(stage.name) if sess.smoke else None
     extra = {"peak_lr": stage.found_lr} if stage.find_lr else {}
-    handles.recorder = Recorder(stage.name, stage.first_epoch, sess.history.steps, run.add_metrics, extra)
+    handles.recorder = Recorder(
+        stage.name, stage.first_epoch, sess.history.steps, run.add_metrics, extra, sess.history.valid
+    )
     handles.ema = WeightAverage(learner.model, cfg.train.ema) if cfg.train.ema else None
     handles.cycles = (
         CycleSaver(run, stage.cycle_ends, stage.first_cycle, stage.index)

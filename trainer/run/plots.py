@@ -81,18 +81,36 @@ def plot_losses(steps: list[dict], valid: list[tuple[int, float]], path: Path) -
     return _save(fig, path)
 
 
+def useful_part(smoothed: list[float]) -> int:
+    """How many points of an lr_find curve to show: up to where the loss, past its lowest point,
+    rises above where it started (the diverging tail, which would squash the dip flat)."""
+    finite = [v if math.isfinite(v) else math.inf for v in smoothed]
+    low = min(range(len(finite)), key=finite.__getitem__)
+    start = finite[0]
+    for i in range(low + 1, len(finite)):
+        if finite[i] > start:
+            return i
+    return len(finite)
+
+
 def plot_lr_find(result, path: Path) -> Path:
-    """Smoothed loss against lr on a log axis, the raw loss faintly, each suggestion marked."""
+    """Smoothed loss against lr on a log axis, the raw loss faintly, each suggestion marked with its
+    value; the diverging tail left out and the y-limits set by the rest, so the dip is visible."""
+    n = useful_part(result.smoothed)
+    lrs, losses, smooth = result.lrs[:n], result.losses[:n], result.smoothed[:n]
     fig, (ax,) = _figure(1)
-    ax.plot(result.lrs, result.losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
-    ax.plot(result.lrs, result.smoothed, color="tab:blue", label="smoothed loss")
+    ax.plot(lrs, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
+    ax.plot(lrs, smooth, color="tab:blue", label="smoothed loss")
     ax.set_xscale("log")
+    low, high = min(smooth), max(smooth)
+    margin = 0.1 * (high - low) or 0.1 * abs(high) or 0.1
+    ax.set_ylim(low - margin, high + margin)
     markers = {"valley": ("o", "tab:red"), "steep": ("^", "tab:green"), "minimum": ("s", "tab:purple")}
     for name, lr in result.suggestions.items():
         i = min(range(len(result.lrs)), key=lambda j: abs(math.log(result.lrs[j]) - math.log(lr)))
         marker, colour = markers.get(name, ("x", "black"))
         label = f"{name} {lr:.2g}" + (" (recommended)" if name == result.recommended else "")
-        ax.plot([lr], [result.smoothed[i]], marker, color=colour, markersize=9, label=label)
+        ax.plot([lr], [result.smoothed[i]], marker, color=colour, markersize=9, label=label, clip_on=True)
     ax.set_xlabel("learning rate (last layer group), log scale")
     ax.set_ylabel("loss")
     ax.legend()
@@ -103,7 +121,7 @@ def plot_lr_find(result, path: Path) -> Path:
 class History:
     """What the plots show across all stages of a run: every step and every validation."""
 
-    steps: list[dict] = field(default_factory=list)  # filled by the Recorder
+    steps: list[dict] = field(default_factory=list)  # both filled by the Recorder, both in its checkpoint state
     valid: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -117,9 +135,6 @@ class RunPlots(Callback):
         self.written_at, self.written_n = time.perf_counter(), -1
 
     def after_epoch(self, learn: Learner) -> None:
-        loss = learn.state.valid.get("valid_loss")
-        if loss is not None and self.history.steps:
-            self.history.valid.append((self.history.steps[-1]["step"] + 1, loss))
         if time.perf_counter() - self.written_at >= self.every:
             self.write()
 

@@ -97,13 +97,19 @@ def _flat(data, prefix: str = "") -> dict:
     return {prefix[:-1]: data}
 
 
-def reconcile(cfg: Config, run_dir: Path) -> Config:
-    """The config to resume with: the run's own seed, and nothing changed that would change the
-    results (a different lr or batch size after a resume is a different run, not a resume)."""
+def saved_config(run_dir: Path) -> Config:
     try:
-        saved = read_saved_config(run_dir / "config.yaml")
+        return read_saved_config(run_dir / "config.yaml")
     except ConfigError as e:  # a damaged saved config means the resume cannot be checked
         raise ResumeError(f"cannot resume: {e}") from None
+
+
+def reconcile(cfg: Config, run_dir: Path, changeable_from: int | None = None) -> tuple[Config, list[str]]:
+    """The config to resume with: the run's own seed, and nothing changed that would change the
+    results (a different lr or batch size after a resume is a different run, not a resume).
+    changeable_from (--allow-changes): stages from this index on have not started, and may change
+    (or be added or removed); those changes are returned, in words."""
+    saved = saved_config(run_dir)
     if cfg.seed is None:
         cfg = cfg.model_copy(update={"seed": saved.seed})
     new, old = _flat(yaml.safe_load(dump_config(cfg))), _flat(yaml.safe_load(dump_config(saved)))
@@ -112,10 +118,23 @@ def reconcile(cfg: Config, run_dir: Path) -> Config:
         for k in new.keys() | old.keys()
         if new.get(k) != old.get(k) and not any(k == m or k.startswith(m + ".") for m in MAY_CHANGE)
     )
-    if changed:
-        diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+    allowed = [k for k in changed if changeable_from is not None and _stage_of(k) >= changeable_from]
+    refused = [k for k in changed if k not in allowed]
+    if refused:
+        diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused[:6])
+        more = (
+            f"; --allow-changes lets stages from {changeable_from + 1} on change, they have not started"
+            if changeable_from is not None
+            else "; --allow-changes lets stages that have not started change"
+        )
         raise ResumeError(
             f"--resume {run_dir}: the config differs from the run's config.yaml ({diffs}). "
-            "Resume with the same config and --set options, or start a new run"
+            f"Resume with the same config and --set options, or start a new run{more}"
         )
-    return cfg
+    return cfg, [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in allowed]
+
+
+def _stage_of(key: str) -> int:
+    """The stage index of a key train.stages.K..., or -1 for any other key."""
+    parts = key.split(".")
+    return int(parts[2]) if parts[:2] == ["train", "stages"] and len(parts) > 2 and parts[2].isdigit() else -1

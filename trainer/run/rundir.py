@@ -30,7 +30,7 @@ def new_run_dir(name: str, out: str | Path | None = None, root: str | Path = "ru
         while path.exists():
             path = Path(root) / name / f"{stamp}-{n}"
             n += 1
-    (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)  # checkpoints/ is made by the first checkpoint
     return path
 
 

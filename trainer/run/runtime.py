@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -76,5 +77,15 @@ def compile_model(model: torch.nn.Module, backend="inductor") -> torch.nn.Module
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    cpp = logging.getLogger("torch.utils.cpp_extension")
+    if not torch.cuda.is_available() and not any(isinstance(f, _NoCudaRuntimeNote) for f in cpp.filters):
+        cpp.addFilter(_NoCudaRuntimeNote())  # a CUDA toolkit on a machine without a GPU is no news to the user
     model.compile(backend=backend, dynamic=False)
     return model
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch's 'No CUDA runtime is found, using CUDA_HOME=...' (inductor on a CPU machine)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()

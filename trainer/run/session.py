@@ -29,7 +29,7 @@ from trainer.train.randomness import random_seed, seed_everything
 from trainer.train.tasks import Task, check_loss, make_task
 from trainer.train.world import SINGLE, World
 
-SMOKE_MAX_SIZE = 64  # px: a smoke run checks the pipeline, not the accuracy
+SMOKE_MAX_SIZE = 32  # px: a smoke run checks the pipeline, not the accuracy
 
 
 @dataclass
@@ -65,7 +65,7 @@ def open_session(
     seed = cfg.seed if cfg.seed is not None else world.from_main(random_seed)
     cfg = cfg.model_copy(update={"seed": seed})  # a random seed is still recorded
     if smoke:
-        cfg = smoke_sizes(cfg)
+        cfg = smoke_config(cfg)
     seed_everything(seed)
     set_deterministic(cfg.deterministic)
     threads = set_threads()
@@ -87,6 +87,10 @@ def open_session(
             model_stats=input_stats(cfg.model),
         )
     built = create_model(cfg.model, bundle.n_out, bundle.in_channels, stages.first_size or _decoded_size(bundle))
+    for note in built.notes:
+        log(note)
+        if world.is_main:
+            say(note)
     synced = use_sync_bn(cfg.train.sync_bn, built, device, world)
     if synced is not None:  # torch BatchNorm (CUDA) and the course's BnLayer (any backend)
         log(f"sync_bn: {synced} BatchNorm layer(s) now compute their statistics over every process's batch")
@@ -98,7 +102,9 @@ def open_session(
     check_loss(cfg.train.loss, bundle.task_kind)
     task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
     task = make_task(
-        {"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind), cfg.train.label_smoothing
+        {"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
+        cfg.train.label_smoothing,
+        cfg.train.threshold,
     )
     n_params = sum(p.numel() for p in built.model.parameters())
     precision = pick_precision(cfg.amp, device)
@@ -134,9 +140,22 @@ def _decoded_size(bundle: ImageBundle | TextBundle) -> int:
     return images.size if images is not None else 0
 
 
+def smoke_config(cfg: Config, limit: int = SMOKE_MAX_SIZE) -> Config:
+    """A smoke run checks the pipeline, not the accuracy: every stage for one epoch (an SGDR stage,
+    one cycle of one epoch), at image sizes scaled by one factor so the largest is `limit` px."""
+    one = {"epochs": 1, "n_cycles": None, "cycle_len": 1}
+    stages = [
+        st.model_copy(
+            update={**one, "fine_tune": st.fine_tune and st.fine_tune.model_copy(update={"freeze_epochs": 1})}
+        )
+        for st in cfg.train.stages
+    ]
+    return smoke_sizes(cfg.model_copy(update={"train": cfg.train.model_copy(update={"stages": stages})}), limit)
+
+
 def smoke_sizes(cfg: Config, limit: int = SMOKE_MAX_SIZE) -> Config:
-    """Smoke runs scale every image size down by one factor so the largest is `limit` px: a
-    ResNet-34 at 224 -> 299px then smokes in seconds on a CPU, and the sizes keep their ratios
+    """Every image size scaled down by one factor so the largest is `limit` px: a ResNet-34 at
+    224 -> 299px then smokes at 24 -> 32 px in seconds on a CPU, and the sizes keep their ratios
     (progressive resizing still changes the size between stages)."""
     if cfg.data.layout == "text":
         return cfg

@@ -20,6 +20,8 @@ resumed ends with the same metrics and bitwise the same weights.
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import torch
 from trainer import storage
 from trainer.models.weights import load_weights
 from trainer.run.checkpoints import BestSoFar
+from trainer.run.plots import History
 from trainer.run.resume import ResumeError
 from trainer.run.rundir import RunDir
 from trainer.train.loop import Callback, Learner
@@ -162,20 +165,21 @@ def upgrade(state: dict, path: Path) -> dict:
     return state
 
 
-def start_from(
-    point: ResumePoint, run: RunDir, steps: list[dict], best: BestSoFar, stage_names: list[str], log
-) -> None:
+def start_from(point: ResumePoint, run: RunDir, history: History, best: BestSoFar, stage_names: list[str], log) -> None:
     """Before the first stage: the metrics rows up to the checkpoint (rows written after it are
-    dropped, they are computed again), the per-step record and the best loss so far."""
+    dropped, they are computed again), the per-step record and validation points of the plots,
+    the best loss so far; log.txt says when, where from and with which command."""
     run.metrics = [dict(r) for r in point.state.get("metrics", [])]
     run.rewrite_metrics()
     recorder = point.state["callbacks"].get("recorder")
-    if recorder is not None:  # the per-step record spans the whole run, earlier stages included
-        steps[:] = storage.unpack_rows(recorder["steps"])
+    if recorder is not None:  # the record spans the whole run, earlier stages included
+        history.steps[:] = storage.unpack_rows(recorder["steps"])
+        history.valid[:] = [tuple(p) for p in recorder.get("points", [])]
     best.loss = point.best
     log(
         f"resuming {point.run_dir} from checkpoints/last.pt: {point.describe(stage_names)}"
         + (f" (removed {len(point.stale)} temporary file(s) of an interrupted save)" if point.stale else "")
+        + f"; command: {shlex.join(sys.argv)}"
     )
 
 

@@ -39,7 +39,8 @@ def current_mom(opt: torch.optim.Optimizer) -> float:
 
 
 class Recorder(Callback):
-    """Per-step lr, momentum and loss; per-epoch rows of metrics.csv (handed to `on_row`)."""
+    """Per-step lr, momentum and loss; per-epoch rows of metrics.csv (handed to `on_row`) and the
+    validation loss at each epoch's last step (`points`, for the plots)."""
 
     def __init__(
         self,
@@ -48,9 +49,11 @@ class Recorder(Callback):
         steps: list[dict] | None = None,
         on_row: Callable[[dict], None] | None = None,
         extra: dict | None = None,
+        points: list[tuple[int, float]] | None = None,
     ):
         self.stage, self.first_epoch, self.on_row = stage, first_epoch, on_row
         self.steps: list[dict] = steps if steps is not None else []  # shared: one list for a whole run
+        self.points = points if points is not None else []  # shared too: (step, valid_loss) of every epoch
         self.extra = dict(extra or {})  # more columns for this stage's rows (e.g. the lr lr_find chose)
         self.last_row: dict = {}
         self._pending: list[int] = []  # rows whose loss is still a tensor
@@ -91,13 +94,15 @@ class Recorder(Callback):
             "stage": self.stage,
             "epoch": self.first_epoch + s.epoch + 1,
             "train_loss": s.train_loss,
-            **{k: v for k, v in s.valid.items()},
+            **{k: v for k, v in s.valid.items() if isinstance(v, (int, float))},  # a per-tag list is not a column
             "lr": self._last_lr(),
             "seconds": round(time.perf_counter() - s.epoch_start, 2),
             **self.extra,
         }
         if s.skipped_steps:
             row["skipped_steps"] = s.skipped_steps  # train.on_nan: skip (steps skipped in this stage)
+        if "valid_loss" in s.valid and self.steps:
+            self.points.append((self.steps[-1]["step"] + 1, s.valid["valid_loss"]))
         self.last_row = row
         if self.on_row is not None:
             self.on_row(row)
@@ -112,11 +117,12 @@ class Recorder(Callback):
     # A resumed run continues the per-step record where the checkpoint left it.
     def state_dict(self) -> dict:
         self.flush()
-        return {"steps": pack_rows(self.steps)}
+        return {"steps": pack_rows(self.steps), "points": [list(p) for p in self.points]}
 
     def load_state_dict(self, state: dict) -> None:
         self._pending = []
-        self.steps[:] = unpack_rows(state["steps"])  # in place: the run's plots share this list
+        self.steps[:] = unpack_rows(state["steps"])  # in place: the run's plots share these lists
+        self.points[:] = [tuple(p) for p in state.get("points", [])]
 
 
 class FreezeNorms(Callback):

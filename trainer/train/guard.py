@@ -121,3 +121,24 @@ def guard_every(device: torch.device) -> int:
     """Steps between reads of the non-finite guard's flags: every step on the CPU (reading is
     free there), every 50 on a GPU (each read waits for the GPU)."""
     return 1 if device.type == "cpu" else 50
+
+
+class LossCheck(Callback):
+    """A smoke run's check that the pipeline trains: it stops where the loss is not finite (whatever
+    train.on_nan says) or has grown past `factor` times the stage's first loss."""
+
+    def __init__(self, stage: str, factor: float = 10.0):
+        self.stage, self.factor, self.first = stage, factor, None
+
+    def after_batch(self, learn: Learner) -> None:
+        s, loss = learn.state, learn.state.loss
+        where = f"stage '{self.stage}', epoch {s.epoch + 1}, batch {s.batch + 1}, lr {current_lr(learn.opt):.3g}"
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"smoke run: the loss is not finite at {where}; try a lower lr or train.clip")
+        if self.first is None:
+            self.first = loss
+        elif loss > self.factor * self.first:
+            raise TrainingDiverged(
+                f"smoke run: the loss grew from {self.first:.4g} to {loss:.4g} ({self.factor:g}x "
+                f"the first) at {where}; the pipeline runs but does not train: try a lower lr"
+            )
