@@ -12,6 +12,9 @@ from PIL import Image
 
 # Decoded-image caches go to a fresh temporary folder, never the user's ~/.cache.
 os.environ["TRAINER_CACHE"] = tempfile.mkdtemp(prefix="trainer-test-cache-")
+# No fsync in tests (a power cut is not what they try; the writes stay atomic): the suite's
+# thousands of checkpoint and table writes cost minutes of fsync on this machine's disk.
+os.environ.setdefault("TRAINER_FSYNC", "0")
 
 CLASSES = ["circle", "square", "stripe"]
 

@@ -13,6 +13,7 @@ from trainer.config import Config, dump_config
 from trainer.run import distributed, state
 from trainer.run.find_lr import find_lr
 from trainer.run.learner import add_run_callbacks, step_learner
+from trainer.run.plots import write_plots
 from trainer.run.resume import ResumeError, check_fresh_out, reconcile, resolve, saved_config
 from trainer.run.runtime import pick_device
 from trainer.run.session import Session, open_session
@@ -70,12 +71,27 @@ def train_stages(sess: Session, point: state.ResumePoint | None = None) -> FitRe
         try:
             for stage in sess.plan.stages[point.stage if point is not None else 0 :]:
                 train_stage(sess, stage, stop, point if point is not None and stage.index == point.stage else None)
-        except Interrupted as e:
-            sess.log(str(e))  # when and where; the resume will say how it went on
+        except BaseException as e:
+            if isinstance(e, Interrupted):
+                sess.log(str(e))  # when and where; the resume will say how it went on
+            draw(sess, quietly=True)  # the plots of what was done, whatever stopped the run
             raise
+        draw(sess)
     final = sess.run.metrics[-1] if sess.run.metrics else {}
     sess.log(f"done: {final}")
     return FitResult(sess.run.path, sess.run.metrics, final)
+
+
+def draw(sess: Session, quietly: bool = False) -> None:
+    """The run's plots (rank 0). `quietly`: another error is on its way, which a failed drawing
+    (a full disk) must not hide."""
+    if not sess.world.is_main:
+        return
+    try:
+        write_plots(sess.run, sess.history)
+    except Exception:
+        if not quietly:
+            raise
 
 
 def train_stage(sess: Session, stage: StagePlan, stop: StopRequest, point: state.ResumePoint | None) -> None:

@@ -123,29 +123,26 @@ class History:
 
     steps: list[dict] = field(default_factory=list)  # both filled by the Recorder, both in its checkpoint state
     valid: list[tuple[int, float]] = field(default_factory=list)
+    drawn_at: float = field(default_factory=time.perf_counter)  # when the plots were last written
+
+
+def write_plots(run: RunDir, history: History) -> None:
+    """schedule.csv, schedule.png and losses.png from the run's history so far."""
+    history.drawn_at = time.perf_counter()
+    write_table(run.path / "schedule.csv", history.steps, SCHEDULE_COLUMNS)
+    if history.steps:
+        plot_schedule(history.steps, run.path / "schedule.png")
+        plot_losses(history.steps, history.valid, run.path / "losses.png")
 
 
 class RunPlots(Callback):
-    """Writes schedule.csv, schedule.png and losses.png at the end of each stage, and refreshes
-    them after an epoch when the last write is at least `every` seconds old (cheap on long
-    epochs, no cost on tiny ones)."""
+    """Refreshes the plots after an epoch when the last drawing is at least `every` seconds old
+    (cheap on long epochs, nothing on short ones); the spine draws them once more at the end of the
+    run, however it ends."""
 
     def __init__(self, run: RunDir, history: History, every: float = 30.0):
         self.run, self.history, self.every = run, history, every
-        self.written_at, self.written_n = time.perf_counter(), -1
 
     def after_epoch(self, learn: Learner) -> None:
-        if time.perf_counter() - self.written_at >= self.every:
-            self.write()
-
-    def after_fit(self, learn: Learner) -> None:
-        if len(self.history.steps) != self.written_n:
-            self.write()
-
-    def write(self) -> None:
-        steps = self.history.steps
-        self.written_at, self.written_n = time.perf_counter(), len(steps)
-        write_table(self.run.path / "schedule.csv", steps, SCHEDULE_COLUMNS)
-        if steps:
-            plot_schedule(steps, self.run.path / "schedule.png")
-            plot_losses(steps, self.history.valid, self.run.path / "losses.png")
+        if time.perf_counter() - self.history.drawn_at >= self.every:
+            write_plots(self.run, self.history)
