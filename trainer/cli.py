@@ -41,10 +41,11 @@ def fail(message: str, code: int = 2, show: bool = True):
 
 
 def load(config: Path, sets: list[str] | None) -> Config:
+    from trainer.run.tracking import missing_packages
     from trainer.train.plan import CONFIG_CHECKS
 
     try:
-        return load_config(config, sets or [], checks=CONFIG_CHECKS)
+        return load_config(config, sets or [], checks=(*CONFIG_CHECKS, missing_packages))
     except ConfigError as e:
         fail(str(e))
 
@@ -181,7 +182,7 @@ def predict(
     probs: bool = typer.Option(False, "--probs", help="Only id and one probability column per class."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation (the config's tta: n, beta)."),
     id_column: str = typer.Option("id", help="Name of the id column (planet: image_name)."),
-    checkpoint: str = typer.Option("best", help="best or last."),
+    checkpoint: str = typer.Option("best", help="best, last, top-K (checkpoint.keep) or cycle-K."),
     ensemble: str = typer.Option(
         "none", help="cycles: average the SGDR snapshots (checkpoints/cycle-<k>.pt of save_cycles: true)."
     ),
@@ -323,7 +324,7 @@ def evaluate(
     data: Path | None = typer.Option(None, help="The dataset folder, if not where the run found it."),
     out: Path | None = typer.Option(None, help="Folder for the plots and tables (default RUN_DIR)."),
     k: int = typer.Option(9, min=1, help="How many top losses to show."),
-    checkpoint: str = typer.Option("best", help="best, last or cycle-K."),
+    checkpoint: str = typer.Option("best", help="best, last, top-K (checkpoint.keep) or cycle-K."),
     ensemble: str = typer.Option("none", help="cycles: also score the mean of the SGDR snapshots."),
 ):
     """Metrics and per-class accuracy on the validation set; confusion matrix, most confused
@@ -362,6 +363,61 @@ def evaluate(
         console.print(confused)
     for path in ev.files.values():
         console.print(f"wrote {path}", highlight=False)
+
+
+@app.command("runs")
+def runs_cmd(
+    folder: Path = typer.Argument(Path("runs"), help="Folder to look for run directories in (at any depth)."),
+    as_json: bool = typer.Option(False, "--json", help="A JSON list on stdout instead of the table."),
+):
+    """Every run under a folder, newest first: status, epochs, best monitored metric, wall time."""
+    from trainer.inference.runs import COLUMNS, list_runs, row
+
+    if not folder.is_dir():
+        fail(f"{folder}: {'is not a folder' if folder.exists() else 'no such folder'}")
+    found = guarded(lambda: list_runs(folder))
+    if as_json:
+        print(json.dumps([r.as_dict() for r in found], indent=1))
+        return
+    if not found:
+        console.print(f"no runs found under {folder}", highlight=False, markup=False)
+        return
+    table = Table(*COLUMNS)
+    for column in table.columns:
+        column.no_wrap = column.header in ("started", "epochs", "wall")
+    # whole paths (to copy) when the other columns still have room (about 90 characters), else folded
+    table.columns[-1].no_wrap = console.width >= 90 + max(len(str(r.path)) for r in found)
+    table.columns[-1].overflow = "fold"
+    for r in found:
+        table.add_row(*(escape(cell) for cell in row(r)))
+    console.print(table)
+
+
+@app.command()
+def compare(
+    run_dirs: list[Path] = typer.Argument(..., help="Two or more run directories."),
+    out: Path = typer.Option(Path("compare.png"), help="Image file for the curves."),
+):
+    """Runs side by side: the config keys that differ, final and best metrics, curves overlaid."""
+    from trainer.inference.compare import compare_runs
+
+    if len(run_dirs) < 2:
+        fail("compare needs two or more run directories")
+    result = guarded(lambda: compare_runs(run_dirs, out))
+    for note in result.notes:
+        errors.print(f"warning: {note}", highlight=False, markup=False, soft_wrap=True)
+    if result.differences:
+        table = Table("config key", *map(escape, result.labels), title="config differences")
+        for key, values in result.differences:
+            table.add_row(escape(key), *map(escape, values))
+        console.print(table)
+    else:
+        console.print("the configs are the same", highlight=False)
+    table = Table("metric", *map(escape, result.labels), title="final (best)")
+    for metric, values in result.metrics:
+        table.add_row(escape(metric), *values)
+    console.print(table)
+    console.print(f"wrote {result.picture}", highlight=False, markup=False)
 
 
 def main() -> None:

@@ -127,7 +127,7 @@ def test_best_pt_is_chosen_among_epochs_at_the_last_image_size(tmp_path, folder_
         seen: list = []
 
         def before_fit(self, learn):
-            self.seen.append(self.sess.best.loss)  # the run's best loss as each stage starts
+            self.seen.append(self.sess.best.value)  # the run's best loss as each stage starts
 
     real = spine.open_session
 

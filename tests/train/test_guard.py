@@ -170,7 +170,7 @@ def test_best_pt_only_ever_improves(tmp_path):
     assert best["best_valid_loss"] == 0.5 and best["model"]["w"].item() == 1.0
     assert checkpoint.load(run.checkpoints / "last.pt")["model"]["w"].item() == 5.0
     # after a resume, the best loss so far comes back with the checkpoint: 0.55 is no better
-    resumed = Checkpointer(run, saver.snapshot, BestSoFar(saver.best.loss))
+    resumed = Checkpointer(run, saver.snapshot, BestSoFar(saver.best.value))
     learn.state.epoch, learn.state.valid = 6, {"valid_loss": 0.55}
     resumed.after_epoch(learn)
     assert checkpoint.load(run.checkpoints / "best.pt")["model"]["w"].item() == 1.0

@@ -214,7 +214,9 @@ def _message(err: dict) -> str:
     return err["msg"].removeprefix("Value error, ")
 
 
-def format_errors(errors: list[dict], data: dict, node, source: str, origins: dict) -> str:
+def format_errors(errors: list[dict], data: dict, node, source: str, origins: dict, chain=None) -> str:
+    """One line per error: where (file:line, or the --set), the key, the problem, a hint. With
+    `extends`, `chain` (extends.Chain) names the file of the chain that holds each key."""
     lines, seen = [], set()
     for err in errors:
         loc = _clean_loc(tuple(err["loc"]))
@@ -230,6 +232,9 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
         origin = origin or next((o for p, o in origins.items() if p.startswith(key + ".")), None)
         if origin:
             where = origin
+        elif chain is not None:
+            owner, owner_node = chain.owner(loc)
+            where = f"{owner}:{_node_at(owner_node, loc).start_mark.line + 1}"
         elif node is not None:
             found = _node_at(node, loc)
             where = f"{source}:{found.start_mark.line + 1}"
@@ -275,7 +280,9 @@ def load_config(
     path: str | Path | None = None, overrides: Iterable[str] = (), text: str | None = None, checks: Iterable[Check] = ()
 ) -> Config:
     """Reads, overrides and validates a config. `checks` add domain rules (e.g. the arch registry)
-    from layers below this one, returning (dotted key, message) pairs."""
+    from layers below this one, returning (dotted key, message) pairs. A config may say
+    `extends: base.yaml`, relative to its own folder (to the current working directory for a
+    config given as `text` without a `path`); the chain is merged child over base."""
     source = str(path) if path is not None else "<string>"
     if text is None:
         try:
@@ -287,6 +294,11 @@ def load_config(
     data, node = parse_yaml(text, source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}:1: the config must be a mapping of keys (name, data, model, train)")
+    chain = None
+    if "extends" in data:
+        from trainer.config.extends import resolve_extends  # it reads each base with this module's parse_yaml
+
+        data, chain = resolve_extends(data, node, source, Path(path).parent if path is not None else None)
     data = copy.deepcopy(data)
     origins = {}
     for assignment in overrides:
@@ -294,7 +306,7 @@ def load_config(
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_errors(e.errors(), data, node, source, origins)) from None
+        raise ConfigError(format_errors(e.errors(), data, node, source, origins, chain)) from None
     problems = [p for check in (_check_paths, *checks) for p in check(cfg)]
     if problems:
         errs = [
@@ -306,13 +318,14 @@ def load_config(
             }
             for key, msg, kind in _with_kind(problems)
         ]
-        raise ConfigError(format_errors(errs, data, node, source, origins))
+        raise ConfigError(format_errors(errs, data, node, source, origins, chain))
     return cfg
 
 
 def read_saved_config(path: str | Path) -> Config:
     """A run's own config.yaml: read safely and validated as any config, without the checks that
-    need the data on this machine (predict and export work on a run moved elsewhere)."""
+    need the data on this machine (predict and export work on a run moved elsewhere). It does not
+    follow `extends`: a saved config is already merged, so the key is unknown here."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

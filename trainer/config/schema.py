@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # What `data.stats: imagenet` means: ImageNet's mean and std per channel, in [0, 1] units.
 IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -112,6 +112,7 @@ class Train(Strict):
     # decay per step of an exponential moving average of the weights (e.g. 0.999): validation,
     # checkpoints and predictions use the average; None: off
     ema: Annotated[float, Field(gt=0, lt=1)] | None = None
+    early_stop: EarlyStop | None = None
     stages: Annotated[list[Stage], Field(min_length=1)]
 
     @model_validator(mode="after")
@@ -119,6 +120,67 @@ class Train(Strict):
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError("nesterov needs optimizer: sgd with momentum > 0")
         return self
+
+
+# The metrics a run can report (which ones depend on the task: single-label, multi-label, text).
+METRICS = ("valid_loss", "train_loss", "accuracy", "fbeta", "accuracy_thresh", "bpc")
+LOWER_IS_BETTER = ("valid_loss", "train_loss", "bpc")
+
+
+def better_mode(monitor: str, mode: str = "auto") -> str:
+    """min or max: `mode` when given, else min for losses (and bits per character), max otherwise."""
+    if mode != "auto":
+        return mode
+    return "min" if monitor in LOWER_IS_BETTER or monitor.endswith(("loss", "error")) else "max"
+
+
+def known_metric(name: str) -> str:
+    if name not in METRICS:
+        from trainer.registry import did_you_mean
+
+        hint = did_you_mean(name, METRICS)
+        raise ValueError(f"unknown metric '{name}' (one of {', '.join(METRICS)})" + (f"; {hint}" if hint else ""))
+    return name
+
+
+Metric = Annotated[str, AfterValidator(known_metric)]
+
+
+class EarlyStop(Strict):
+    """Stop the run after `patience` epochs in a row without an improvement of more than
+    `min_delta` in `monitor` (Lightning's EarlyStopping)."""
+
+    monitor: Metric = "valid_loss"
+    patience: PosInt = 3
+    min_delta: Annotated[float, Field(ge=0)] = 0.0
+    mode: Literal["auto", "min", "max"] = "auto"
+
+
+class Checkpoint(Strict):
+    """best.pt holds the best state by `monitor`; `keep: k` also keeps the k best of the whole run
+    as checkpoints/top-1.pt .. top-k.pt, listed with their metric in checkpoints/index.json."""
+
+    monitor: Metric = "valid_loss"
+    mode: Literal["auto", "min", "max"] = "auto"
+    keep: Annotated[int, Field(ge=0, le=100)] = 0
+
+
+class Mlflow(Strict):
+    uri: str = Field("file:./mlruns", min_length=1, description="an MLflow tracking URI")
+    experiment: str | None = Field(None, min_length=1, description="the MLflow experiment (default: the config's name)")
+
+
+class Track(Strict):
+    """Experiment trackers, any combination; metrics.csv stays the run's own record."""
+
+    tensorboard: bool = False  # event files in RUN/tensorboard/
+    mlflow: Mlflow | None = None
+    every: PosInt = 50  # the train loss and lr every this many steps
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _mlflow_true(cls, v):
+        return {} if v is True else None if v is False else v
 
 
 class Distributed(Strict):
@@ -246,6 +308,8 @@ class Config(Strict):
     transforms: Transforms = Transforms()
     tta: Tta = Tta()
     distributed: Distributed = Distributed()
+    checkpoint: Checkpoint = Checkpoint()
+    track: Track = Track()
 
     @field_validator("name")
     @classmethod

@@ -101,17 +101,17 @@ def read_json(path: Path, kind: type[BaseModel]) -> BaseModel:
         raise ValueError(f"{path}: not what trainer writes there ({where}: {err['msg']})") from None
 
 
-CHECKPOINT = re.compile(r"best|last|cycle-[0-9]+")
+CHECKPOINT = re.compile(r"best|last|cycle-[0-9]+|top-[0-9]+")
 
 
 def find_checkpoint(path: Path, which: str = "best") -> Path:
-    """checkpoints/<which>.pt: best (else last, for a run with no finite validation loss yet),
-    last, or cycle-K. Any other name is refused, never replaced by another checkpoint."""
+    """checkpoints/<which>.pt: best (else last, for a run with no finite monitored value yet),
+    last, cycle-K or top-K. Any other name is refused, never replaced by another checkpoint."""
     folder = path / "checkpoints"
     have = sorted(f.stem for f in folder.glob("*.pt")) if folder.is_dir() else []
     if not CHECKPOINT.fullmatch(which):
         raise ValueError(
-            f"--checkpoint {which}: expected best, last or cycle-K (this run has: {', '.join(have) or 'none'})"
+            f"--checkpoint {which}: expected best, last, cycle-K or top-K (this run has: {', '.join(have) or 'none'})"
         )
     for name in (which, "last") if which == "best" else (which,):
         if (folder / f"{name}.pt").is_file():

@@ -11,6 +11,7 @@ import torch
 
 from trainer import storage
 from trainer.run.rundir import RunDir
+from trainer.run.topk import TopK, improves
 from trainer.train.callbacks import Recorder
 from trainer.train.guard import TrainingDiverged
 from trainer.train.loop import Callback, Learner
@@ -20,11 +21,33 @@ from trainer.train.parallel import unwrap
 
 @dataclass
 class BestSoFar:
-    """The lowest validation loss at the image size the run is at: best.pt holds its weights.
-    One per run, written only by the Checkpointer, saved in every checkpoint as "best"; a stage
-    that changes the image size starts it again (losses at 64 px and at 128 px do not compare)."""
+    """The best value of the monitored metric (checkpoint.monitor, valid_loss unless set) at the
+    image size the run is at: best.pt holds its weights. One per run, written only by the
+    Checkpointer, saved in every checkpoint as "best"; a stage that changes the image size starts
+    it again (losses at 64 px and at 128 px do not compare)."""
 
-    loss: float = math.inf
+    value: float = math.inf
+    monitor: str = "valid_loss"
+    mode: str = "min"
+
+    def __post_init__(self):
+        if self.mode == "max" and self.value == math.inf:
+            self.value = -math.inf
+
+    def better(self, value: float) -> bool:
+        """A finite value better than every one before it."""
+        return improves(value, self.value, self.mode)
+
+    def reset(self) -> None:
+        self.value = math.inf if self.mode == "min" else -math.inf
+
+
+def monitored(learn: Learner, name: str) -> float:
+    """The epoch's value of a metric: a validation metric, or the epoch's train loss."""
+    s = learn.state
+    if name in s.valid:
+        return float(s.valid[name])
+    return float(s.train_loss) if name == "train_loss" else math.nan
 
 
 def non_finite(tensors: dict) -> list[str]:
@@ -35,14 +58,20 @@ def non_finite(tensors: dict) -> list[str]:
 
 
 class Checkpointer(Callback):
-    """last.pt at every epoch end (and every N batches); best.pt only for a better, finite loss.
-    Weights holding a NaN or an infinity are never written: the run stops instead, and the last
-    good last.pt and best.pt stay as they were."""
+    """last.pt at every epoch end (and every N batches); best.pt only for a better, finite value of
+    the monitored metric; with `top`, the k best of the run. Weights holding a NaN or an infinity
+    are never written: the run stops instead, and the last good checkpoints stay as they were."""
 
     def __init__(
-        self, run: RunDir, snapshot: Callable[[Learner, bool], dict], best: BestSoFar, every: int | None = None
+        self,
+        run: RunDir,
+        snapshot: Callable[[Learner, bool], dict],
+        best: BestSoFar,
+        every: int | None = None,
+        top: TopK | None = None,
     ):
-        self.run, self.snapshot, self.best, self.every = run, snapshot, best, every
+        self.run, self.snapshot, self.best, self.every, self.top = run, snapshot, best, every, top
+        self.saved_best = False  # whether this epoch's state became best.pt
 
     def after_batch(self, learn: Learner) -> None:
         s = learn.state
@@ -50,14 +79,22 @@ class Checkpointer(Callback):
             self.save_last(learn)
 
     def after_epoch(self, learn: Learner) -> None:
-        loss = learn.state.valid.get("valid_loss", math.nan)
-        better = math.isfinite(loss) and loss < self.best.loss
-        if better:
-            self.best.loss = loss  # first, so that last.pt records the best loss it has seen
+        value = monitored(learn, self.best.monitor)
+        self.saved_best = self.best.better(value)
+        if self.saved_best:
+            self.best.value = value  # first, so that last.pt records the best value it has seen
+        row = len(self.run.metrics)  # this epoch's row of metrics.csv (the recorder has added it)
+        stage = self.run.metrics[-1].get("stage", "") if self.run.metrics else ""
+        entry = self.top.entry(value, row, stage) if self.top is not None else None
+        if entry is not None:
+            self.top.admit(entry)  # first too: last.pt holds the list these files make
         state = self._checked(learn, True)
-        if better:
-            # best.pt before last.pt: a crash between them redoes this epoch and rewrites the same best
-            self._save({**state, "best_valid_loss": loss}, "best.pt")
+        # best.pt and top-k before last.pt: a crash between them redoes this epoch, which
+        # rewrites the same files
+        if self.saved_best:
+            self._save({**state, **best_keys(self.best.monitor, value)}, "best.pt")
+        if entry is not None and self.run.writes:
+            self.top.write(self.run.checkpoints, state, entry)
         self._save(state, "last.pt")
 
     def save_last(self, learn: Learner, epoch_end: bool = False) -> dict:
@@ -108,16 +145,23 @@ class CycleSaver(Callback):
             )
 
 
+def best_keys(monitor: str, value: float) -> dict:
+    """What best.pt adds to a checkpoint: the value that made it best (and best_valid_loss, which
+    runs before the monitor existed read)."""
+    old = {"best_valid_loss": value} if monitor == "valid_loss" else {}
+    return {"best_metric": {"name": monitor, "value": value}, **old}
+
+
 class SaveThreshold(Callback):
     """Multi-label: writes threshold.json (the threshold chosen on the validation set) whenever
     the Checkpointer has just saved a new best.pt, so predict uses the threshold of that model."""
 
-    def __init__(self, run: RunDir, best: BestSoFar, recorder: Recorder):
-        self.run, self.best, self.recorder = run, best, recorder
+    def __init__(self, run: RunDir, checkpointer: Checkpointer, recorder: Recorder):
+        self.run, self.checkpointer, self.recorder = run, checkpointer, recorder
 
     def after_epoch(self, learn: Learner) -> None:
         v = learn.state.valid
-        if "threshold" in v and v.get("valid_loss") == self.best.loss:
+        if "threshold" in v and self.checkpointer.saved_best:
             self.run.write_json(
                 "threshold.json",
                 {

@@ -3,22 +3,24 @@ stage -> metrics. Read it top to bottom; each line is a named step."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from trainer.config import Config, dump_config
+from trainer.config.schema import better_mode
 from trainer.run import distributed, state
+from trainer.run.early_stop import StoppedEarly
 from trainer.run.find_lr import find_lr
 from trainer.run.learner import add_run_callbacks, step_learner
 from trainer.run.plots import write_plots
 from trainer.run.resume import ResumeError, check_fresh_out, reconcile, resolve, saved_config
 from trainer.run.runtime import pick_device
-from trainer.run.session import Session, open_session
+from trainer.run.session import Session, open_session, say
 from trainer.run.signals import Interrupted, StopRequest, graceful_stop
 from trainer.run.status import run_status
+from trainer.run.tracking import Trackers, open_trackers
 from trainer.train.loop import Callback
 from trainer.train.plan import StagePlan, outline
 
@@ -65,21 +67,53 @@ def fit(
 def train_stages(sess: Session, point: state.ResumePoint | None = None) -> FitResult:
     """Every stage in order (from the checkpoint's, when resuming), into one metrics.csv."""
     if point is not None:
-        state.start_from(point, sess.run, sess.history, sess.best, sess.plan.names, sess.log)
+        state.start_from(
+            point, sess.run, sess.history, sess.best, sess.plan.names, sess.log, sess.top, sess.early
+        )
     grace = LAUNCHER_GRACE if sess.world.enabled else 0.0
-    with run_status(sess.run), graceful_stop(grace=grace) as stop:
+    with run_status(sess.run, str(sess.device), point is not None) as clock, graceful_stop(grace=grace) as stop:
+        sess.clock, sess.trackers = clock if sess.run.writes else None, start_tracking(sess, point)
         try:
+            if sess.early is not None and sess.early.exhausted:  # killed just after the verdict
+                raise StoppedEarly(sess.early.reason())
             for stage in sess.plan.stages[point.stage if point is not None else 0 :]:
                 train_stage(sess, stage, stop, point if point is not None and stage.index == point.stage else None)
+        except StoppedEarly as e:
+            sess.log(str(e))
+            say(str(e))
+            clock.stopped_early(str(e))
         except BaseException as e:
             if isinstance(e, Interrupted):
                 sess.log(str(e))  # when and where; the resume will say how it went on
             draw(sess, quietly=True)  # the plots of what was done, whatever stopped the run
+            finish_tracking(sess, "interrupted" if isinstance(e, Interrupted | KeyboardInterrupt) else "failed")
             raise
         draw(sess)
+        finish_tracking(sess, clock.ending)
     final = sess.run.metrics[-1] if sess.run.metrics else {}
     sess.log(f"done: {final}")
     return FitResult(sess.run.path, sess.run.metrics, final)
+
+
+def start_tracking(sess: Session, point: state.ResumePoint | None) -> Trackers:
+    """The config's trackers, on rank 0 (the MLflow run of a resumed run continued)."""
+    if not sess.world.is_main or not (sess.cfg.track.tensorboard or sess.cfg.track.mlflow):
+        return Trackers({}, say)
+    saved = point.state.get("track", {}) if point is not None else None
+    warn = lambda m: (sess.log(m), say(m))  # noqa: E731
+    trackers = open_trackers(sess.cfg, sess.run.path, saved, len(sess.history.steps), sess.device, warn)
+    if "mlflow" in trackers.items:
+        ml = sess.cfg.track.mlflow
+        sess.log(f"mlflow: run {trackers.items['mlflow'].run_id} in experiment '{ml.experiment or sess.cfg.name}' at {ml.uri}")
+    return trackers
+
+
+def finish_tracking(sess: Session, status: str) -> None:
+    """The last points, the plots, config and tables as artifacts, the tracker runs closed."""
+    if sess.trackers:
+        files = [sess.run.path / n for n in ("config.yaml", "metrics.csv", "log.txt")]
+        files += sorted(sess.run.path.glob("*.png"))
+        sess.trackers.call("finish", status, [f for f in files if f.is_file()])
 
 
 def draw(sess: Session, quietly: bool = False) -> None:
@@ -99,7 +133,7 @@ def train_stage(sess: Session, stage: StagePlan, stop: StopRequest, point: state
     position when resuming)."""
     sess.log(stage.describe(len(sess.plan.stages)))
     if stage.new_size:
-        sess.best.loss = math.inf  # losses at another image size do not compare: best.pt is of the last size
+        sess.best.reset()  # losses at another image size do not compare: best.pt is of the last size
     if point is not None:
         state.restore_weights(sess.built.model, point)
     learner, handles = step_learner(sess, stage)
@@ -135,7 +169,8 @@ def locate(cfg: Config, out: str | Path | None, smoke: bool, resume_from: str | 
     if smoke:
         raise ResumeError("--resume and --smoke do not go together (a smoke run is throwaway)")
     out = resolve(resume_from, cfg.name)
-    point = state.load_point(out, outline(saved_config(out)).epochs)
+    saved = saved_config(out)
+    point = state.load_point(out, outline(saved).epochs, better_mode(saved.checkpoint.monitor, saved.checkpoint.mode))
     changeable = point.stage + (0 if point.fresh_stage else 1) if allow_changes else None
     cfg, changes = reconcile(cfg, out, changeable)
     return cfg, out, point, changes

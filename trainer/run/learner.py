@@ -18,11 +18,14 @@ from functools import partial
 from trainer.data.shard import shard_train, shard_valid
 from trainer.models import check_input
 from trainer.run.checkpoints import Checkpointer, CycleSaver, SaveThreshold
+from trainer.run.early_stop import JudgeEpoch, StopWhenExhausted
 from trainer.run.plots import RunPlots
 from trainer.run.progress import ProgressReport
 from trainer.run.session import Session
 from trainer.run.signals import SaveOnSignal, StopRequest
 from trainer.run.state import snapshot
+from trainer.run.status import StatusEachEpoch
+from trainer.run.tracking import TrackEpochs
 from trainer.train.callbacks import FreezeNorms, GradClip, Recorder, ResetState, ScheduleLR
 from trainer.train.ema import WeightAverage
 from trainer.train.guard import LossCheck, NonFiniteGuard, guard_every
@@ -47,12 +50,16 @@ ORDER = {
     "loss_check": 6,  # smoke runs: a loss that is not finite or explodes fails the run
     "recorder": 10,  # the step's loss and lr; the epoch's metrics row
     "ema": 15,  # the weight average moves after the step; validation swaps it in
+    "early_stop": 19,  # judges the epoch before the checkpoint saves its verdict
     "cycles": 20,  # SGDR snapshots
     "checkpointer": 20,  # last.pt and best.pt, after the recorder and the average
     "threshold": 21,  # threshold.json next to a new best.pt
+    "track": 18,  # TensorBoard / MLflow: the step's loss and lr, the epoch's row (before last.pt: see tracking.py)
     "plots": 25,
+    "status": 25,  # status.json's wall time, after the epoch's checkpoint
     "signal": 25,  # Ctrl-C / SIGTERM: save and stop, after everything of this step
     "progress": 30,
+    "stop_early": 35,  # ends the run after the epoch's row is saved, logged and printed
 }
 
 
@@ -70,12 +77,16 @@ class Handles:
     loss_check: LossCheck | None = None
     recorder: Recorder | None = None
     ema: WeightAverage | None = None
+    early_stop: JudgeEpoch | None = None
     cycles: CycleSaver | None = None
     checkpointer: Checkpointer | None = None
     threshold: SaveThreshold | None = None
+    track: TrackEpochs | None = None
     plots: RunPlots | None = None
+    status: StatusEachEpoch | None = None
     signal: SaveOnSignal | None = None
     progress: ProgressReport | None = None
+    stop_early: StopWhenExhausted | None = None
 
     def named(self, names=None) -> dict[str, Callback]:
         return {
@@ -182,12 +193,23 @@ def add_run_callbacks(
         per_rank=handles.per_rank(),
         run=run,
         world=world,
+        top=sess.top,
+        early=sess.early,
+        trackers=sess.trackers,
     )
-    handles.checkpointer = Checkpointer(run, lambda learn, end: save(learn, epoch_end=end), sess.best, every)
+    if sess.early is not None:
+        handles.early_stop = JudgeEpoch(sess.early, run.metrics)
+        handles.stop_early = StopWhenExhausted(sess.early, stage.index == len(sess.plan.stages) - 1)
+    handles.checkpointer = Checkpointer(
+        run, lambda learn, end: save(learn, epoch_end=end), sess.best, every, sess.top
+    )
     if sess.task.name == "multi_label":
-        handles.threshold = SaveThreshold(run, sess.best, handles.recorder)
+        handles.threshold = SaveThreshold(run, handles.checkpointer, handles.recorder)
     if world.is_main:
+        if sess.trackers:
+            handles.track = TrackEpochs(sess.trackers, sess.history.steps, run.metrics, cfg.track.every)
         handles.plots = RunPlots(run, sess.history)
+        handles.status = StatusEachEpoch(sess.clock) if sess.clock is not None else None
         handles.progress = ProgressReport(handles.recorder, sess.console, log=sess.log)
     if stop is not None:
         describe = partial(_where, stage=stage, n_stages=len(sess.plan.stages))

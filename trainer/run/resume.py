@@ -9,6 +9,7 @@ is computed (MAY_CHANGE).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -27,6 +28,7 @@ MAY_CHANGE = {
     "train.checkpoint_every",
     "train.on_nan",
     "distributed.backend",
+    "track",  # trackers watch the run; adding or changing one changes nothing computed
 }
 
 
@@ -40,7 +42,7 @@ def find_unfinished(name: str, root: str | Path = "runs") -> Path:
     found = [
         last.parent.parent
         for last in folder.glob("*/checkpoints/last.pt")
-        if read_status(last.parent.parent) != "finished" and not in_use(last.parent.parent)
+        if read_status(last.parent.parent) not in ("finished", "stopped") and not in_use(last.parent.parent)
     ]
     if not found:
         raise ResumeError(
@@ -63,7 +65,20 @@ def resolve(spec: str | Path, name: str, root: str | Path = "runs") -> Path:
         raise ResumeError(f"--resume {spec}: {run_dir} is being trained by another process right now")
     if read_status(run_dir) == "finished":
         raise ResumeError(f"--resume {spec}: {run_dir} finished; nothing to resume (start a new run without --resume)")
+    if read_status(run_dir) == "stopped":
+        raise ResumeError(
+            f"--resume {spec}: {run_dir} stopped early ({_reason(run_dir)}); nothing to resume: start a new run "
+            "(with a larger train.early_stop.patience, or without it, to train longer)"
+        )
     return run_dir
+
+
+def _reason(run_dir: Path) -> str:
+    try:
+        reason = json.loads((run_dir / "status.json").read_text()).get("reason", "see its log.txt")
+        return str(reason).removeprefix("stopped early: ")
+    except (OSError, ValueError, AttributeError):
+        return "see its log.txt"
 
 
 def check_fresh_out(out: Path, marker: str = "status.json") -> None:

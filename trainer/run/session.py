@@ -13,14 +13,19 @@ import torch
 from rich.console import Console
 
 from trainer.config import Config, dump_config
+from trainer.config.schema import better_mode
 from trainer.data.bundle import ImageBundle, build_bundle
 from trainer.data.text import TextBundle
 from trainer.models import Built, create_model, input_stats
 from trainer.run.checkpoints import BestSoFar
 from trainer.run.distributed import backend_for
+from trainer.run.early_stop import EarlyStopState
 from trainer.run.plots import History
 from trainer.run.rundir import RunDir, new_run_dir
 from trainer.run.runtime import compile_model, compile_ready, pick_device, set_deterministic, set_threads
+from trainer.run.status import Clock
+from trainer.run.topk import TopK
+from trainer.run.tracking import Trackers
 from trainer.train.loop import Callback
 from trainer.train.parallel import use_sync_bn
 from trainer.train.plan import Plan, make_plan, outline
@@ -46,8 +51,12 @@ class Session:
     smoke: bool = False
     log: Callable[[str], None] = print
     console: Console | None = None
-    best: BestSoFar = field(default_factory=BestSoFar)
+    best: BestSoFar = field(default_factory=BestSoFar)  # these three: run-wide, in every checkpoint
+    top: TopK | None = None  # checkpoint.keep > 0
+    early: EarlyStopState | None = None  # train.early_stop
     history: History = field(default_factory=History)  # every step of every stage, for the plots
+    trackers: Trackers | None = None  # TensorBoard / MLflow (rank 0), started with the stages
+    clock: Clock | None = None  # status.json's times (rank 0), from when the stages start
     extra_callbacks: list[Callback] = field(default_factory=list)  # fit(callbacks=...): tests, tools
 
 
@@ -114,7 +123,27 @@ def open_session(
         + (f", {world.world_size} processes ({backend_for(cfg.distributed.backend, device)})" if world.enabled else "")
     )
     plan = make_plan(cfg, len(built.groups))
-    return Session(cfg, plan, run, bundle, built, task, device, precision, world, smoke, log, console)
+    sess = Session(cfg, plan, run, bundle, built, task, device, precision, world, smoke, log, console)
+    sess.best, sess.top, sess.early = watchers(cfg, task)
+    return sess
+
+
+def watchers(cfg: Config, task: Task) -> tuple[BestSoFar, TopK | None, EarlyStopState | None]:
+    """best.pt's metric, the top-k list and the early-stopping state, each on a metric the task
+    reports (checked here: which metrics a dataset gives is known once its labels are read)."""
+    ck, es = cfg.checkpoint, cfg.train.early_stop
+    for key, name in [("checkpoint.monitor", ck.monitor)] + ([("train.early_stop.monitor", es.monitor)] if es else []):
+        if name not in task.reports:
+            raise ValueError(
+                f"{key}: this run does not report '{name}' (a {task.name.replace('_', '-')} run reports "
+                f"{', '.join(task.reports)})"
+            )
+    best = BestSoFar(monitor=ck.monitor, mode=better_mode(ck.monitor, ck.mode))
+    top = TopK(ck.keep, ck.monitor, best.mode) if ck.keep else None
+    early = (
+        EarlyStopState(es.monitor, better_mode(es.monitor, es.mode), es.patience, es.min_delta) if es else None
+    )
+    return best, top, early
 
 
 def say(message: str) -> None:

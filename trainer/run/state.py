@@ -7,12 +7,14 @@ reads it):
   stage, epoch, batch            where to continue: the next batch to train
   n_batches                      batches an epoch of that stage had (a changed dataset is refused)
   found_lr                       the peak lr lr_find chose for that stage (lr: auto), or None
-  best                           the best validation loss so far at the current image size
+  best                           the best value of checkpoint.monitor so far at the current image size
+  top, early_stop                the top-k list (checkpoint.keep) and the early-stopping state, when used
+  track                          the trackers' state (the MLflow run id), when tracking
   train_loss_sum/_count, skipped_steps   the partial epoch's loss sums
   rng (+ rng_ranks)              every random state (each process's, with several)
   callbacks (+ callbacks_ranks)  the state of the callbacks that keep some, by declared name
   metrics                        the metrics.csv rows so far
-best.pt adds best_valid_loss. Data order and augmentation are functions of (seed, epoch, batch),
+best.pt adds best_metric (and best_valid_loss); top-<k>.pt hold the model and the position only. Data order and augmentation are functions of (seed, epoch, batch),
 so no loader state is needed. On the CPU with the same seed, a run killed at any moment and
 resumed ends with the same metrics and bitwise the same weights.
 """
@@ -30,9 +32,11 @@ import torch
 from trainer import storage
 from trainer.models.weights import load_weights
 from trainer.run.checkpoints import BestSoFar
+from trainer.run.early_stop import EarlyStopState
 from trainer.run.plots import History
 from trainer.run.resume import ResumeError
 from trainer.run.rundir import RunDir
+from trainer.run.topk import TopK
 from trainer.train.loop import Callback, Learner
 from trainer.train.parallel import unwrap
 from trainer.train.plan import StagePlan
@@ -54,6 +58,9 @@ def snapshot(
     per_rank: dict[str, Callback],
     run: RunDir,
     world: World,
+    top: TopK | None = None,
+    early: EarlyStopState | None = None,
+    trackers=None,
 ) -> dict:
     """A checkpoint of this moment. `model` is the whole model (the learner may train only its
     head, on precomputed activations); `callbacks` names every callback with state, `per_rank`
@@ -69,7 +76,10 @@ def snapshot(
         "batch": 0 if epoch_end else s.batch + 1,
         "n_batches": len(learn.train_dl),
         "found_lr": stage.found_lr,
-        "best": best.loss,
+        "best": best.value,
+        **({"top": top.state_dict()} if top is not None else {}),
+        **({"early_stop": early.state_dict()} if early is not None else {}),
+        **({"track": trackers.state_dict()} if trackers else {}),
         "train_loss_sum": s.epoch_loss_sum,
         "train_loss_count": s.epoch_loss_count,
         "skipped_steps": s.skipped_steps,
@@ -109,8 +119,9 @@ class ResumePoint:
         )
 
 
-def load_point(run_dir: Path, stage_epochs: tuple[int, ...]) -> ResumePoint:
-    """Reads last.pt (refusing anything but tensors and plain data) and says where to continue."""
+def load_point(run_dir: Path, stage_epochs: tuple[int, ...], mode: str = "min") -> ResumePoint:
+    """Reads last.pt (refusing anything but tensors and plain data) and says where to continue.
+    mode: whether best.pt's metric is better lower or higher."""
     stale = storage.remove_stale_temps(run_dir / "checkpoints")
     path = run_dir / "checkpoints" / "last.pt"
     state = upgrade(storage.load(path), path)
@@ -119,7 +130,9 @@ def load_point(run_dir: Path, stage_epochs: tuple[int, ...]) -> ResumePoint:
     best = _readable(best_pt)
     if best is not None:  # a crash between writing best.pt and last.pt: best.pt is the newer
         if (best.get("stage", -1), best.get("epoch", -1), best.get("batch", -1)) > position:
-            state["best"] = min(state["best"], best.get("best_valid_loss", math.inf))
+            newer = best.get("best_metric", {}).get("value", best.get("best_valid_loss", math.nan))
+            if math.isfinite(newer):
+                state["best"] = (min if mode == "min" else max)(state["best"], newer)
     stage, epoch, batch = position
     if stage >= len(stage_epochs):
         raise ResumeError(
@@ -165,17 +178,34 @@ def upgrade(state: dict, path: Path) -> dict:
     return state
 
 
-def start_from(point: ResumePoint, run: RunDir, history: History, best: BestSoFar, stage_names: list[str], log) -> None:
+def start_from(
+    point: ResumePoint,
+    run: RunDir,
+    history: History,
+    best: BestSoFar,
+    stage_names: list[str],
+    log,
+    top: TopK | None = None,
+    early: EarlyStopState | None = None,
+) -> None:
     """Before the first stage: the metrics rows up to the checkpoint (rows written after it are
     dropped, they are computed again), the per-step record and validation points of the plots,
-    the best loss so far; log.txt says when, where from and with which command."""
+    the best value so far, the top-k list (its files put back at their ranks) and the early-stopping
+    state; log.txt says when, where from and with which command."""
     run.metrics = [dict(r) for r in point.state.get("metrics", [])]
     run.rewrite_metrics()
     recorder = point.state["callbacks"].get("recorder")
     if recorder is not None:  # the record spans the whole run, earlier stages included
         history.steps[:] = storage.unpack_rows(recorder["steps"])
         history.valid[:] = [tuple(p) for p in recorder.get("points", [])]
-    best.loss = point.best
+    best.value = point.best
+    if early is not None:
+        early.load_state_dict(point.state.get("early_stop", {}))
+    if top is not None:
+        top.load_state_dict(point.state.get("top", {}))
+        lost = top.repair(run.checkpoints) if run.writes else []
+        for e in lost:
+            log(f"top-k: the state of epoch {e['row']} ({top.monitor} {e['value']:.4g}) was lost in the crash")
     log(
         f"resuming {point.run_dir} from checkpoints/last.pt: {point.describe(stage_names)}"
         + (f" (removed {len(point.stale)} temporary file(s) of an interrupted save)" if point.stale else "")
@@ -215,7 +245,7 @@ def restore(
         s = learn.state
         s.epoch_loss_sum, s.epoch_loss_count = state["train_loss_sum"], state["train_loss_count"]
         s.skipped_steps = state.get("skipped_steps", 0)
-        best.loss = point.best
+        best.value = point.best
         own = world.own(state, "callbacks_ranks", {})  # this process's own, where it differs per rank
         for name, cb in {**callbacks, **per_rank}.items():
             saved = own.get(name, state["callbacks"].get(name)) if name in per_rank else state["callbacks"].get(name)

@@ -15,6 +15,7 @@ from pathlib import Path
 from trainer.run.rundir import RunDir
 from trainer.run.signals import Interrupted
 from trainer.train.guard import TrainingDiverged
+from trainer.train.loop import Callback, Learner
 
 STATUS = "status.json"
 
@@ -58,35 +59,75 @@ def in_use(run_dir: Path) -> bool:
     return f is None
 
 
+class Clock:
+    """The run's times for status.json: its first start (kept by a resume), and the wall seconds
+    spent training it over every session; `ending` says how a run that raised nothing ended."""
+
+    def __init__(self, run: RunDir, device: str, resumed: bool):
+        earlier = _read(run.path) if resumed else {}
+        self.run, self.device, self.t0 = run, device, time.monotonic()
+        self.started = earlier.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.before = float(earlier.get("seconds", 0.0)) if isinstance(earlier.get("seconds"), (int, float)) else 0.0
+        self.ending, self.reason = "finished", None
+
+    def write(self, status: str, **extra) -> None:
+        seconds = round(self.before + time.monotonic() - self.t0, 1)
+        write_status(self.run, status, started=self.started, seconds=seconds, device=self.device, **extra)
+
+    def stopped_early(self, reason: str) -> None:
+        self.ending, self.reason = "stopped", reason
+
+
+class StatusEachEpoch(Callback):
+    """status.json's wall seconds brought up to date after every epoch, so that a run killed
+    without a word (kill -9, a lost machine) still tells how long it had trained."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+
+    def after_epoch(self, learn: Learner) -> None:
+        self.clock.write("running")
+
+
+def _read(run_dir: Path) -> dict:
+    try:
+        data = RunDir(Path(run_dir)).read_json(STATUS)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 @contextlib.contextmanager
-def run_status(run: RunDir):
-    """Holds the run's lock; running while inside; finished, interrupted, diverged or failed after.
-    Ranks other than 0 of a multi-process run neither lock nor write (rank 0 does, for them all)."""
+def run_status(run: RunDir, device: str = "", resumed: bool = False):
+    """Holds the run's lock; running while inside; finished, stopped (early), interrupted, diverged
+    or failed after. Ranks other than 0 of a multi-process run neither lock nor write (rank 0 does,
+    for them all). Yields the run's Clock."""
+    clock = Clock(run, device, resumed)
     if not run.writes:
-        yield
+        yield clock
         return
     held = lock(run.path)
     if held is None:
         raise RunInUse(f"{run.path} is being trained by another process right now")
     try:
-        with _status(run):
-            yield
+        with _status(clock):
+            yield clock
     finally:
         held.close()
 
 
 @contextlib.contextmanager
-def _status(run: RunDir):
-    write_status(run, "running")
+def _status(clock: Clock):
+    clock.write("running")
     try:
         yield
     except (Interrupted, KeyboardInterrupt):
-        write_status(run, "interrupted")
+        clock.write("interrupted")
         raise
     except TrainingDiverged as e:
-        write_status(run, "diverged", message=str(e))
+        clock.write("diverged", message=str(e))
         raise
     except BaseException as e:
-        write_status(run, "failed", message=f"{type(e).__name__}: {e}"[:500])
+        clock.write("failed", message=f"{type(e).__name__}: {e}"[:500])
         raise
-    write_status(run, "finished")
+    clock.write(clock.ending, **({"reason": clock.reason} if clock.reason else {}))

@@ -66,6 +66,7 @@ class Task:
     activation: Callable[[torch.Tensor], torch.Tensor]
     metrics: Callable[[torch.Tensor, torch.Tensor], dict]
     main_metric: str
+    reports: tuple[str, ...] = ("valid_loss", "train_loss")  # the numeric columns of metrics.csv it gives
 
 
 def _single_metrics(logits, y):
@@ -114,12 +115,15 @@ def make_task(kind: str, label_smoothing: float = 0.0, threshold: str = "single"
             lambda o: torch.softmax(o.float(), -1),
             _single_metrics,
             "accuracy",
+            ("valid_loss", "train_loss", "accuracy"),
         )
     if kind == "multi_label":
         metrics = partial(_multi_metrics, per_tag=threshold == "per_class")
-        return Task(kind, nn.BCEWithLogitsLoss(), lambda o: torch.sigmoid(o.float()), metrics, "fbeta")
+        reports = ("valid_loss", "train_loss", "fbeta", "accuracy_thresh")
+        return Task(kind, nn.BCEWithLogitsLoss(), lambda o: torch.sigmoid(o.float()), metrics, "fbeta", reports)
     if kind == "language_model":
-        return Task(kind, FlatCrossEntropy(), lambda o: torch.softmax(o.float(), -1), _lm_metrics, "accuracy")
+        reports = ("valid_loss", "train_loss", "bpc", "accuracy")
+        return Task(kind, FlatCrossEntropy(), lambda o: torch.softmax(o.float(), -1), _lm_metrics, "accuracy", reports)
     raise ValueError(f"unknown task {kind}")
 
 
