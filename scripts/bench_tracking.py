@@ -63,7 +63,9 @@ def main() -> None:
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(run_once(cfg, VARIANTS[name], work / f"{name.split()[0]}-{r}") / args.epochs)
     base = statistics.median(times["none"])
-    print(f"{args.config}: {args.epochs} epoch(s) on {args.subset or 'all'} images, {args.rounds} round(s), wall s/epoch")
+    print(
+        f"{args.config}: {args.epochs} epoch(s) on {args.subset or 'all'} images, {args.rounds} round(s), wall s/epoch"
+    )
     print(f"{'trackers':<18}{'s/epoch':>10}{'ratio':>8}")
     for name, ts in times.items():
         print(f"{name:<18}{statistics.median(ts):>10.2f}{statistics.median(ts) / base:>8.3f}")

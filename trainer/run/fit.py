@@ -67,9 +67,7 @@ def fit(
 def train_stages(sess: Session, point: state.ResumePoint | None = None) -> FitResult:
     """Every stage in order (from the checkpoint's, when resuming), into one metrics.csv."""
     if point is not None:
-        state.start_from(
-            point, sess.run, sess.history, sess.best, sess.plan.names, sess.log, sess.top, sess.early
-        )
+        state.start_from(point, sess.run, sess.history, sess.best, sess.plan.names, sess.log, sess.top, sess.early)
     grace = LAUNCHER_GRACE if sess.world.enabled else 0.0
     with run_status(sess.run, str(sess.device), point is not None) as clock, graceful_stop(grace=grace) as stop:
         sess.clock, sess.trackers = clock if sess.run.writes else None, start_tracking(sess, point)
@@ -104,7 +102,9 @@ def start_tracking(sess: Session, point: state.ResumePoint | None) -> Trackers:
     trackers = open_trackers(sess.cfg, sess.run.path, saved, len(sess.history.steps), sess.device, warn)
     if "mlflow" in trackers.items:
         ml = sess.cfg.track.mlflow
-        sess.log(f"mlflow: run {trackers.items['mlflow'].run_id} in experiment '{ml.experiment or sess.cfg.name}' at {ml.uri}")
+        sess.log(
+            f"mlflow: run {trackers.items['mlflow'].run_id} in experiment '{ml.experiment or sess.cfg.name}' at {ml.uri}"
+        )
     return trackers
 
 

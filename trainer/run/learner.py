@@ -200,9 +200,7 @@ def add_run_callbacks(
     if sess.early is not None:
         handles.early_stop = JudgeEpoch(sess.early, run.metrics)
         handles.stop_early = StopWhenExhausted(sess.early, stage.index == len(sess.plan.stages) - 1)
-    handles.checkpointer = Checkpointer(
-        run, lambda learn, end: save(learn, epoch_end=end), sess.best, every, sess.top
-    )
+    handles.checkpointer = Checkpointer(run, lambda learn, end: save(learn, epoch_end=end), sess.best, every, sess.top)
     if sess.task.name == "multi_label":
         handles.threshold = SaveThreshold(run, handles.checkpointer, handles.recorder)
     if world.is_main:

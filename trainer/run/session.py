@@ -140,9 +140,7 @@ def watchers(cfg: Config, task: Task) -> tuple[BestSoFar, TopK | None, EarlyStop
             )
     best = BestSoFar(monitor=ck.monitor, mode=better_mode(ck.monitor, ck.mode))
     top = TopK(ck.keep, ck.monitor, best.mode) if ck.keep else None
-    early = (
-        EarlyStopState(es.monitor, better_mode(es.monitor, es.mode), es.patience, es.min_delta) if es else None
-    )
+    early = EarlyStopState(es.monitor, better_mode(es.monitor, es.mode), es.patience, es.min_delta) if es else None
     return best, top, early
 
 
