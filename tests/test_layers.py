@@ -20,6 +20,7 @@ LAYERS = {
     "trainer.train": 3,
     "trainer.run": 4,
     "trainer.inference": 5,
+    "trainer.sweep": 5,
     "trainer.cli": 6,
     "trainer.__main__": 7,
 }

@@ -420,6 +420,92 @@ def compare(
     console.print(f"wrote {result.picture}", highlight=False, markup=False)
 
 
+@app.command()
+def sweep(
+    config: Path = CONFIG,
+    space: Path = typer.Option(..., "--space", help="Search space YAML: objective, sampler, pruner, params."),
+    trials: int = typer.Option(..., "--trials", min=1, help="Trials the study holds when done (all processes)."),
+    out: Path | None = typer.Option(None, help="Sweep folder (default sweeps/<study>): sweep.db, trials/, results."),
+    storage: str | None = typer.Option(None, help="Optuna storage URL (default sqlite:///OUT/sweep.db)."),
+    study: str | None = typer.Option(None, help="Study name (default the config's name); same name, same study."),
+    timeout: float | None = typer.Option(None, min=1, help="Start no trial after this many seconds."),
+    sets: list[str] | None = SETS,
+):
+    """Hyperparameter search with Optuna: each trial an ordinary run, pruned on its epochs; run the
+    same command again (or on another machine with the same --storage) to continue the study."""
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        fail("trainer sweep needs Optuna, which is not installed: pip install -e '.[sweep]'")
+    from trainer.sweep.report import best_trials, summary_line, write_results
+    from trainer.sweep.space import load_space
+    from trainer.sweep.study import MARKER, Sweep, open_study, run_sweep
+
+    space_, base = guarded(lambda: load_space(space, config, sets or []))
+    name = study or base.name
+    out = out or Path("sweeps") / name
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        fail(f"--out {out}: not a sweep folder of trainer (no {MARKER}); give a new or empty folder")
+    say = lambda m: console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    job = Sweep(config, sets or [], space_, out, trials, storage, name, timeout, say, console)
+    code = 0
+    try:
+        result = guarded(lambda: run_sweep(job))
+    except KeyboardInterrupt:
+        errors.print("interrupted: the trial that was running is recorded as failed; run the same command to continue")
+        result, code = open_study(job), 130
+    files = guarded(lambda: write_results(result, out, config, sets or [], space_.objective.monitor))
+    console.print(summary_line(result), highlight=False)
+    _best_table(best_trials(result, 5), space_.objective.monitor)
+    for f in files:
+        console.print(f"wrote {f}", highlight=False, markup=False)
+    raise typer.Exit(code)
+
+
+@app.command("sweep-report")
+def sweep_report(
+    folder: Path = typer.Argument(..., help="A sweep folder."),
+    storage: str | None = typer.Option(None, help="The study's storage URL when not the folder's sweep.db."),
+    study: str | None = typer.Option(None, help="The study name (default: the folder's)."),
+    n: int = typer.Option(10, min=1, help="How many of the best trials."),
+):
+    """The best trials of a sweep, best first (the study may still be running)."""
+    import optuna
+
+    from trainer.sweep.report import best_trials, summary_line
+    from trainer.sweep.study import MARKER
+
+    marker = folder / MARKER
+    if not marker.is_file():
+        fail(f"{folder}: not a sweep folder (no {MARKER})")
+    saved = guarded(lambda: json.loads(marker.read_text()))
+    url = storage or (saved.get("storage") if "***" not in str(saved.get("storage")) else None)
+    if url is None:
+        fail(f"{folder}: its storage URL holds a password; give it with --storage")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    found = guarded(lambda: optuna.load_study(study_name=study or saved.get("study"), storage=url))
+    console.print(summary_line(found), highlight=False)
+    rows = best_trials(found, n)
+    monitor = found.user_attrs.get("monitor", "value")
+    _best_table(rows, monitor)
+
+
+def _best_table(rows: list[dict], monitor: str) -> None:
+    if not rows:
+        console.print("no trial has completed yet", highlight=False)
+        return
+    params = [k for k in rows[0] if k.startswith("params.")]
+    table = Table("trial", monitor, "seconds", *(k.removeprefix("params.") for k in params), "run directory")
+    for r in rows:
+        cells = [str(r["number"]), f"{r['value']:.4g}", str(r["seconds"]), *(_cell(r.get(k)) for k in params)]
+        table.add_row(*map(escape, cells), escape(r["run_dir"]))
+    console.print(table)
+
+
+def _cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def main() -> None:
     """Usage errors (an unknown option, a value of the wrong type) as one line on stderr: typer's
     own report is a box of many lines."""

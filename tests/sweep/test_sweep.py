@@ -1,0 +1,248 @@
+"""trainer sweep: trials are ordinary runs; the pruner stops a trial whose param ruins training;
+two processes share one SQLite study; a killed or interrupted sweep continues; a failed trial is
+recorded and the sweep goes on; a bad space file fails before any trial; PostgreSQL for a team."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.runs import ROOT, free_port
+from trainer.cli import app
+
+optuna = pytest.importorskip("optuna", reason="the sweep extra (pip install -e '.[sweep]') is not installed")
+
+runner = CliRunner()
+CONFIG = """name: tiny
+seed: 0
+data: {{layout: folder, path: '{data}', bs: 12}}
+model: {{arch: bnresnet, layers: [8, 16]}}
+train:
+  stages: [{{name: all, epochs: {epochs}, lr: 1.0e-2}}]
+"""
+
+
+def files(tmp_path: Path, data: Path, space: str, epochs: int = 3) -> tuple[Path, Path]:
+    cfg, sp = tmp_path / "c.yaml", tmp_path / "space.yaml"
+    cfg.write_text(CONFIG.format(data=data, epochs=epochs))
+    sp.write_text(space)
+    return cfg, sp
+
+
+def trials(out: Path, name: str = "tiny") -> list:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'sweep.db'}").trials
+
+
+def sweep(*args: str):
+    return runner.invoke(app, ["sweep", *map(str, args)])
+
+
+RUINS = """objective: {monitor: valid_loss}
+sampler: {name: grid, seed: 1}   # the order: two good lrs first, then a ruinous one
+pruner: {name: median, warmup_epochs: 1, startup_trials: 2}
+params:
+  train.stages.0.lr: {choice: [1.0e-2, 1.0e-7]}   # 1e-7 learns nothing: its trials are pruned
+  train.wd: {choice: [0.0, 0.01, 0.1]}
+"""
+
+
+def test_six_trials_the_pruner_stops_the_ruined_ones(tmp_path, folder_data):
+    cfg, space = files(tmp_path, folder_data, RUINS, epochs=2)
+    res = sweep(cfg, "--space", space, "--trials", 6, "--out", tmp_path / "sw")
+    assert res.exit_code == 0, res.output
+    done = trials(tmp_path / "sw")
+    states = {t.number: t.state.name for t in done}
+    assert len(done) == 6 and "PRUNED" in states.values(), states
+    for t in done:
+        run = Path(t.user_attrs["run_dir"])
+        assert run == tmp_path / "sw" / "trials" / str(t.number) and (run / "metrics.csv").is_file()
+        if t.state.name == "PRUNED":  # only the ruinous lr is pruned; its run says why
+            assert t.params["train.stages.0.lr"] == 1e-7
+            assert json.loads((run / "status.json").read_text())["status"] == "stopped"
+        if t.state.name == "COMPLETE":  # the value is the best valid_loss of its epochs
+            rows = [float(line.split(",")[3]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+            assert t.value == pytest.approx(min(rows), rel=1e-5) and len(t.intermediate_values) == 2
+    table = (tmp_path / "sw" / "trials.csv").read_text().splitlines()
+    assert table[0].startswith("number,state,value,seconds,params.train.stages.0.lr,params.train.wd")
+    assert len(table) == 7
+    best = (tmp_path / "sw" / "best.yaml").read_text()
+    winner = min((t for t in done if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert f"trial {winner.number}" in best and "lr: 0.01" in best
+    assert (tmp_path / "sw" / "history.png").is_file() and (tmp_path / "sw" / "importances.png").is_file()
+    report = runner.invoke(app, ["sweep-report", str(tmp_path / "sw")])
+    assert report.exit_code == 0 and "pruned" in report.output and "complete" in report.output, report.output
+    # the same command again: the study already holds 6 trials, nothing runs
+    again = sweep(cfg, "--space", space, "--trials", 6, "--out", tmp_path / "sw")
+    assert again.exit_code == 0 and "nothing to run" in again.output and len(trials(tmp_path / "sw")) == 6
+
+
+def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, folder_data):
+    space = """sampler: {name: grid}
+params:
+  train.accumulate: {choice: [1, 5]}   # 12 does not split into 5: that trial fails when it starts
+  train.stages.0.lr: {choice: [1.0e-2, 1.0e+12]}   # this lr sends the loss to infinity
+"""
+    cfg, sp = files(tmp_path, folder_data, space, epochs=1)
+    res = sweep(cfg, "--space", sp, "--trials", 4, "--out", tmp_path / "sw")
+    assert res.exit_code == 0, res.output
+    done = {(t.params["train.accumulate"], t.params["train.stages.0.lr"]): t for t in trials(tmp_path / "sw")}
+    assert done[(1, 1e-2)].state.name == "COMPLETE"
+    assert done[(1, 1e12)].state.name == "FAIL" and "not finite" in done[(1, 1e12)].user_attrs["error"]
+    assert done[(5, 1e-2)].state.name == "FAIL" and "accumulate" in done[(5, 1e-2)].user_attrs["error"]
+    assert "trial" in res.output and "fail" in res.output
+
+
+@pytest.mark.parametrize(
+    "space,said",
+    [
+        (
+            "params:\n  train.stages.0.lrr: {log: [1.0e-3, 1.0e-1]}\n",
+            "space.yaml:2: params.train.stages.0.lrr: unknown key 'lrr' in train.stages.0; did you mean 'lr'?",
+        ),
+        (
+            "params:\n  data.bs: {choice: [8, 0]}\n",
+            "space.yaml:2: params.data.bs: the value 0 makes the config invalid",
+        ),
+        ("params:\n  train.wd: {range: [0.1, 0.0]}\n", "params.train.wd: the low end 0.1 is above the high end 0.0"),
+        ("param:\n  train.wd: {range: [0.0, 0.1]}\n", "space.yaml:1: param: unknown key; did you mean 'params'?"),
+        ("params:\n  train.wd: {rang: [0.0, 0.1]}\n", "space.yaml:2: params.train.wd: expected {log: [low, high]}"),
+        (
+            "params:\n  train.stages.3.lr: {log: [1.0e-3, 1.0e-1]}\n",
+            "train.stages has 1 item(s); '3' is not one of them",
+        ),
+        ("sampler: {name: grid}\nparams:\n  train.wd: {range: [0.0, 0.1]}\n", "sampler grid takes choice params only"),
+    ],
+)
+def test_a_bad_space_file_fails_before_any_trial(tmp_path, folder_data, space, said):
+    cfg, sp = files(tmp_path, folder_data, space)
+    res = sweep(cfg, "--space", sp, "--trials", 2, "--out", tmp_path / "sw")
+    assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "sw").exists()
+
+
+def start(args: list, cwd: Path, log: Path, step_seconds: float = 0.0) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "slow_steps")]),
+        "TRAINER_TEST_STEP_SECONDS": str(step_seconds),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", "sweep", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+SMALL = """sampler: {name: random, seed: 0}
+pruner: {name: none}
+params:
+  train.stages.0.lr: {log: [1.0e-3, 1.0e-1]}
+"""
+
+
+def test_two_processes_share_one_sqlite_study_with_no_trial_twice(tmp_path, folder_data):
+    cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
+    args = [cfg, "--space", sp, "--trials", 4, "--out", tmp_path / "sw"]
+    procs = [start(args, tmp_path, tmp_path / f"p{i}.log") for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, [log.read_text()[-2000:] for log in tmp_path.glob("p*.log")]
+    done = trials(tmp_path / "sw")
+    assert sorted(t.number for t in done) == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in done)
+    assert sorted(p.name for p in (tmp_path / "sw" / "trials").iterdir()) == ["0", "1", "2", "3"]
+    ran = [line.split(":")[0] for log in tmp_path.glob("p*.log") for line in log.read_text().splitlines()]
+    ran = [r for r in ran if r.startswith("trial ")]  # "trial N: ..." once when it starts, once when it ends
+    assert sorted(ran) == sorted(f"trial {n}" for n in range(4) for _ in range(2))
+
+
+def wait_for_trial(proc: subprocess.Popen, out: Path, number: int, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not (out / "trials" / str(number) / "log.txt").exists():  # the trial has started
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
+def test_ctrl_c_then_kill_9_and_the_same_command_continues_the_study(tmp_path, folder_data, monkeypatch):
+    """Ctrl-C stops after recording the running trial as failed; kill -9 leaves it "running"
+    until its heartbeat is stale, then it is failed; each time the same command goes on to N."""
+    from trainer.sweep import study as sweeping
+
+    cfg, sp = files(tmp_path, folder_data, SMALL, epochs=2)
+    out = tmp_path / "sw"
+    args = [cfg, "--space", sp, "--trials", 4, "--out", out]
+    proc = start(args, tmp_path, tmp_path / "first.log", step_seconds=0.3)
+    wait_for_trial(proc, out, 1, tmp_path / "first.log")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()
+    first = trials(out)
+    assert [t.state.name for t in first] == ["COMPLETE", "FAIL"] and "interrupted" in first[1].user_attrs["error"]
+    assert (out / "trials.csv").is_file()  # the results so far are written
+    proc = start(args, tmp_path, tmp_path / "second.log", step_seconds=0.3)
+    wait_for_trial(proc, out, 2, tmp_path / "second.log")
+    proc.kill()  # kill -9: trial 2 stays "running" in the study, its heartbeat stops
+    proc.wait()
+    assert [t.state.name for t in trials(out)] == ["COMPLETE", "FAIL", "RUNNING"]
+    monkeypatch.setattr(sweeping, "GRACE", 1)  # rather than waiting the real grace period out
+    time.sleep(1.5)
+    res = sweep(*args)
+    assert res.exit_code == 0, res.output
+    assert [t.state.name for t in trials(out)] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+
+
+def postgres(tmp: Path):
+    """A throwaway PostgreSQL server in a temporary folder (run as nobody when we are root: the
+    server refuses root). Yields its URL; skips when the binaries or the driver are missing."""
+    pytest.importorskip("psycopg", reason="no PostgreSQL driver (pip install 'psycopg[binary]')")
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+    as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    if as_user and not shutil.which("runuser"):
+        pytest.skip("running as root without runuser: PostgreSQL's server refuses root")
+    tmp.chmod(0o777)
+    port = free_port()
+    subprocess.run(
+        [*as_user, initdb, "-D", str(tmp / "db"), "-A", "trust", "-U", "postgres"], check=True, capture_output=True
+    )
+    opts = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [*as_user, pg_ctl, "-D", str(tmp / "db"), "-o", opts, "-l", str(tmp / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", [
+        *as_user,
+        pg_ctl,
+        "-D",
+        str(tmp / "db"),
+        "-m",
+        "immediate",
+        "stop",
+    ]
+
+
+def test_a_postgresql_study(tmp_path, folder_data):
+    import tempfile
+
+    pg = Path(tempfile.mkdtemp(prefix="trainer-pg-"))  # under /tmp itself: pytest's folders are root's only
+    url, stop = postgres(pg)
+    try:
+        cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
+        res = sweep(cfg, "--space", sp, "--trials", 2, "--out", tmp_path / "sw", "--storage", url, "--study", "team")
+        assert res.exit_code == 0, res.output
+        done = optuna.load_study(study_name="team", storage=url).trials
+        assert [t.state.name for t in done] == ["COMPLETE", "COMPLETE"]
+        assert not (tmp_path / "sw" / "sweep.db").exists()  # the study lives in the server
+        assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["storage"] == url
+    finally:
+        subprocess.run(stop, capture_output=True)
+        shutil.rmtree(pg, ignore_errors=True)

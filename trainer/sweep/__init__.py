@@ -1,0 +1,1 @@
+"""`trainer sweep`: hyperparameter search with Optuna over ordinary runs."""
