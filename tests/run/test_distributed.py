@@ -97,6 +97,7 @@ def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
     cfg = tmp_path / "eq.yaml"
     cfg.write_text(
         plain_config(folder_data, stages="[{name: find, epochs: 1, lr: auto}, {name: all, epochs: 2, lr: 1.0e-2}]")
+        + "track: {tensorboard: true}\n"
     )
     single, runs, res = one_then_two_processes(cfg, tmp_path, "eq")
     assert len(runs) == 1, runs  # one run directory, made by rank 0
@@ -111,6 +112,13 @@ def test_two_processes_under_torchrun_match_one_process(folder_data, tmp_path):
     assert names(two) == names(single)
     assert sum("stage 1/2" in line for line in (two / "log.txt").read_text().splitlines()) == 1
     assert res.stdout.count("run directory:") == 1
+    # rank 0 alone tracks: one event file, each epoch once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((two / "tensorboard").iterdir())) == 1
+    events = EventAccumulator(str(two / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("epoch/valid_loss")) == 3
     # the run is an ordinary run afterwards: evaluate with TTA loads its (unwrapped) weights
     ev = runner.invoke(app, ["evaluate", str(two), "--tta", "--out", str(tmp_path / "eval")])
     assert ev.exit_code == 0, ev.output
