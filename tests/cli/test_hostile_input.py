@@ -337,7 +337,7 @@ def predict_id_column_named_like_the_label_column(tmp):
     return predict(run, tmp, "--id-column", "label")
 
 
-@case(2, "--checkpoint bets: expected best, last or cycle-K (this run has: best)")
+@case(2, "--checkpoint bets: expected best, last, cycle-K or top-K (this run has: best)")
 def predict_with_an_unknown_checkpoint_name(tmp):
     _, run = finished_run(tmp)
     return predict(run, tmp, "--checkpoint", "bets")

@@ -79,7 +79,7 @@ def test_labels_are_the_shortest_endings_that_tell_runs_apart(tmp_path):
 
 
 def test_the_command_prints_both_tables_and_writes_a_png(tmp_path, two_runs, monkeypatch, capsys):
-    monkeypatch.setattr("trainer.cli.console", Console(width=200))
+    monkeypatch.setattr("trainer.cli.common.console", Console(width=200))
     out = tmp_path / "pics" / "cmp.png"
     code, text, err = cli(monkeypatch, capsys, "compare", *map(str, two_runs), "--out", str(out))
     assert code == 0 and err == "", err

@@ -219,7 +219,7 @@ def test_json_lists_every_run_with_every_field(zoo, monkeypatch, capsys):
 
 
 def test_the_table_shows_each_run(zoo, monkeypatch, capsys):
-    monkeypatch.setattr("trainer.cli.console", Console(width=300))  # no wrapping inside the cells
+    monkeypatch.setattr("trainer.cli.common.console", Console(width=300))  # no wrapping inside the cells
     code, out, err = cli(monkeypatch, capsys, "runs", str(zoo))
     assert code == 0 and err == ""
     lines = {line.split("│")[-2].strip(): line for line in out.splitlines() if line.count("│") > 2}
