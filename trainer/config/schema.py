@@ -284,13 +284,14 @@ class ModelConfig(Strict):
     n_hidden: PosInt | None = None
     n_layers: PosInt | None = None
     dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
+    head: Literal["ours", "timm"] = "ours"  # timm archs only: timm's own classifier instead of ours
 
     def arch_kwargs(self) -> dict:
         """The options set for the architecture's factory (unset ones keep its defaults)."""
         return {
             k: v
             for k, v in self.model_dump(exclude={"arch"}).items()
-            if v is not None and not (k == "pretrained" and v is False)
+            if v is not None and not (k == "pretrained" and v is False) and not (k == "head" and v == "ours")
         }
 
 

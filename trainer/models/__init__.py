@@ -1,4 +1,4 @@
-"""Models: one registry for the course archs, char RNNs and torchvision backbones (create_model)."""
+"""Models: one registry for the course archs, char RNNs, torchvision and timm backbones (create_model)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from trainer.config.schema import IMAGENET_STATS, Config, ModelConfig
-from trainer.models import backbones, course, efficientnet_lite, rnn  # noqa: F401  (registers the archs)
+from trainer.models import backbones, course, efficientnet_lite, rnn, timm_models  # noqa: F401  (registers the archs)
 from trainer.models.registry import MODELS, Built, split
 from trainer.registry import did_you_mean
 
@@ -37,6 +37,8 @@ def arch_names() -> list[str]:
 
 
 def _factory(arch: str):
+    if timm_models.is_timm(arch):  # timm/<name>: timm is imported only now
+        return lambda **kw: timm_models.timm_model(arch, **kw)
     if arch in MODELS:
         return MODELS.get(arch)
     if arch in backbones.torchvision_names():
@@ -45,6 +47,8 @@ def _factory(arch: str):
 
 
 def create_model(cfg: ModelConfig, n_out: int, in_channels: int = 3, size: int = 32) -> Built:
+    if cfg.head == "timm" and not timm_models.is_timm(cfg.arch):
+        raise ValueError(f"model.head: timm is for timm archs (timm/<name>), not '{cfg.arch}'")
     return _factory(cfg.arch)(n_out=n_out, in_channels=in_channels, size=size, **cfg.arch_kwargs())
 
 
@@ -53,6 +57,8 @@ def input_stats(cfg: ModelConfig) -> tuple[list[float], list[float]] | None:
     alone, so the data is normalised right from the start."""
     if not cfg.pretrained:
         return None
+    if timm_models.is_timm(cfg.arch):
+        return timm_models.pretrained_stats(cfg)
     if cfg.arch in PRETRAINED_STATS:
         return PRETRAINED_STATS[cfg.arch]
     return IMAGENET_STATS if cfg.arch not in MODELS else None
@@ -69,14 +75,19 @@ CHAR_ARCHS = ("charrnn", "gru", "lstm")  # the models that read characters (data
 def check_model(cfg: Config) -> list[tuple[str, str]]:
     """Config check: the arch exists and takes the options the config sets (used before any work)."""
     arch = cfg.model.arch
-    if arch not in MODELS and arch not in backbones.torchvision_names():
+    timm_arch = timm_models.is_timm(arch)
+    if timm_arch:
+        problems = timm_models.check_name(cfg.model.arch)
+        if problems:
+            return problems
+    elif arch not in MODELS and arch not in backbones.torchvision_names():
         hint = did_you_mean(arch, arch_names())
         return [
             (
                 "model.arch",
                 f"unknown architecture '{arch}'"
                 + (f"; {hint}" if hint else "")
-                + f" (registry: {', '.join(MODELS.names())}, or any torchvision model name)",
+                + f" (registry: {', '.join(MODELS.names())}, any torchvision model name, or timm/<timm model name>)",
             )
         ]
     text_data, char_model = cfg.data.layout == "text", arch in CHAR_ARCHS
@@ -87,6 +98,16 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
                 "model.arch",
                 f"'{arch}' does not fit data.layout: {cfg.data.layout}; {wanted} does "
                 f"({', '.join(CHAR_ARCHS) if text_data else 'e.g. bnresnet, resnet34'})",
+            )
+        ]
+    if timm_arch:
+        return timm_models.check_options(cfg.model)
+    if cfg.model.head == "timm":
+        return [
+            (
+                "model.head",
+                f"head: timm (timm's own classifier) is only for timm archs (model.arch: timm/<name>); "
+                f"'{arch}' gets this project's head: leave model.head out",
             )
         ]
     if arch in MODELS:

@@ -73,13 +73,14 @@ def _torchvision_net(arch: str, pretrained: bool | str) -> nn.Module:
 _HEAD_NAMES = ("fc", "classifier", "head", "heads")  # torchvision's classifiers; ours replaces them
 
 
-def load_into(net: nn.Module, state: dict, source: str) -> None:
-    """Loads every body weight of a state dict (its classifier is left out: a new head follows).
-    A missing, unexpected or wrongly shaped body key is an error, never silently random weights."""
+def _torchvision_head(key: str) -> bool:
+    return key.split(".")[0] in _HEAD_NAMES
 
-    def is_head(key: str) -> bool:
-        return key.split(".")[0] in _HEAD_NAMES
 
+def load_into(net: nn.Module, state: dict, source: str, is_head=_torchvision_head) -> None:
+    """Loads every body weight of a state dict (its classifier, the keys `is_head` picks, is left
+    out: a new head follows). A missing, unexpected or wrongly shaped body key is an error, never
+    silently random weights."""
     body = {k.removeprefix("module."): v for k, v in state.items()}
     body = {k: v for k, v in body.items() if not is_head(k)}
     try:

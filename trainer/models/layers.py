@@ -1,4 +1,4 @@
-"""Building blocks from the course: BnLayer (hand-written batch norm), concat pooling, the head."""
+"""Building blocks from the course: BnLayer (the course's batch norm), concat pooling, the head."""
 
 from __future__ import annotations
 
@@ -8,13 +8,22 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn as nn
 import torch.nn.functional as F
 
+EPS = 1e-5  # BnLayer's, as the course's
+
 
 class BnLayer(nn.Module):
-    """Conv -> ReLU -> the course's hand-written batch norm: learned per-channel add `a` and
-    multiply `m`. Unlike the course version it keeps running statistics and uses them in eval
-    mode, so predictions do not depend on what else is in the batch. With `sync` (train.sync_bn)
-    the statistics cover every process's share of the batch, as torch's SyncBatchNorm does for
-    nn.BatchNorm2d; it works on gloo (CPU) as well as NCCL."""
+    """Conv -> ReLU -> the course's batch norm: learned per-channel add `a` and multiply `m`.
+    Unlike the course version it keeps running statistics and uses them in eval mode, so
+    predictions do not depend on what else is in the batch. With `sync` (train.sync_bn) the
+    statistics cover every process's share of the batch, as torch's SyncBatchNorm does for
+    nn.BatchNorm2d; it works on gloo (CPU) as well as NCCL.
+
+    The norm itself is torch's fused F.batch_norm with `m` and `a` as its weight and bias (the
+    course wrote it out as `(x - mean) / (var + eps).sqrt() * m + a`, several kernels and as
+    many saved activations; the same numbers to float rounding). Two things stay the course's:
+    the running variance follows the biased batch variance (torch's BatchNorm2d follows the
+    unbiased one), and the parameters and buffers keep their (C, 1, 1) shapes and names, so
+    checkpoints of earlier runs load."""
 
     sync: bool = False
 
@@ -29,14 +38,38 @@ class BnLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv(x))
-        if self.training:
-            mean, var = batch_stats(x, self.sync and dist.is_initialized() and dist.get_world_size() > 1)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().float(), self.momentum)
-                self.running_var.lerp_(var.detach().float(), self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        return (x - mean) / (var + 1e-5).sqrt() * self.m + self.a
+        if not self.training:
+            return F.batch_norm(
+                x,
+                self.running_mean.view(-1),
+                self.running_var.view(-1),
+                self.m.view(-1),
+                self.a.view(-1),
+                False,
+                0.0,
+                EPS,
+            )
+        n = x.numel() // x.shape[1]  # values per channel
+        across = self.sync and dist.is_initialized() and dist.get_world_size() > 1
+        if across or n < 2:
+            # across processes (the all-reduces carry the gradients), or one value a channel
+            # (which F.batch_norm refuses in training): written out
+            mean, var = batch_stats(x, across)
+            self._update_running(mean, var)
+            return (x - mean) / (var + EPS).sqrt() * self.m + self.a
+        # the batch's statistics come back from the fused kernel itself, with no pass of their
+        # own: it writes them into fresh zero buffers with momentum 1 (the mean, and the
+        # unbiased variance, rescaled here to the biased one the course's running average uses)
+        mean = torch.zeros(x.shape[1], dtype=self.running_mean.dtype, device=x.device)
+        var = torch.zeros_like(mean)
+        out = F.batch_norm(x, mean, var, self.m.view(-1), self.a.view(-1), True, 1.0, EPS)
+        self._update_running(mean.view(-1, 1, 1), var.view(-1, 1, 1) * ((n - 1) / n))
+        return out
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
 
 
 def batch_stats(x: torch.Tensor, across_processes: bool) -> tuple[torch.Tensor, torch.Tensor]:
