@@ -23,10 +23,12 @@ run: data
 	$(BIN)/trainer fit configs/quickstart.yaml
 
 # the habits that keep the code as it is: lint (pyflakes, import order, bugbear, pyupgrade), format, tests
+# (two pytest-xdist workers, one thread each: the suite's subprocesses and waits overlap with compute)
+PYTEST_ARGS ?= -n 2
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # CIFAR-10 epoch: compute floor vs trainer vs raw PyTorch (vs fastai when installed); see README, Speed.
 # BENCH_ARGS='--limit 5000 --only floor,trainer' for a quick look.

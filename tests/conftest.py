@@ -15,6 +15,13 @@ os.environ["TRAINER_CACHE"] = tempfile.mkdtemp(prefix="trainer-test-cache-")
 # No fsync in tests (a power cut is not what they try; the writes stay atomic): the suite's
 # thousands of checkpoint and table writes cost minutes of fsync on this machine's disk.
 os.environ.setdefault("TRAINER_FSYNC", "0")
+# Under pytest-xdist (`make test` runs a worker per core) each worker computes on one thread: two
+# workers of two threads each on two cores would wait on each other's descheduled threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 CLASSES = ["circle", "square", "stripe"]
 

@@ -65,7 +65,7 @@ def compare(
     for metric, values in result.metrics:
         table.add_row(escape(metric), *values)
     common.console.print(table)
-    common.console.print(f"wrote {result.picture}", highlight=False, markup=False)
+    common.console.print(f"wrote {result.picture}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -108,7 +108,7 @@ def sweep(
     common.console.print(summary_line(result), highlight=False)
     _best_table(best_trials(result, 5), space_.objective.monitor)
     for f in files:
-        common.console.print(f"wrote {f}", highlight=False, markup=False)
+        common.console.print(f"wrote {f}", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

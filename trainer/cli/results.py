@@ -62,7 +62,7 @@ def predict(
         return len(table), target
 
     n, target = guarded(work)
-    common.console.print(f"wrote {n} predictions to {target}", highlight=False)
+    common.console.print(f"wrote {n} predictions to {target}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -106,6 +106,7 @@ def export_cmd(
         f"wrote {result.path} ({result.format}, {result.size_bytes / 1e6:.2f} MB)"
         + (f"; verified, max |difference| {result.max_diff:.2e}" if result.max_diff is not None else ""),
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -155,4 +156,4 @@ def evaluate(
             confused.add_row(r["actual"], r["predicted"], str(r["count"]))
         common.console.print(confused)
     for path in ev.files.values():
-        common.console.print(f"wrote {path}", highlight=False)
+        common.console.print(f"wrote {path}", highlight=False, soft_wrap=True)

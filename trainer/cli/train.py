@@ -154,7 +154,7 @@ def lr_find(
     common.console.print(
         f"{len(result.lrs)} steps, stopped: {result.stopped}; recommended lr {result.lr:.3g}", highlight=False
     )
-    common.console.print(f"wrote lr_find.csv, lr_find.json, lr_find.png to {folder}", highlight=False)
+    common.console.print(f"wrote lr_find.csv, lr_find.json, lr_find.png to {folder}", highlight=False, soft_wrap=True)
 
 
 @app.command("show-batch")
@@ -169,4 +169,4 @@ def show_batch(
 
     cfg = load(config, sets)
     path = guarded(lambda: draw(cfg, out, n, log=lambda m: common.console.print(m, highlight=False)))
-    common.console.print(f"wrote {path}", highlight=False)
+    common.console.print(f"wrote {path}", highlight=False, soft_wrap=True)
