@@ -13,6 +13,10 @@ each in its own subprocess so that peak memory is its own:
   fastai   fastai's DataBlock with the same augmentation (skipped when fastai is not installed)
 
 `trainer_compile` (opt-in: --only ...,trainer_compile) is trainer with compile: true.
+`trainer-trivialaugment` and `trainer-mixup` (opt-in) are trainer with pad+crop+flip and also
+`auto: trivialaugment`, or `mixup: 0.8, cutmix: 1.0` (timm's recipe: half the batches each way).
+`bnresnet` (opt-in: --only trainer,bnresnet) is trainer on arch bnresnet, the same net with the
+course's BnLayer in place of nn.BatchNorm2d, whatever --arch says: the two norms side by side.
 
 Columns: training seconds per epoch (validation excluded; with --epochs 2 or more, the mean
 after the first), the first epoch's seconds, images/s, peak resident memory of
@@ -39,7 +43,17 @@ sys.path.insert(0, str(ROOT))
 
 from bench_contenders import load, run_fastai, run_floor, run_raw, run_trainer  # noqa: E402
 
-CONTENDERS = ["floor", "trainer", "raw", "fastai", "trainer_compile"]
+CONTENDERS = [
+    "floor",
+    "trainer",
+    "raw",
+    "fastai",
+    "trainer_compile",
+    "bnresnet",
+    "trainer-trivialaugment",
+    "trainer-mixup",
+]
+TRANSFORMS = {"trainer-trivialaugment": {"auto": "trivialaugment"}, "trainer-mixup": {"mixup": 0.8, "cutmix": 1.0}}
 DEFAULT = "floor,trainer,raw,fastai"
 MARK = "BENCH_RESULT "
 
@@ -83,10 +97,29 @@ def worker(name: str, args) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "trainer_compile":
         name, args.compile = "trainer", True
+    if name == "bnresnet":
+        name, args.arch = "trainer", "bnresnet"
+    if name in TRANSFORMS:
+        name = with_transforms(TRANSFORMS[name])
     out = {"floor": run_floor, "trainer": run_trainer, "raw": run_raw, "fastai": run_fastai}[name](args)
     out["rss_mib"] = peak_rss_mib()
     out["threads"] = torch.get_num_threads()
     print(MARK + json.dumps(out), flush=True)
+
+
+def with_transforms(extra: dict) -> str:
+    """The trainer contender with these transforms added to its pad_crop: the config run_trainer
+    builds is amended (validated again) on its way into fit, in this worker process only."""
+    from trainer.run import fit as spine
+
+    plain = spine.fit
+
+    def fit(cfg, *args, **kwargs):
+        transforms = cfg.transforms.model_validate({**cfg.transforms.model_dump(), **extra})
+        return plain(cfg.model_copy(update={"transforms": transforms}), *args, **kwargs)
+
+    spine.fit = fit
+    return "trainer"
 
 
 # ---- the parent: warm the cache, run each contender, print the table -----------------------
@@ -184,18 +217,18 @@ def steady(seconds: list[float]) -> float:
 
 
 def table(results: dict, floor: float | None) -> str:
-    head = f"{'':<16}{'s/epoch':>9}{'1st epoch':>10}{'images/s':>10}{'peak RSS MiB':>20}{'accuracy':>10}{'x floor':>9}"
+    head = f"{'':<24}{'s/epoch':>9}{'1st epoch':>10}{'images/s':>10}{'peak RSS MiB':>20}{'accuracy':>10}{'x floor':>9}"
     rows = [head, "-" * len(head)]
     for name, r in results.items():
         if "skipped" in r or "error" in r:
-            rows.append(f"{name:<16}{r.get('skipped') or r.get('error')}")
+            rows.append(f"{name:<24}{r.get('skipped') or r.get('error')}")
             continue
         sec = steady(r["seconds"])
         rss = f"{r['rss_mib']:.0f}" + (f" ({r['tree_rss_mib']:.0f})" if r["tree_rss_mib"] > r["rss_mib"] * 1.05 else "")
         ratio = f"{sec / floor:.2f}" if floor else "-"
         acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "-"
         rows.append(
-            f"{name:<16}{sec:>9.1f}{r['seconds'][0]:>10.1f}{r['images'] / sec:>10.0f}{rss:>20}{acc:>10}{ratio:>9}"
+            f"{name:<24}{sec:>9.1f}{r['seconds'][0]:>10.1f}{r['images'] / sec:>10.0f}{rss:>20}{acc:>10}{ratio:>9}"
         )
     return "\n".join(rows)
 

@@ -52,6 +52,7 @@ def main() -> None:
     if args.subset:
         sets.append(f"data.subset.train={args.subset}")
     cfg = load_config(Path(args.config), sets)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})})
     work = Path(tempfile.mkdtemp(prefix="bench-tracking-"))
     import os
 

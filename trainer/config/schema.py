@@ -199,6 +199,16 @@ class Transforms(Strict):
     p_lighting: Annotated[float, Field(ge=0, le=1)] = 0.75
     pad: Annotated[int, Field(ge=0)] | None = None
     cutout: Annotated[int, Field(ge=0)] = 0  # side of a square blanked per image, in pixels (0: off)
+    # automatic augmentation per image (magnitude and ops: RandAugment's; 31 bins as torchvision)
+    auto: Literal["none", "randaugment", "trivialaugment", "autoaugment"] = "none"
+    magnitude: Annotated[int, Field(ge=0, le=30)] = 9
+    ops: PosInt = 2
+    erasing: Annotated[float, Field(ge=0, le=1)] = 0.0  # random erasing's probability per image (timm's reprob)
+    # MixUp / CutMix on training batches: Beta(alpha, alpha) weights (0: off), as timm's Mixup
+    mixup: Annotated[float, Field(ge=0)] = 0.0
+    cutmix: Annotated[float, Field(ge=0)] = 0.0
+    mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0  # the chance a batch is mixed
+    switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # CutMix's share when both are on
 
 
 class Tta(Strict):

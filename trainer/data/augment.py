@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.data.auto_augment import auto_augment
+
 
 @dataclass(frozen=True)
 class AugmentSpec:
@@ -27,6 +29,10 @@ class AugmentSpec:
     p_affine: float = 0.75
     p_lighting: float = 0.75
     cutout: int = 0  # side in pixels of one square blanked per image (DeVries & Taylor)
+    auto: str = "none"  # randaugment | trivialaugment | autoaugment (trainer/data/auto_augment.py)
+    magnitude: int = 9  # RandAugment's magnitude bin, 0..30
+    ops: int = 2  # RandAugment's ops per image
+    erasing: float = 0.0  # probability of one random rectangle erased per image (timm's --reprob)
 
     @property
     def has_geometry(self) -> bool:
@@ -42,6 +48,8 @@ class AugmentSpec:
             or self.pad
             or self.max_lighting
             or self.cutout
+            or self.auto != "none"
+            or self.erasing
         )
 
 
@@ -56,15 +64,30 @@ def preset(
     pad: int | None = None,
     size: int = 32,
     cutout: int = 0,
+    auto: str = "none",
+    magnitude: int = 9,
+    ops: int = 2,
+    erasing: float = 0.0,
+    **mixing: float,  # mixup, cutmix, mix_prob, switch_prob: whole-batch mixing, trainer/train/mixing.py
 ) -> AugmentSpec:
-    common = dict(max_zoom=max_zoom, p_flip=p_flip, p_affine=p_affine, p_lighting=p_lighting, cutout=cutout)
+    common = dict(
+        max_zoom=max_zoom,
+        p_flip=p_flip,
+        p_affine=p_affine,
+        p_lighting=p_lighting,
+        cutout=cutout,
+        auto=auto,
+        magnitude=magnitude,
+        ops=ops,
+        erasing=erasing,
+    )
     if name == "side_on":
         return AugmentSpec(flip=True, max_rotate=max_rotate, max_lighting=max_lighting, **common)
     if name == "top_down":
         return AugmentSpec(dihedral=True, max_rotate=max_rotate, max_lighting=max_lighting, **common)
     if name == "pad_crop":
         return AugmentSpec(flip=True, pad=pad if pad is not None else max(1, size // 8), **common)
-    return AugmentSpec(max_zoom=max_zoom, p_affine=p_affine, cutout=cutout)
+    return AugmentSpec(**{k: v for k, v in common.items() if k not in ("p_flip", "p_lighting")})
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -159,15 +182,44 @@ def cutout(x: torch.Tensor, side: int, g: torch.Generator, fill: torch.Tensor | 
     mask is built from coordinate comparisons for the whole batch at once."""
     n, _, h, w = x.shape
     side = min(side, h, w)
-    top = torch.randint(0, h - side + 1, (n, 1), generator=g).to(x.device)
-    left = torch.randint(0, w - side + 1, (n, 1), generator=g).to(x.device)
+    top = torch.randint(0, h - side + 1, (n, 1), generator=g)
+    left = torch.randint(0, w - side + 1, (n, 1), generator=g)
+    return fill_boxes(x, top, left, torch.tensor(side), torch.tensor(side), fill)
+
+
+def fill_boxes(x, top, left, height, width, fill) -> torch.Tensor:
+    """Per image, the box [top, top + height) x [left, left + width) set to `fill` ((n, 1) or
+    scalar bounds; an empty box leaves the image as it was)."""
+    _, _, h, w = x.shape
+    top, left, height, width = (torch.as_tensor(t).to(x.device) for t in (top, left, height, width))
     rows = torch.arange(h, device=x.device).view(1, h)
     cols = torch.arange(w, device=x.device).view(1, w)
-    inside_rows = (rows >= top) & (rows < top + side)  # (n, h)
-    inside_cols = (cols >= left) & (cols < left + side)  # (n, w)
+    inside_rows = (rows >= top) & (rows < top + height)  # (n, h)
+    inside_cols = (cols >= left) & (cols < left + width)  # (n, w)
     mask = (inside_rows[:, :, None] & inside_cols[:, None, :]).unsqueeze(1)  # (n, 1, h, w)
     fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     return torch.where(mask, fill, x)
+
+
+def random_erasing(
+    x: torch.Tensor, p: float, g: torch.Generator, fill: torch.Tensor | float = 0.0, attempts: int = 10
+) -> torch.Tensor:
+    """timm's RandomErasing (Zhong et al.), drawn for the whole batch at once: with probability p an
+    image gets one rectangle of 2%..1/3 of its area, aspect ratio 0.3..3.3 (log-uniform), the first
+    of `attempts` draws that fits, filled with `fill` (the mean colour: zero once normalised, as
+    timm's 'const' mode)."""
+    n, _, h, w = x.shape
+    on = torch.rand(n, generator=g) < p
+    area = h * w * (0.02 + (1 / 3 - 0.02) * torch.rand(n, attempts, generator=g))
+    ratio = torch.exp(math.log(0.3) + (math.log(3.3) - math.log(0.3)) * torch.rand(n, attempts, generator=g))
+    eh, ew = (area * ratio).sqrt().round().long(), (area / ratio).sqrt().round().long()
+    fits = (eh < h) & (ew < w)
+    first = fits.float().argmax(1, keepdim=True)  # the first attempt that fits (0 when none does)
+    eh, ew = eh.gather(1, first), ew.gather(1, first)
+    on = on & fits.any(1)
+    top = (torch.rand(n, 1, generator=g) * (h - eh + 1)).floor().long()
+    left = (torch.rand(n, 1, generator=g) * (w - ew + 1)).floor().long()
+    return fill_boxes(x, top, left, eh * on[:, None], ew * on[:, None], fill)
 
 
 def augment_batch(
@@ -185,6 +237,10 @@ def augment_batch(
         x = resize(x, out_size)
     if spec.max_lighting:
         x = lighting(x, spec, g)
+    if spec.auto != "none":
+        x = auto_augment(x, spec.auto, spec.magnitude, spec.ops, g, fill)
     if spec.cutout:
         x = cutout(x, spec.cutout, g, fill)
+    if spec.erasing:
+        x = random_erasing(x, spec.erasing, g, fill)
     return x

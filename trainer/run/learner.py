@@ -30,6 +30,7 @@ from trainer.train.callbacks import FreezeNorms, GradClip, Recorder, ResetState,
 from trainer.train.ema import WeightAverage
 from trainer.train.guard import LossCheck, NonFiniteGuard, guard_every
 from trainer.train.loop import Callback, Learner
+from trainer.train.mixing import MixBatch, mix_batches
 from trainer.train.optim import create_optimizer, param_groups
 from trainer.train.parallel import Accumulate, DistributedLearner, SyncLoss, check_batch, wrap
 from trainer.train.plan import StagePlan, apply_freeze
@@ -40,6 +41,7 @@ SMOKE_BATCHES = 2
 # outside takes its place by its own `order` (0 unless it says otherwise); on a tie, the
 # earlier-added goes first, and the run's own callbacks are added first.
 ORDER = {
+    "mix": -50,  # MixUp / CutMix: the whole batch, before accumulate splits it (not in STEP: lr_find runs unmixed)
     "accumulate": -40,  # splits the batch before anything reads the loss
     "sync_loss": -30,  # the loss averaged over processes, before anything reads it
     "hidden_state": -20,  # char models start each epoch from a zero hidden state
@@ -67,6 +69,7 @@ ORDER = {
 class Handles:
     """Every callback of a stage's learner, by name (None: not used in this run)."""
 
+    mix: MixBatch | None = None
     accumulate: Accumulate | None = None
     sync_loss: SyncLoss | None = None
     hidden_state: ResetState | None = None
@@ -150,7 +153,8 @@ def step_learner(sess: Session, stage: StagePlan) -> tuple[Learner, Handles]:
     train_dl = shard_train(train_dl, world.rank, world.world_size)
     valid_dl = shard_valid(valid_dl, world.rank, world.world_size)
     model = wrap(model, sess.device, world)
-    handles = Handles(
+    handles = Handles(  # mix is made here (a text config fails before lr_find), added with the run's callbacks
+        mix=None if stage.precompute else mix_batches(cfg, sess.task.name, sess.bundle.n_out),
         accumulate=Accumulate(cfg.train.accumulate) if cfg.train.accumulate > 1 else None,
         sync_loss=SyncLoss(world) if world.enabled else None,
         freeze_norms=FreezeNorms(frozen, stage.train_bn, stage.bn_freeze, built.model),

@@ -19,6 +19,7 @@ import torch.nn as nn
 from trainer.config.schema import Config, LrSpread, Stage
 from trainer.models import check_model, one_size_only
 from trainer.models.layers import is_norm
+from trainer.train.mixing import check_mixing
 from trainer.train.schedule import Schedule, constant_schedule, one_cycle, sgdr, sgdr_cycle_lengths, warmup_cosine
 
 
@@ -162,7 +163,7 @@ def check_stages(cfg: Config) -> list[tuple[str, str]]:
 
 
 # The domain rules a config is checked against before any work (trainer check, fit, ...).
-CONFIG_CHECKS = (check_model, check_stages)
+CONFIG_CHECKS = (check_model, check_stages, check_mixing)
 
 
 def expand_stages(stages: Sequence[Stage]) -> list[Stage]:

@@ -127,6 +127,21 @@ def make_task(kind: str, label_smoothing: float = 0.0, threshold: str = "single"
     raise ValueError(f"unknown task {kind}")
 
 
+def soft_targets(kind: str, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Training targets as probabilities, for MixUp and CutMix to mix: one-hot rows (single-label),
+    the multi-hot rows as floats (multi-label). The losses take them as they are: nn.CrossEntropyLoss
+    reads float targets as probabilities and smooths them (linear, so smoothing the mix equals
+    mixing smoothed one-hots, as timm does), BCEWithLogitsLoss any targets in [0, 1]. Validation,
+    TTA and predict keep the class indices (accuracy needs them)."""
+    if kind == "single_label":
+        return F.one_hot(y, n_classes).float()
+    if kind == "multi_label":
+        return y.float()
+    raise ValueError(
+        f"transforms.mixup/cutmix mix images and their labels; a {kind.replace('_', ' ')} run has no images to mix"
+    )
+
+
 def check_loss(loss: str, data_kind: str) -> None:
     """train.loss must suit the labels: bce for several tags per image, cross_entropy for one."""
     if (loss, data_kind) == ("bce", "single_label"):
