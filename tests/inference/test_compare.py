@@ -7,10 +7,10 @@ from PIL import Image
 from rich.console import Console
 
 from tests.inference.test_runs import cli, config_text, finished, make_run, metric_rows
+from trainer.config import flat_keys as flatten
 from trainer.inference.compare import (
     compare_runs,
     config_differences,
-    flatten,
     main_metric,
     metrics_side_by_side,
     short_labels,

@@ -1,6 +1,14 @@
 """Typed configuration: schema, YAML loading with located errors, overrides."""
 
-from trainer.config.load import ConfigError, apply_override, dump_config, load_config, parse_yaml, read_saved_config
+from trainer.config.load import (
+    ConfigError,
+    apply_override,
+    dump_config,
+    flat_keys,
+    load_config,
+    parse_yaml,
+    read_saved_config,
+)
 from trainer.config.schema import IMAGENET_STATS, Config, CsvData, FolderData, ModelConfig, Stage, TextData, Train
 
 __all__ = [
@@ -15,6 +23,7 @@ __all__ = [
     "Train",
     "apply_override",
     "dump_config",
+    "flat_keys",
     "load_config",
     "parse_yaml",
     "read_saved_config",

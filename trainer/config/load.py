@@ -364,3 +364,13 @@ def _with_kind(problems):
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (every default filled in), saved with each run."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flat_keys(data, prefix: str = "") -> dict:
+    """Dotted keys, as --set writes them: mappings and lists of mappings open up
+    (train.stages.0.lr); any other list stays one value."""
+    if isinstance(data, dict):
+        return {k: v for key, val in data.items() for k, v in flat_keys(val, f"{prefix}{key}.").items()}
+    if isinstance(data, list) and any(isinstance(v, dict) for v in data):
+        return {k: v for i, val in enumerate(data) for k, v in flat_keys(val, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: data}

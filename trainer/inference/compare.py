@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.config import flat_keys
 from trainer.config.schema import LOWER_IS_BETTER, better_mode
 from trainer.inference.runs import RunInfo, finite, is_run_dir, read_run
 from trainer.run.plots import _figure, _save
@@ -65,22 +66,8 @@ def short_labels(paths: list[Path]) -> list[str]:
     return labels
 
 
-def flatten(value, prefix: str = "") -> dict:
-    """Dotted keys: mappings and lists of mappings open up (train.stages.0.lr); other lists stay one value."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        items = enumerate(value)
-    else:
-        return {prefix: value}
-    out = {}
-    for k, v in items:
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def config_differences(runs: list[RunInfo]) -> list[tuple[str, list[str]]]:
-    flat = [flatten(r.config.model_dump(mode="json")) for r in runs]
+    flat = [flat_keys(r.config.model_dump(mode="json")) for r in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     rows = []
     for key in keys:

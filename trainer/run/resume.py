@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from trainer.config import Config, ConfigError, dump_config, read_saved_config
+from trainer.config import Config, ConfigError, flat_keys, read_saved_config
 from trainer.run.status import in_use, read_status
 
 # Keys a resumed run may change: they do not change what is computed.
@@ -104,14 +102,6 @@ def check_fresh_out(out: Path, marker: str = "status.json") -> None:
         )
 
 
-def _flat(data, prefix: str = "") -> dict:
-    if isinstance(data, dict):
-        return {k: v for key, val in data.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
-    if isinstance(data, list) and any(isinstance(v, dict) for v in data):
-        return {k: v for i, val in enumerate(data) for k, v in _flat(val, f"{prefix}{i}.").items()}
-    return {prefix[:-1]: data}
-
-
 def saved_config(run_dir: Path) -> Config:
     try:
         return read_saved_config(run_dir / "config.yaml")
@@ -127,7 +117,7 @@ def reconcile(cfg: Config, run_dir: Path, changeable_from: int | None = None) ->
     saved = saved_config(run_dir)
     if cfg.seed is None:
         cfg = cfg.model_copy(update={"seed": saved.seed})
-    new, old = _flat(yaml.safe_load(dump_config(cfg))), _flat(yaml.safe_load(dump_config(saved)))
+    new, old = flat_keys(cfg.model_dump(mode="json")), flat_keys(saved.model_dump(mode="json"))
     changed = sorted(
         k
         for k in new.keys() | old.keys()

@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
-from trainer.config import Config, dump_config
+from trainer.config import Config, flat_keys
 from trainer.train.loop import Callback, Learner
 
 PIP = "pip install -e '.[track]'"
@@ -104,20 +103,7 @@ def run_name(run_dir: Path) -> str:
 
 def flat_params(cfg: Config) -> dict[str, str]:
     """The resolved config as dotted keys (train.stages.0.lr), values as text."""
-    out: dict[str, str] = {}
-
-    def walk(value, key: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
-            for i, v in enumerate(value):
-                walk(v, f"{key}.{i}")
-        else:
-            out[key] = "None" if value is None else str(value)
-
-    walk(yaml.safe_load(dump_config(cfg)), "")
-    return out
+    return {k: "None" if v is None else str(v) for k, v in flat_keys(cfg.model_dump(mode="json")).items()}
 
 
 def run_tags(device) -> dict[str, str]:
