@@ -22,6 +22,7 @@ from tests.runs import ROOT, assert_same_run, pythonpath, resumable_config, torc
 from trainer import storage as checkpoint
 from trainer.cli import app
 from trainer.config import load_config
+from trainer.data.augment import AugmentSpec
 from trainer.data.loaders import ImageBatches
 from trainer.data.shard import shard_train, shard_valid
 from trainer.data.text import TextStreams
@@ -194,6 +195,21 @@ def test_rank_slices_are_disjoint_and_make_up_each_batch(world):
         orders.append([b for b in batches[0]])
     assert orders[0] != orders[1] != orders[2]  # a new order every epoch, from the seed
     assert len(ranks[1]) == len(whole) and ranks[1].bs == 8 // world
+
+
+def test_each_rank_draws_its_own_augmentation():
+    """Same images on every rank: only the draws tell the slices apart (a rank salt above torch's
+    32 seed bits once gave every rank the same flips)."""
+    images = torch.zeros(64, 1, 4, 4, dtype=torch.uint8)
+    images[..., 0] = 255  # a bright left column: a flip moves it to the right
+    loader = lambda: ImageBatches(
+        images, torch.arange(64), 64, 4, torch.zeros(1), torch.ones(1), augment=AugmentSpec(flip=True)
+    )  # noqa: E731
+    single = next(loader().iterate())[1]
+    flips = [next(shard_train(loader(), r, 2).iterate())[1][:, 0, 0, -1] > 0 for r in range(2)]
+    assert torch.equal(flips[0], single[:32, 0, 0, -1] > 0)  # rank 0 draws what one process does
+    assert not torch.equal(flips[0], flips[1])
+    assert 0 < int(flips[1].sum()) < 32  # and rank 1's are flips, not all or none
 
 
 def test_validation_shards_cover_every_item_once():

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.exceptions import TyperException
 
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError
 from trainer.data.items import DataError
 
 app = typer.Typer(
@@ -36,11 +36,10 @@ def fail(message: str, code: int = 2, show: bool = True):
 
 
 def load(config: Path, sets: list[str] | None) -> Config:
-    from trainer.run.tracking import missing_packages
-    from trainer.train.plan import CONFIG_CHECKS
+    from trainer.run.checked import load_checked
 
     try:
-        return load_config(config, sets or [], checks=(*CONFIG_CHECKS, missing_packages))
+        return load_checked(config, sets)
     except ConfigError as e:
         fail(str(e))
 

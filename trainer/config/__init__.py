@@ -6,6 +6,7 @@ from trainer.config.load import (
     dump_config,
     flat_keys,
     load_config,
+    node_at,
     parse_yaml,
     read_saved_config,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "dump_config",
     "flat_keys",
     "load_config",
+    "node_at",
     "parse_yaml",
     "read_saved_config",
 ]

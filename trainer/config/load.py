@@ -107,7 +107,7 @@ def _no_duplicate_keys(node, source: str, seen_nodes: set[int]) -> None:
             _no_duplicate_keys(item, source, seen_nodes)
 
 
-def _node_at(node, loc: Iterable):
+def node_at(node, loc: Iterable):
     """Walks the YAML node tree along a pydantic loc; returns the deepest node found."""
     for part in loc:
         if isinstance(node, yaml.MappingNode):
@@ -234,9 +234,9 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
             where = origin
         elif chain is not None:
             owner, owner_node = chain.owner(loc)
-            where = f"{owner}:{_node_at(owner_node, loc).start_mark.line + 1}"
+            where = f"{owner}:{node_at(owner_node, loc).start_mark.line + 1}"
         elif node is not None:
-            found = _node_at(node, loc)
+            found = node_at(node, loc)
             where = f"{source}:{found.start_mark.line + 1}"
         hint = _hint(err, loc, data)
         if err.get("input") in ("", None) and not hint:

@@ -9,12 +9,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from trainer.data.augment import AugmentSpec, augment_batch, resize
 
 
-def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, salt: int = 0, rank: int = 0) -> torch.Generator:
+    """The draws of one batch. torch's CPU generator keeps only a seed's low 32 bits, so another
+    rank's key is hashed into them; rank 0 keeps the single-process key (its draws are a run's)."""
+    if rank:
+        return torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, epoch, salt, rank]).generate_state(1)[0])
+        )
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + salt) % 2**63)
 
 

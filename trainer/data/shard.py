@@ -15,8 +15,6 @@ import torch
 from trainer.data.loaders import ImageBatches, epoch_generator
 from trainer.data.text import TextStreams
 
-RANK_SALT = 2**40  # rank r's augmentation draws: the salt moves by r * RANK_SALT (no batch index reaches it)
-
 
 class BatchSlices:
     """Training batches of an in-memory image loader: rank r reads and augments only its slice
@@ -42,8 +40,7 @@ class BatchSlices:
         dl, order = self.inner, self.inner.order()
         for i in range(start, len(dl)):
             rows = order[i * dl.bs : (i + 1) * dl.bs].tensor_split(self.world_size)[self.rank]
-            salt = i + 1 + self.rank * RANK_SALT
-            g = epoch_generator(dl.seed, dl.epoch, salt=salt) if dl.augment else None
+            g = epoch_generator(dl.seed, dl.epoch, salt=i + 1, rank=self.rank) if dl.augment else None
             yield (i, *dl.batch(rows, g))
 
     def __iter__(self):

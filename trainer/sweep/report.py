@@ -8,10 +8,10 @@ from pathlib import Path
 
 import optuna
 
-from trainer.config import dump_config, load_config
+from trainer.config import dump_config
 from trainer.run.rundir import write_table
 from trainer.storage import atomic_write_bytes, atomic_write_text
-from trainer.sweep.space import _checks, as_override
+from trainer.sweep.space import trial_config
 
 
 def trial_rows(study: optuna.Study) -> list[dict]:
@@ -52,7 +52,7 @@ def write_results(study: optuna.Study, out: Path, config: Path, sets: list[str],
     b = best[0]
     params = {k.removeprefix("params."): v for k, v in b.items() if k.startswith("params.")}
     values = {k: from_optuna(v) for k, v in params.items()}
-    cfg = load_config(config, [*sets, *(as_override(k, v) for k, v in values.items())], checks=_checks())
+    cfg = trial_config(config, sets, values)
     head = (
         f"# trainer sweep: the best of {len(rows)} trial(s): trial {b['number']}, {monitor} {b['value']:.6g}\n"
         f"# its run: {b['run_dir']}\n# train it again: trainer fit {out / 'best.yaml'}\n"

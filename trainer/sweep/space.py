@@ -11,10 +11,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from trainer.config import Config, ConfigError, load_config, parse_yaml
-from trainer.config.load import _node_at
+from trainer.config import Config, ConfigError, node_at, parse_yaml
 from trainer.config.schema import Metric, Strict, better_mode
 from trainer.registry import did_you_mean
+from trainer.run.checked import load_checked
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -103,7 +103,7 @@ def load_space(path: Path, config: Path, sets: list[str]) -> tuple[Space, Config
         space = Space.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_located(e, node, source)) from None
-    base = load_config(config, sets, checks=_checks())
+    base = load_checked(config, sets)
     problems = []
     for key, p in space.params.items():
         line = _line(node, ("params", key), source)
@@ -113,7 +113,7 @@ def load_space(path: Path, config: Path, sets: list[str]) -> tuple[Space, Config
             continue
         for value in edge_values(p):
             try:
-                load_config(config, [*sets, as_override(key, value)], checks=_checks())
+                trial_config(config, sets, {key: value})
             except ConfigError as e:
                 first = str(e).splitlines()[0].split(": ", 2)[-1]
                 problems.append(f"{line}: params.{key}: the value {value!r} makes the config invalid: {first}")
@@ -123,11 +123,9 @@ def load_space(path: Path, config: Path, sets: list[str]) -> tuple[Space, Config
     return space, base
 
 
-def _checks():
-    from trainer.run.tracking import missing_packages
-    from trainer.train.plan import CONFIG_CHECKS
-
-    return (*CONFIG_CHECKS, missing_packages)
+def trial_config(config: Path, sets: list[str], values: dict) -> Config:
+    """The config a trial trains: the sweep's --set options, then the trial's values."""
+    return load_checked(config, [*sets, *(as_override(k, v) for k, v in values.items())])
 
 
 def path_problem(key: str, cfg: Config) -> str | None:
@@ -154,7 +152,7 @@ def path_problem(key: str, cfg: Config) -> str | None:
 
 
 def _line(node, loc: tuple, source: str) -> str:
-    return f"{source}:{_node_at(node, loc).start_mark.line + 1}" if node is not None else source
+    return f"{source}:{node_at(node, loc).start_mark.line + 1}" if node is not None else source
 
 
 PARAM_FORMS = "{log: [low, high]}, {range: [low, high]}, {int: [low, high]} or {choice: [a, b, ...]}"
@@ -162,7 +160,7 @@ PARAM_FORMS = "{log: [low, high]}, {range: [low, high]}, {int: [low, high]} or {
 
 def _key_line(node, loc: tuple, source: str) -> str:
     """The line of an unknown key itself (its value may start on the next line)."""
-    parent = _node_at(node, loc[:-1]) if node is not None else None
+    parent = node_at(node, loc[:-1]) if node is not None else None
     for k, _ in getattr(parent, "value", []) if isinstance(parent, yaml.MappingNode) else []:
         if k.value == str(loc[-1]):
             return f"{source}:{k.start_mark.line + 1}"

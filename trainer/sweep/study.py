@@ -19,13 +19,13 @@ from pathlib import Path
 
 import optuna
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
 from trainer.run.checkpoints import monitored
 from trainer.run.early_stop import StoppedEarly
 from trainer.run.fit import fit
 from trainer.run.signals import Interrupted
 from trainer.storage import atomic_write_text
-from trainer.sweep.space import Choice, IntRange, LogRange, Space, _checks, as_override
+from trainer.sweep.space import Choice, IntRange, LogRange, Space, trial_config
 from trainer.train.loop import Callback, Learner
 
 HEARTBEAT, GRACE = 30, 120  # s: a trial silent this long belongs to a dead process and is marked failed
@@ -150,9 +150,7 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     sweep.started[trial.number] = time.monotonic()
     sweep.say(f"trial {trial.number}: " + ", ".join(f"{k}={_short(v)}" for k, v in values.items()))
     try:
-        cfg = load_config(
-            sweep.config, [*sweep.sets, *(as_override(k, v) for k, v in values.items())], checks=_checks()
-        )
+        cfg = trial_config(sweep.config, sweep.sets, values)
     except ConfigError as e:
         raise _failed(trial, f"the sampled config is invalid: {e}") from None
     report = ReportEpochs(trial, sweep.space.objective.monitor)

@@ -47,8 +47,8 @@ class Draw:
 
 
 def mix_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
-    """The batch's generator. torch's CPU generator keeps only a seed's low 32 bits (a salt of 2**40,
-    as epoch_generator would take, changes nothing), so the key is hashed into them."""
+    """The batch's generator. torch's CPU generator keeps only a seed's low 32 bits, so the key is
+    hashed into them (as epoch_generator does for ranks after the first)."""
     key = np.random.SeedSequence([seed, epoch, batch, rank, MIX_TAG]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(key))
 
