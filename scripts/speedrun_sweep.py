@@ -1,8 +1,10 @@
-"""Variants of the CIFAR-10 speedrun, one after another on the same GPU, in one table.
+"""Variants of the CIFAR-10 speedrun, one after another on the same machine, in one table.
 
     python scripts/speedrun_sweep.py                       # the shipped config and the tricks, 10 epochs
     python scripts/speedrun_sweep.py --epochs 24 --only shipped,all
     python scripts/speedrun_sweep.py --variant 'wd2e-3=train.wd=2.0e-3' --only shipped
+    python scripts/speedrun_sweep.py --group augment --seeds 0,1   # MixUp, CutMix, TrivialAugment, all
+    python scripts/speedrun_sweep.py --group models                # timm's resnet18d beside torchvision's resnet18
 
 Each variant is a real `trainer fit` (the config plus `--set` overrides) in its own process,
 then `trainer evaluate RUN --tta`. Columns: test accuracy, with flip TTA, the training seconds
@@ -34,6 +36,25 @@ VARIANTS = {
     "ema": ["train.ema=0.99"],
     "all": ["train.nesterov=true", "transforms.cutout=8", "train.ema=0.99"],
 }
+# the augmentations of a 2020s recipe, on top of the config's pad+crop+flip: MixUp at the alpha of its
+# ImageNet runs (0.2), CutMix at its paper's 1.0 (with both, half the batches each), TrivialAugment
+MIXES = ["transforms.mixup=0.2", "transforms.cutmix=1.0"]
+GROUPS = {
+    "tricks": VARIANTS,
+    "augment": {
+        "baseline": [],
+        "mixup": MIXES[:1],
+        "cutmix": MIXES[1:],
+        "trivialaugment": ["transforms.auto=trivialaugment"],
+        "all": [*MIXES, "transforms.auto=trivialaugment"],
+    },
+    # from random weights, the same recipe: the config's ResNet-9, torchvision's and timm's ResNet-18
+    "models": {
+        "resnet9": [],
+        "tv-resnet18": ["model.arch=resnet18", "model.layers=null"],
+        "timm-resnet18d": ["model.arch=timm/resnet18d", "model.layers=null"],
+    },
+}
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -44,12 +65,14 @@ def run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"`trainer {' '.join(cmd)}` failed (exit {res.returncode}); see {log}")
 
 
-def one(name: str, sets: list[str], args) -> dict:
-    out = Path(args.out) / name
+def one(name: str, sets: list[str], args, seed: int | None = None) -> dict:
+    folder = name if seed is None else f"{name}-seed{seed}"
+    out = Path(args.out) / folder
     if out.exists():
         raise SystemExit(f"{out}: exists already (pick another --out)")
-    sets = [f"train.stages.0.epochs={args.epochs}", f"name=speedrun_{name}", *args.set, *sets]
-    log = Path(args.out) / f"{name}.log"
+    seeded = [] if seed is None else [f"seed={seed}"]
+    sets = [f"train.stages.0.epochs={args.epochs}", f"name=speedrun_{name}", *seeded, *args.set, *sets]
+    log = Path(args.out) / f"{folder}.log"
     start = time.perf_counter()
     run(["fit", args.config, *[a for s in sets for a in ("--set", s)], "--out", str(out)], log)
     wall = time.perf_counter() - start
@@ -58,7 +81,8 @@ def one(name: str, sets: list[str], args) -> dict:
     seconds = [float(r["seconds"]) for r in read_table(out / "metrics.csv")]
     return {
         "variant": name,
-        "sets": sets[2:],
+        "seed": seed,
+        "sets": sets[2 + len(seeded) :],
         "epochs": len(seconds),
         "accuracy": report["metrics"]["accuracy"],
         "accuracy_tta": (report.get("metrics_tta") or {}).get("accuracy"),
@@ -72,7 +96,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/cifar10_speedrun.yaml")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--only", default=",".join(VARIANTS), help="variants to run, comma-separated, in order")
+    p.add_argument("--group", choices=list(GROUPS), default="tricks", help="the built-in variants to pick from")
+    p.add_argument("--only", help="variants to run, comma-separated, in order (default: the group's all)")
+    p.add_argument("--seeds", help="run each variant once per seed, e.g. 0,1 (default: the config's seed)")
     p.add_argument(
         "--variant",
         action="append",
@@ -84,7 +110,9 @@ def main() -> None:
     p.add_argument("--out", default=f"runs/speedrun_sweep/{time.strftime('%Y%m%d-%H%M%S')}")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
-    variants = dict(VARIANTS)
+    variants = dict(GROUPS[args.group])
+    args.only = args.only if args.only is not None else ",".join(variants)
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
     for v in args.variant:
         name, _, sets = v.partition("=")
         variants[name] = [s for s in sets.split(";") if s]
@@ -96,18 +124,35 @@ def main() -> None:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(variants)}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows = []
-    print(f"{'variant':<12}{'epochs':>7}{'acc':>8}{'acc TTA':>9}{'train s':>9}{'epoch 1':>9}{'wall s':>8}  overrides")
+    print(
+        f"{'variant':<16}{'seed':>5}{'epochs':>7}{'acc':>8}{'acc TTA':>9}{'train s':>9}{'epoch 1':>9}{'wall s':>8}"
+        "  overrides"
+    )
     for name in names:
-        r = one(name, variants[name], args)
-        rows.append(r)
-        tta = f"{r['accuracy_tta']:.4f}" if r["accuracy_tta"] is not None else "-"
-        print(
-            f"{name:<12}{r['epochs']:>7}{r['accuracy']:>8.4f}{tta:>9}{r['train_s_after_first']:>9.1f}"
-            f"{r['first_epoch_s']:>9.1f}{r['wall_s']:>8.1f}  {' '.join(r['sets']) or '-'}",
-            flush=True,
-        )
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        for seed in seeds:
+            r = one(name, variants[name], args, seed)
+            rows.append(r)
+            tta = f"{r['accuracy_tta']:.4f}" if r["accuracy_tta"] is not None else "-"
+            print(
+                f"{name:<16}{'-' if seed is None else seed:>5}{r['epochs']:>7}{r['accuracy']:>8.4f}{tta:>9}"
+                f"{r['train_s_after_first']:>9.1f}{r['first_epoch_s']:>9.1f}{r['wall_s']:>8.1f}"
+                f"  {' '.join(r['sets']) or '-'}",
+                flush=True,
+            )
+        if args.json:  # after every variant: a long run killed late keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+    if len(seeds) > 1:
+        print_spread(rows, names)
+
+
+def print_spread(rows: list[dict], names: list[str]) -> None:
+    """A variant over its seeds: the mean accuracy and the spread (the largest minus the smallest)."""
+    print(f"\n{'variant':<16}{'seeds':>6}{'mean acc':>10}{'spread':>8}{'mean TTA':>10}")
+    for name in names:
+        accs = [r["accuracy"] for r in rows if r["variant"] == name]
+        ttas = [r["accuracy_tta"] for r in rows if r["variant"] == name and r["accuracy_tta"] is not None]
+        tta = f"{sum(ttas) / len(ttas):.4f}" if ttas else "-"
+        print(f"{name:<16}{len(accs):>6}{sum(accs) / len(accs):>10.4f}{max(accs) - min(accs):>8.4f}{tta:>10}")
 
 
 if __name__ == "__main__":
