@@ -65,6 +65,7 @@ def test_six_trials_the_pruner_stops_the_ruined_ones(tmp_path, folder_data):
         assert run == tmp_path / "sw" / "trials" / str(t.number) and (run / "metrics.csv").is_file()
         if t.state.name == "PRUNED":  # only the ruinous lr is pruned; its run says why
             assert t.params["train.stages.0.lr"] == 1e-7
+            assert len(t.intermediate_values) == 1  # never after the last epoch: that one is a finished trial
             assert json.loads((run / "status.json").read_text())["status"] == "stopped"
         if t.state.name == "COMPLETE":  # the value is the best valid_loss of its epochs
             rows = [float(line.split(",")[3]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
@@ -78,6 +79,7 @@ def test_six_trials_the_pruner_stops_the_ruined_ones(tmp_path, folder_data):
     assert (tmp_path / "sw" / "history.png").is_file() and (tmp_path / "sw" / "importances.png").is_file()
     report = runner.invoke(app, ["sweep-report", str(tmp_path / "sw")])
     assert report.exit_code == 0 and "pruned" in report.output and "complete" in report.output, report.output
+    assert "…" not in report.output  # piped, the table keeps every column whole
     # the same command again: the study already holds 6 trials, nothing runs
     again = sweep(cfg, "--space", space, "--trials", 6, "--out", tmp_path / "sw")
     assert again.exit_code == 0 and "nothing to run" in again.output and len(trials(tmp_path / "sw")) == 6
@@ -246,3 +248,30 @@ def test_a_postgresql_study(tmp_path, folder_data):
     finally:
         subprocess.run(stop, capture_output=True)
         shutil.rmtree(pg, ignore_errors=True)
+
+
+def test_the_pruner_is_asked_after_every_epoch_but_the_last():
+    from types import SimpleNamespace
+
+    from trainer.run.early_stop import StoppedEarly
+    from trainer.sweep.study import ReportEpochs
+
+    class AlwaysPrune:  # a trial whose pruner always says stop
+        def __init__(self):
+            self.reported = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    learn = SimpleNamespace(state=SimpleNamespace(valid={"accuracy": 0.5}, train_loss=1.0))
+    trial = AlwaysPrune()
+    last = ReportEpochs(trial, "accuracy", last_epoch=1)
+    last.after_epoch(learn)  # the only epoch is the last: a finished trial, never pruned
+    assert last.pruned is None and trial.reported == [(1, 0.5)]
+    early = ReportEpochs(AlwaysPrune(), "accuracy", last_epoch=3)
+    with pytest.raises(StoppedEarly):
+        early.after_epoch(learn)
+    assert early.pruned.startswith("pruned after epoch 1")

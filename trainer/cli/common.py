@@ -21,7 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Train image classifiers and character-level language models from a YAML config.",
 )
-console = Console()  # results
+# results; piped (a file, a CI log) rich would cut a table at 80 columns ("0.017…"), so keep them whole
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 1000)
 errors = Console(stderr=True)  # errors and warnings
 
 CONFIG = typer.Argument(..., help="YAML config file.")

@@ -85,7 +85,7 @@ def plots(study: optuna.Study, out: Path) -> list[Path]:
     made = []
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     wanted = [("history.png", ovm.plot_optimization_history)]
-    if len(complete) >= 2 and len(study.trials[0].distributions) >= 1:
+    if len(complete) >= 2 and any(t.distributions for t in complete):
         wanted.append(("importances.png", ovm.plot_param_importances))
     for name, plot in wanted:
         with warnings.catch_warnings():

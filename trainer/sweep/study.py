@@ -27,6 +27,7 @@ from trainer.run.signals import Interrupted
 from trainer.storage import atomic_write_text
 from trainer.sweep.space import Choice, IntRange, LogRange, Space, trial_config
 from trainer.train.loop import Callback, Learner
+from trainer.train.plan import outline
 
 HEARTBEAT, GRACE = 30, 120  # s: a trial silent this long belongs to a dead process and is marked failed
 MARKER = "sweep.json"  # what makes a folder a sweep's (it is never one of the user's)
@@ -126,19 +127,20 @@ def suggest(trial: optuna.Trial, key: str, p) -> object:
 
 class ReportEpochs(Callback):
     """The monitored metric to the trial after every epoch; the pruner's verdict ends the run as an
-    early stop (its files complete, status "stopped"), and the trial is then recorded as pruned."""
+    early stop (its files complete, status "stopped"), and the trial is then recorded as pruned.
+    The last epoch is never pruned: its cost is spent, and its value is a finished trial's."""
 
     order = 40  # after the epoch's checkpoint, row and early-stopping verdict
 
-    def __init__(self, trial: optuna.Trial, monitor: str):
-        self.trial, self.monitor, self.epochs, self.pruned = trial, monitor, 0, None
+    def __init__(self, trial: optuna.Trial, monitor: str, last_epoch: int):
+        self.trial, self.monitor, self.last_epoch, self.epochs, self.pruned = trial, monitor, last_epoch, 0, None
 
     def after_epoch(self, learn: Learner) -> None:
         self.epochs += 1
         value = monitored(learn, self.monitor)
         if math.isfinite(value):
             self.trial.report(value, self.epochs)
-        if self.trial.should_prune():
+        if self.epochs < self.last_epoch and self.trial.should_prune():
             self.pruned = f"pruned after epoch {self.epochs} ({self.monitor} {value:.4g})"
             raise StoppedEarly(self.pruned)
 
@@ -153,7 +155,7 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
         cfg = trial_config(sweep.config, sweep.sets, values)
     except ConfigError as e:
         raise _failed(trial, f"the sampled config is invalid: {e}") from None
-    report = ReportEpochs(trial, sweep.space.objective.monitor)
+    report = ReportEpochs(trial, sweep.space.objective.monitor, sum(outline(cfg).epochs))
     try:
         result = fit(cfg, run_dir, console=sweep.console, callbacks=[report])
     except Interrupted as e:  # Ctrl-C: the run saved its checkpoint; the trial ends failed, the sweep stops
