@@ -4,7 +4,7 @@
     python scripts/speedrun_sweep.py --epochs 24 --only shipped,all
     python scripts/speedrun_sweep.py --variant 'wd2e-3=train.wd=2.0e-3' --only shipped
     python scripts/speedrun_sweep.py --group augment --seeds 0,1   # MixUp, CutMix, TrivialAugment, all
-    python scripts/speedrun_sweep.py --group models                # timm's resnet18d beside torchvision's resnet18
+    python scripts/speedrun_sweep.py --group models --config configs/cifar10_timm_resnet18d.yaml  # timm vs torchvision
 
 Each variant is a real `trainer fit` (the config plus `--set` overrides) in its own process,
 then `trainer evaluate RUN --tta`. Columns: test accuracy, with flip TTA, the training seconds
@@ -48,9 +48,9 @@ GROUPS = {
         "trivialaugment": ["transforms.auto=trivialaugment"],
         "all": [*MIXES, "transforms.auto=trivialaugment"],
     },
-    # from random weights, the same recipe: the config's ResNet-9, torchvision's and timm's ResNet-18
+    # from random weights, the same recipe: the config's own model, torchvision's and timm's ResNet-18
     "models": {
-        "resnet9": [],
+        "config-model": [],
         "tv-resnet18": ["model.arch=resnet18", "model.layers=null"],
         "timm-resnet18d": ["model.arch=timm/resnet18d", "model.layers=null"],
     },
