@@ -53,7 +53,7 @@ params:
 """
 
 
-def test_six_trials_the_pruner_stops_the_ruined_ones(tmp_path, folder_data):
+def test_six_trials_the_pruner_stops_the_ruined_ones(tmp_path, folder_data, monkeypatch):
     cfg, space = files(tmp_path, folder_data, RUINS, epochs=2)
     res = sweep(cfg, "--space", space, "--trials", 6, "--out", tmp_path / "sw")
     assert res.exit_code == 0, res.output
@@ -77,6 +77,10 @@ def test_six_trials_the_pruner_stops_the_ruined_ones(tmp_path, folder_data):
     winner = min((t for t in done if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert f"trial {winner.number}" in best and "lr: 0.01" in best
     assert (tmp_path / "sw" / "history.png").is_file() and (tmp_path / "sw" / "importances.png").is_file()
+    from trainer.cli import common
+
+    monkeypatch.delenv("COLUMNS", raising=False)  # pytest-xdist sets it
+    monkeypatch.setattr(common, "console", common.results_console())
     report = runner.invoke(app, ["sweep-report", str(tmp_path / "sw")])
     assert report.exit_code == 0 and "pruned" in report.output and "complete" in report.output, report.output
     assert "…" not in report.output  # piped, the table keeps every column whole

@@ -21,8 +21,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Train image classifiers and character-level language models from a YAML config.",
 )
-# results; piped (a file, a CI log) rich would cut a table at 80 columns ("0.017…"), so keep them whole
-console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 1000)
+
+
+def results_console() -> Console:
+    """Piped (a file, a CI log), rich would cut a table at 80 columns ("0.017…"): keep them whole,
+    unless COLUMNS asks for a width."""
+    return Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 1000)
+
+
+console = results_console()  # results
 errors = Console(stderr=True)  # errors and warnings
 
 CONFIG = typer.Argument(..., help="YAML config file.")
