@@ -70,8 +70,9 @@ def one(name: str, sets: list[str], args, seed: int | None = None) -> dict:
     out = Path(args.out) / folder
     if out.exists():
         raise SystemExit(f"{out}: exists already (pick another --out)")
+    overrides = [*args.set, *sets]  # what the table shows; the epochs, name and seed are columns or fixed
     seeded = [] if seed is None else [f"seed={seed}"]
-    sets = [f"train.stages.0.epochs={args.epochs}", f"name=speedrun_{name}", *seeded, *args.set, *sets]
+    sets = [f"train.stages.0.epochs={args.epochs}", f"name=speedrun_{name}", *seeded, *overrides]
     log = Path(args.out) / f"{folder}.log"
     start = time.perf_counter()
     run(["fit", args.config, *[a for s in sets for a in ("--set", s)], "--out", str(out)], log)
@@ -82,7 +83,7 @@ def one(name: str, sets: list[str], args, seed: int | None = None) -> dict:
     return {
         "variant": name,
         "seed": seed,
-        "sets": sets[2 + len(seeded) :],
+        "sets": overrides,
         "epochs": len(seconds),
         "accuracy": report["metrics"]["accuracy"],
         "accuracy_tta": (report.get("metrics_tta") or {}).get("accuracy"),

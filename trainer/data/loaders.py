@@ -15,13 +15,17 @@ import torch
 from trainer.data.augment import AugmentSpec, augment_batch, resize
 
 
+def hashed_generator(*key: int) -> torch.Generator:
+    """A generator for a key of several integers. torch's CPU generator keeps only a seed's low 32
+    bits, so the key is hashed into them (a sum of scaled parts would lose the high ones)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
 def epoch_generator(seed: int, epoch: int, salt: int = 0, rank: int = 0) -> torch.Generator:
-    """The draws of one batch. torch's CPU generator keeps only a seed's low 32 bits, so another
-    rank's key is hashed into them; rank 0 keeps the single-process key (its draws are a run's)."""
+    """The draws of one batch; another rank's key is hashed, and rank 0 keeps the single-process key
+    (its draws are a run's, as they always were)."""
     if rank:
-        return torch.Generator().manual_seed(
-            int(np.random.SeedSequence([seed, epoch, salt, rank]).generate_state(1)[0])
-        )
+        return hashed_generator(seed, epoch, salt, rank)
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + salt) % 2**63)
 
 

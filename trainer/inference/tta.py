@@ -61,9 +61,8 @@ def tta_views(spec: AugmentSpec | None, n: int, size: int, mode: str = "auto", s
         return []
     if mode == "flips" or (mode == "auto" and size <= SMALL):
         return flip_views(spec, n, size)
-    spec = replace(
-        spec, cutout=0, erasing=0.0, auto="none"
-    )  # blanking or distorting helps training, never a prediction
+    # blanking or distorting helps training, never a prediction
+    spec = replace(spec, cutout=0, erasing=0.0, auto="none")
     if spec.is_identity:
         return []
     return [View(f"random{k}", spec=spec, seed=seed + k) for k in range(n)]

@@ -154,7 +154,7 @@ def step_learner(sess: Session, stage: StagePlan) -> tuple[Learner, Handles]:
     valid_dl = shard_valid(valid_dl, world.rank, world.world_size)
     model = wrap(model, sess.device, world)
     handles = Handles(  # mix is made here (a text config fails before lr_find), added with the run's callbacks
-        mix=None if stage.precompute else mix_batches(cfg, sess.task.name, sess.bundle.n_out),
+        mix=None if stage.precompute else mix_batches(cfg, sess.task.name, sess.bundle.n_out, world.rank),
         accumulate=Accumulate(cfg.train.accumulate) if cfg.train.accumulate > 1 else None,
         sync_loss=SyncLoss(world) if world.enabled else None,
         freeze_norms=FreezeNorms(frozen, stage.train_bn, stage.bn_freeze, built.model),

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from trainer.config.schema import Config
+from trainer.data.loaders import hashed_generator
 from trainer.train.loop import Callback, Learner
 from trainer.train.tasks import soft_targets
 
@@ -47,10 +48,8 @@ class Draw:
 
 
 def mix_generator(seed: int, epoch: int, batch: int, rank: int = 0) -> torch.Generator:
-    """The batch's generator. torch's CPU generator keeps only a seed's low 32 bits, so the key is
-    hashed into them (as epoch_generator does for ranks after the first)."""
-    key = np.random.SeedSequence([seed, epoch, batch, rank, MIX_TAG]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(key))
+    """The batch's generator, tagged apart from the data's."""
+    return hashed_generator(seed, epoch, batch, rank, MIX_TAG)
 
 
 def draw(spec: MixSpec, n: int, h: int, w: int, g: torch.Generator) -> Draw:
@@ -95,14 +94,15 @@ class MixBatch(Callback):
 
     in_step = False  # lr_find runs without it: see the module's docstring
 
-    def __init__(self, spec: MixSpec, kind: str, n_classes: int, seed: int):
+    def __init__(self, spec: MixSpec, kind: str, n_classes: int, seed: int, rank: int = 0):
         self.spec, self.kind, self.n_classes, self.seed = spec, kind, n_classes, seed
+        self.rank = rank  # each process mixes its slice with draws of its own
 
     def before_batch(self, learn: Learner) -> None:
         s = learn.state
-        rank = getattr(learn.train_dl, "rank", 0)  # each process mixes its slice with draws of its own
         x, y = learn.xb, soft_targets(self.kind, learn.yb, self.n_classes)
-        d = draw(self.spec, len(x), x.shape[-2], x.shape[-1], mix_generator(self.seed, s.epoch, s.batch, rank))
+        g = mix_generator(self.seed, s.epoch, s.batch, self.rank)
+        d = draw(self.spec, len(x), x.shape[-2], x.shape[-1], g)
         learn.xb, learn.yb = mix(x, y, d)
 
 
@@ -115,11 +115,11 @@ def check_mixing(cfg: Config) -> list[tuple[str, str]]:
     return []
 
 
-def mix_batches(cfg: Config, kind: str, n_classes: int) -> MixBatch | None:
+def mix_batches(cfg: Config, kind: str, n_classes: int, rank: int = 0) -> MixBatch | None:
     """The run's MixBatch, or None when mixing is off."""
     problems = check_mixing(cfg)
     if problems:
         raise ValueError(": ".join(problems[0]))
     t = cfg.transforms
     spec = MixSpec(t.mixup, t.cutmix, t.mix_prob, t.switch_prob)
-    return MixBatch(spec, kind, n_classes, cfg.seed or 0) if spec.on else None
+    return MixBatch(spec, kind, n_classes, cfg.seed or 0, rank) if spec.on else None
