@@ -24,6 +24,7 @@ def atomic_write_bytes(path: Path, write) -> None:
             f.flush()
             if durable():
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600: give what open() would (shared run folders)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -32,6 +33,17 @@ def atomic_write_bytes(path: Path, write) -> None:
             raise OSError(e.errno, f"{path}: no space left to write it (the partial file was removed)") from None
         raise
     _fsync_dir(path.parent)
+
+
+def umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere it is read by setting it and back,
+    which another thread creating a file in between could see (hence /proc first)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        lines = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in lines if line.startswith("Umask:")).split()[1], 8)
+    old = os.umask(0o077)
+    os.umask(old)
+    return old
 
 
 def full_disk(e: BaseException) -> bool:
@@ -132,11 +144,50 @@ def writable_file(path: str | Path) -> Path:
     """An output file the user named, checked before any work: its folder is made; a folder, a
     link or a device at the path is refused, never replaced by a file."""
     path = Path(path)
+    _refuse_non_file(path)
+    writable_folder(path.parent)
+    return path
+
+
+def _refuse_non_file(path: Path) -> None:
     if path.is_symlink() or (path.exists() and not path.is_file()):
         kind = "a link" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
         raise OutputError(f"{path}: is {kind}; give the path of a file to write (nothing was replaced)")
-    writable_folder(path.parent)
-    return path
+
+
+PNG_MARK = "trainer"  # the PNG "Software" text of every picture we write: our own to replace, unlike a user's
+
+
+def writable_picture(path: str | Path) -> Path:
+    """A PNG the user named, checked before any work: a name without a suffix gets .png, another
+    suffix is refused, and an existing file is replaced only if it carries PNG_MARK (a picture an
+    earlier command wrote), never a file of the user's."""
+    path = Path(path)
+    if not path.suffix and not (path.exists() or path.is_symlink()):
+        path = path.with_suffix(".png")  # an existing "adir" is checked as named: a folder is refused, not adir.png
+    _refuse_non_file(path)
+    if path.suffix.lower() != ".png":
+        raise OutputError(f"{path}: the picture is a PNG; give a path ending in .png (nothing was written)")
+    if path.exists() and not marked_png(path):
+        raise OutputError(
+            f"{path}: exists and was not written by trainer; give another path or remove it (nothing was replaced)"
+        )
+    return writable_file(path)
+
+
+def marked_png(path: Path) -> bool:
+    """Whether the file is a PNG carrying PNG_MARK; anything unreadable is not ours."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a huge declared size warns: it only has to be read, not decoded
+            with Image.open(path, formats=["PNG"]) as img:
+                return img.info.get("Software") == PNG_MARK
+    except Exception:  # noqa: BLE001 - PIL raises many kinds for a file that is no PNG: not ours either way
+        return False
 
 
 def writable_folder(path: str | Path) -> Path:

@@ -241,6 +241,43 @@ def show_batch_out_without_a_suffix_says_the_real_name(tmp):
     return ["show-batch", str(config(tmp, folder(tmp))), "--out", str(tmp / "show")]
 
 
+def users_png(path: Path) -> Path:
+    """A picture of the user's own (a real PNG, from another program)."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4), "red").save(path)
+    return path
+
+
+@case(2, "adir: is a folder; give the path of a file to write (nothing was replaced)")
+def show_batch_out_is_a_folder_without_a_suffix(tmp):
+    (tmp / "adir").mkdir()
+    return ["show-batch", str(config(tmp, folder(tmp))), "--out", str(tmp / "adir")]
+
+
+@case(2, "mine.png: exists and was not written by trainer; give another path or remove it")
+def show_batch_out_is_a_picture_of_the_users(tmp):
+    return ["show-batch", str(config(tmp, folder(tmp))), "--out", str(users_png(tmp / "mine.png"))]
+
+
+@case(2, "b.txt: the picture is a PNG; give a path ending in .png")
+def show_batch_out_with_another_suffix(tmp):
+    return ["show-batch", str(config(tmp, folder(tmp))), "--out", str(tmp / "b.txt")]
+
+
+@case(2, "mine.png: exists and was not written by trainer")
+def compare_out_is_a_picture_of_the_users(tmp):
+    _, run = fake_run(tmp)
+    return ["compare", str(run), str(run), "--out", str(users_png(tmp / "mine.png"))]
+
+
+@case(2, "mine.safetensors: exists and is not an export of trainer; give another path or remove it")
+def export_out_is_a_file_of_the_users(tmp):
+    _, run = finished_run(tmp)
+    (tmp / "mine.safetensors").write_text("mine\n")
+    return ["export", str(run), "--out", str(tmp / "mine.safetensors")]
+
+
 # ---- hostile images ---------------------------------------------------------------------------
 
 
@@ -396,6 +433,61 @@ def test_a_refused_out_leaves_the_users_files_as_they_were(tmp_path, monkeypatch
     build = CASES["predict_out_is_a_symlink"][0]
     assert runner.invoke(app, build(tmp_path / "p")).exit_code == 2
     assert (tmp_path / "p" / "link.csv").is_symlink() and (tmp_path / "p" / "target.csv").read_text() == "mine\n"
+
+
+def test_a_refused_picture_or_export_leaves_the_users_file_as_it_was(tmp_path, monkeypatch):
+    for name, mine in [
+        ("show_batch_out_is_a_picture_of_the_users", "mine.png"),
+        ("show_batch_out_is_a_folder_without_a_suffix", "adir"),
+        ("export_out_is_a_file_of_the_users", "mine.safetensors"),
+    ]:
+        tmp = tmp_path / name
+        tmp.mkdir()
+        argv = CASES[name][0](tmp)
+        before = sorted(p.name for p in tmp.iterdir())
+        content = (tmp / mine).read_bytes() if (tmp / mine).is_file() else None
+        assert runner.invoke(app, argv).exit_code == 2
+        assert sorted(p.name for p in tmp.iterdir()) == before, name  # no adir.png, no b.txt
+        assert content is None or (tmp / mine).read_bytes() == content, name
+
+
+def test_show_batch_replaces_its_own_picture_readable_by_the_team(tmp_path):
+    import os
+
+    from trainer.storage import marked_png
+
+    cfg, out = config(tmp_path, folder(tmp_path)), tmp_path / "batch.png"
+    old = os.umask(0o022)
+    try:
+        for n in ("4", "9"):  # the second run replaces the first's picture: it carries our mark
+            res = runner.invoke(app, ["show-batch", str(cfg), "--out", str(out), "--n", n])
+            assert res.exit_code == 0, res.output
+    finally:
+        os.umask(old)
+    assert marked_png(out) and not marked_png(users_png(tmp_path / "mine.png"))
+    assert out.stat().st_mode & 0o777 == 0o644  # as open() makes it under umask 022, not mkstemp's 0600
+
+
+def test_export_replaces_its_own_export_in_each_format(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from trainer.inference.export import an_export
+
+    _, run = finished_run(tmp_path)
+    for fmt, out in (("safetensors", None), ("torchscript", tmp_path / "m.pt")):
+        argv = ["export", str(run), "--format", fmt, "--no-verify", *(["--out", str(out)] if out else [])]
+        for _ in range(2):  # the second export replaces the first
+            res = runner.invoke(app, argv)
+            assert res.exit_code == 0, res.output
+    assert an_export(run / "export" / "model.safetensors") and an_export(tmp_path / "m.pt")
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    onnx.save(model, str(tmp_path / "plain.onnx"))
+    model.metadata_props.add(key="trainer", value="{}")
+    onnx.save(model, str(tmp_path / "ours.onnx"))
+    assert an_export(tmp_path / "ours.onnx") and not an_export(tmp_path / "plain.onnx")
+    assert not an_export(users_png(tmp_path / "mine.png"))
 
 
 def test_a_usage_error_is_one_line_on_stderr(monkeypatch, capsys):

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from tests.conftest import tiny_config
 from trainer.cli import app
 from trainer.config import load_config
+from trainer.config.schema import Transforms
 from trainer.data.augment import AugmentSpec, augment_batch, preset, random_erasing
 from trainer.data.auto_augment import (
     OPS,
@@ -169,7 +170,8 @@ def test_random_erasing_draws_one_rectangle_per_chosen_image():
 
 
 def test_composes_with_presets_and_the_stage_size():
-    spec = preset("pad_crop", size=16, auto="trivialaugment", erasing=0.25, mixup=0.2, cutmix=1.0, mix_prob=0.5)
+    t = Transforms(preset="pad_crop", auto="trivialaugment", erasing=0.25, mixup=0.2, cutmix=1.0, mix_prob=0.5)
+    spec = preset(t.preset, size=16, **t.per_image())  # mixing is the loop's, not the per-image spec's
     assert (spec.pad, spec.flip, spec.auto, spec.erasing) == (2, True, "trivialaugment", 0.25)
     assert not preset("none", auto="autoaugment").is_identity and not preset("none", erasing=0.1).is_identity
     x = pixels(8, 32)

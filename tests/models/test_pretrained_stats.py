@@ -64,13 +64,43 @@ def test_local_weights_file_loads_the_body(tmp_path, suffix):
     assert built.model.head[-1].out_features == 5
 
 
-def test_weights_of_another_architecture_are_refused(tmp_path):
+def test_weights_of_another_architecture_are_refused(tmp_path, folder_data):
     import torchvision
 
     path = tmp_path / "vgg.pth"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match="does not fit"):
         create_model(ModelConfig(arch="resnet18", pretrained=str(path)), 5)
+    cfg, err = _bad_weights(tmp_path, folder_data, path, "check")  # found by the config check, as other errors
+    assert err.startswith(f"error: {cfg}:4: model.pretrained: {path} does not fit this architecture: 0 missing")
+
+
+def _bad_weights(tmp_path, folder_data, weights, command="fit") -> tuple:
+    """The config and its one line on stderr, for a weights file trainer refuses."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(tiny_config(folder_data, arch=f"resnet18, pretrained: '{weights}'"))
+    res = runner.invoke(app, [command, str(cfg), *(["--out", str(tmp_path / "r")] if command == "fit" else [])])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and "\n" not in err and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "r").exists()
+    return cfg, err
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pth", "base.yaml"])
+def test_a_text_file_as_weights_is_one_line_naming_both_files(tmp_path, folder_data, name):
+    weights = tmp_path / name
+    weights.write_text("hello\n")
+    cfg, err = _bad_weights(tmp_path, folder_data, weights)
+    assert err.startswith(f"error: {cfg}:4: model.pretrained: {weights} is not a safetensors or .pth state dict (")
+    with pytest.raises(ValueError, match="is not a safetensors or .pth state dict"):  # fit's own read says the same
+        create_model(ModelConfig(arch="resnet18", pretrained=str(weights)), 5)
+
+
+def test_a_folder_as_weights_says_it_is_a_folder(tmp_path, folder_data):
+    cfg, err = _bad_weights(tmp_path, folder_data, folder_data)
+    assert (
+        err == f"error: {cfg}:4: model.pretrained: {folder_data} is a folder, not a weights file (.safetensors or .pth)"
+    )
 
 
 def test_resolve_stats_every_option():

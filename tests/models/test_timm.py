@@ -158,6 +158,17 @@ def test_weights_that_do_not_fit_name_the_file(tmp_path):
         create_model(ModelConfig(arch=CONVNEXT, pretrained=str(path)), 5, in_channels=1)
 
 
+def test_weights_that_do_not_fit_are_a_config_error_naming_the_config(tmp_path, folder_data):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_vit").state_dict().items()}, str(path))
+    cfg = _write(tmp_path, tiny_config(folder_data, arch=f"{RESNET}, pretrained: '{path}'"))
+    res = runner.invoke(app, ["check", str(cfg)])
+    assert res.exit_code == 2 and "\n" not in res.stderr.strip(), res.output
+    assert f"{cfg}:4: model.pretrained: {path} does not fit this architecture: 75 missing key(s)" in res.stderr
+
+
 def test_offline_pretrained_true_fails_before_any_work(tmp_path, folder_data):
     cfg = _write(tmp_path, tiny_config(folder_data, arch=f"{RESNET}, pretrained: true"))
     env = {

@@ -116,7 +116,20 @@ params:
             "params:\n  data.bs: {choice: [8, 0]}\n",
             "space.yaml:2: params.data.bs: the value 0 makes the config invalid",
         ),
-        ("params:\n  train.wd: {range: [0.1, 0.0]}\n", "params.train.wd: the low end 0.1 is above the high end 0.0"),
+        (
+            "params:\n  train.wd: {range: [0.1, 0.0]}\n",
+            "space.yaml:2: params.train.wd: the low end 0.1 is above the high end",
+        ),
+        (
+            "params:\n  train.wd: {log: [-1.0e-4, 0.1]}\n",
+            "space.yaml:2: params.train.wd: log's low end: input should be greater",
+        ),
+        (
+            "params:\n  data.bs: {choice: []}\n",
+            "space.yaml:2: params.data.bs: choice: list should have at least 1 item",
+        ),
+        ("params:\n  train.wd: {range: [0.0, 0.1], log: [1, 2]}\n", "params.train.wd: log takes no key 'range'"),
+        ("params:\n  data.bs: {range: [4, 8]}\n", "the value 5.48 makes the config invalid"),
         ("param:\n  train.wd: {range: [0.0, 0.1]}\n", "space.yaml:1: param: unknown key; did you mean 'params'?"),
         ("params:\n  train.wd: {rang: [0.0, 0.1]}\n", "space.yaml:2: params.train.wd: expected {log: [low, high]}"),
         (
@@ -131,6 +144,45 @@ def test_a_bad_space_file_fails_before_any_trial(tmp_path, folder_data, space, s
     res = sweep(cfg, "--space", sp, "--trials", 2, "--out", tmp_path / "sw")
     assert res.exit_code == 2 and said in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize(
+    "storage,said",
+    [
+        ("garbage", "--storage garbage: cannot open it: Could not parse"),
+        ("sqlite:////nonexistent/dir/x.db", "--storage sqlite:////nonexistent/dir/x.db: cannot open it"),
+        ("sqlite:///{tmp}/notes.txt", "notes.txt: cannot open it: file is not a database"),
+    ],
+)
+def test_a_storage_that_cannot_be_opened_is_one_line_and_leaves_nothing(tmp_path, folder_data, storage, said):
+    (tmp_path / "notes.txt").write_text("the user's notes, not a database\n" * 100)
+    cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
+    url = storage.format(tmp=tmp_path)
+    res = sweep(cfg, "--space", sp, "--trials", 1, "--out", tmp_path / "sw", "--storage", url)
+    assert res.exit_code == 2 and said.format(tmp=tmp_path) in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "sw").exists()  # a corrected command starts clean
+    assert (tmp_path / "notes.txt").read_text().startswith("the user's notes")
+
+
+def test_study_names_and_folders_are_checked(tmp_path, folder_data):
+    cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
+    res = sweep(cfg, "--space", sp, "--trials", 1, "--study", "../escape")
+    assert res.exit_code == 2 and "--study '../escape'" in res.output and not (tmp_path.parent / "escape").exists()
+    assert sweep(cfg, "--space", sp, "--trials", 1, "--out", tmp_path / "sw").exit_code == 0
+    other = sweep(cfg, "--space", sp, "--trials", 1, "--out", tmp_path / "sw", "--study", "other")
+    assert other.exit_code == 2 and "holds the study 'tiny'" in other.output, other.output
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text())["study"] == "tiny"
+    report = runner.invoke(app, ["sweep-report", str(tmp_path / "sw"), "--study", "nosuch"])
+    assert report.exit_code == 2 and "no study 'nosuch'" in report.output and "tiny" in report.output
+    assert "Traceback" not in report.output, report.output
+
+
+def test_a_sweep_whose_every_trial_fails_exits_1(tmp_path, folder_data):
+    space = "sampler: {name: grid}\nparams:\n  train.accumulate: {choice: [5, 7]}\n"  # 12 splits into neither
+    cfg, sp = files(tmp_path, folder_data, space, epochs=1)
+    res = sweep(cfg, "--space", sp, "--trials", 2, "--out", tmp_path / "sw")
+    assert res.exit_code == 1 and "every trial failed" in res.output and "accumulate" in res.output, res.output
 
 
 def start(args: list, cwd: Path, log: Path, step_seconds: float = 0.0) -> subprocess.Popen:
@@ -162,38 +214,46 @@ def test_two_processes_share_one_sqlite_study_with_no_trial_twice(tmp_path, fold
     for p in procs:
         assert p.wait(timeout=300) == 0, [log.read_text()[-2000:] for log in tmp_path.glob("p*.log")]
     done = trials(tmp_path / "sw")
-    assert sorted(t.number for t in done) == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in done)
+    said = [(t.number, t.state.name, t.user_attrs) for t in done]
+    assert sorted(t.number for t in done) == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in done), said
     assert sorted(p.name for p in (tmp_path / "sw" / "trials").iterdir()) == ["0", "1", "2", "3"]
     ran = [line.split(":")[0] for log in tmp_path.glob("p*.log") for line in log.read_text().splitlines()]
     ran = [r for r in ran if r.startswith("trial ")]  # "trial N: ..." once when it starts, once when it ends
     assert sorted(ran) == sorted(f"trial {n}" for n in range(4) for _ in range(2))
+    # seeded, yet no two workers draw the same point: trial n's draws come from (seed, n)
+    assert len({t.params["train.stages.0.lr"] for t in done}) == 4
 
 
-def wait_for_trial(proc: subprocess.Popen, out: Path, number: int, log: Path) -> None:
+def wait_for_line(proc: subprocess.Popen, log: Path, text: str) -> None:
     deadline = time.monotonic() + 120
-    while not (out / "trials" / str(number) / "log.txt").exists():  # the trial has started
+    while text not in (log.read_text() if log.is_file() else ""):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
 
 
 def test_ctrl_c_then_kill_9_and_the_same_command_continues_the_study(tmp_path, folder_data, monkeypatch):
-    """Ctrl-C stops after recording the running trial as failed; kill -9 leaves it "running"
-    until its heartbeat is stale, then it is failed; each time the same command goes on to N."""
+    """Ctrl-C stops after recording the running trial as failed and queueing its params; kill -9
+    leaves it "running" until its heartbeat is stale, then it is failed and queued. Each time the
+    same command goes on to N trials that count (the lost ones do not), and the lost trial's run
+    continues from its checkpoint."""
     from trainer.sweep import study as sweeping
 
     cfg, sp = files(tmp_path, folder_data, SMALL, epochs=2)
     out = tmp_path / "sw"
     args = [cfg, "--space", sp, "--trials", 4, "--out", out]
     proc = start(args, tmp_path, tmp_path / "first.log", step_seconds=0.3)
-    wait_for_trial(proc, out, 1, tmp_path / "first.log")
+    wait_for_line(proc, out / "trials" / "1" / "log.txt", "stage 1/1")  # trial 1 is training
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()
     first = trials(out)
-    assert [t.state.name for t in first] == ["COMPLETE", "FAIL"] and "interrupted" in first[1].user_attrs["error"]
+    assert [t.state.name for t in first] == ["COMPLETE", "FAIL", "WAITING"]
+    assert "interrupted" in first[1].user_attrs["error"]
+    assert first[2].system_attrs["fixed_params"] == first[1].params  # queued: Optuna's enqueue_trial
     assert (out / "trials.csv").is_file()  # the results so far are written
     proc = start(args, tmp_path, tmp_path / "second.log", step_seconds=0.3)
-    wait_for_trial(proc, out, 2, tmp_path / "second.log")
+    wait_for_line(proc, tmp_path / "second.log", "trial 2 (trial 1 again, from its checkpoint)")
+    time.sleep(1.0)
     proc.kill()  # kill -9: trial 2 stays "running" in the study, its heartbeat stops
     proc.wait()
     assert [t.state.name for t in trials(out)] == ["COMPLETE", "FAIL", "RUNNING"]
@@ -201,7 +261,15 @@ def test_ctrl_c_then_kill_9_and_the_same_command_continues_the_study(tmp_path, f
     time.sleep(1.5)
     res = sweep(*args)
     assert res.exit_code == 0, res.output
-    assert [t.state.name for t in trials(out)] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    done = trials(out)
+    assert [t.state.name for t in done] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    retry = done[3]  # trial 1's params, its run finished in its own folder from the last checkpoint
+    assert retry.params == done[1].params and retry.user_attrs["run_dir"] == str(out / "trials" / "1")
+    rows = (out / "trials" / "1" / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and sorted(retry.intermediate_values) == [1, 2]
+    assert json.loads((out / "trials" / "1" / "status.json").read_text())["status"] == "finished"
+    assert not (out / "trials" / "2").exists() and not (out / "trials" / "3").exists()
+    assert "trial 3 (trial 2 again, from its checkpoint)" in res.output
 
 
 def postgres(tmp: Path):

@@ -85,15 +85,24 @@ def sweep(
 
     if importlib.util.find_spec("optuna") is None:
         fail("trainer sweep needs Optuna, which is not installed: pip install -e '.[sweep]'")
-    from trainer.sweep.report import best_trials, summary_line, write_results
+    from trainer.sweep.report import all_failed, best_trials, summary_line, write_results
     from trainer.sweep.space import load_space
     from trainer.sweep.study import MARKER, Sweep, open_study, run_sweep
 
     space_, base = guarded(lambda: load_space(space, config, sets or []))
+    if study is not None and not _plain_name(study):
+        fail(f"--study {study!r}: a study name is letters, digits, '.', '_' and '-' (it names a folder)")
     name = study or base.name
     out = out or Path("sweeps") / name
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+    ours = (MARKER, ".sweep.lock")  # the lock alone: another worker is opening the study right now
+    foreign = out.is_dir() and not (out / MARKER).is_file() and any(p.name not in ours for p in out.iterdir())
+    if out.exists() and (not out.is_dir() or foreign):
         fail(f"--out {out}: not a sweep folder of trainer (no {MARKER}); give a new or empty folder")
+    held = guarded(lambda: json.loads((out / MARKER).read_text())) if (out / MARKER).is_file() else {}
+    if held.get("study", name) != name:
+        fail(
+            f"--out {out} holds the study '{held['study']}'; give another --out for '{name}' (or --study {held['study']})"
+        )
     say = lambda m: common.console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     job = Sweep(config, sets or [], space_, out, trials, storage, name, timeout, say, common.console)
     code = 0
@@ -101,7 +110,10 @@ def sweep(
         result = guarded(lambda: run_sweep(job))
     except KeyboardInterrupt:
         common.errors.print(
-            "interrupted: the trial that was running is recorded as failed; run the same command to continue"
+            "interrupted: the running trial is recorded as failed and queued to run again (from its "
+            "checkpoint); run the same command to continue",
+            highlight=False,
+            soft_wrap=True,
         )
         result, code = open_study(job), 130
     files = guarded(lambda: write_results(result, out, config, sets or [], space_.objective.monitor))
@@ -109,7 +121,16 @@ def sweep(
     _best_table(best_trials(result, 5), space_.objective.monitor)
     for f in files:
         common.console.print(f"wrote {f}", highlight=False, markup=False, soft_wrap=True)
+    failed = all_failed(result)
+    if failed and code == 0:
+        fail(f"every trial failed; trial {failed.number}'s error: {failed.user_attrs.get('error', '?')}", 1)
     raise typer.Exit(code)
+
+
+def _plain_name(name: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None
 
 
 @app.command("sweep-report")
@@ -122,6 +143,7 @@ def sweep_report(
     """The best trials of a sweep, best first (the study may still be running)."""
     import optuna
 
+    from trainer.sweep.database import load_study
     from trainer.sweep.report import best_trials, summary_line
     from trainer.sweep.study import MARKER
 
@@ -133,7 +155,7 @@ def sweep_report(
     if url is None:
         fail(f"{folder}: its storage URL holds a password; give it with --storage")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    found = guarded(lambda: optuna.load_study(study_name=study or saved.get("study"), storage=url))
+    found = guarded(lambda: load_study(url, study or saved.get("study")))
     common.console.print(summary_line(found), highlight=False)
     rows = best_trials(found, n)
     monitor = found.user_attrs.get("monitor", "value")

@@ -210,6 +210,10 @@ class Transforms(Strict):
     mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0  # the chance a batch is mixed
     switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # CutMix's share when both are on
 
+    def per_image(self) -> dict:
+        """The per-image augmentation's keys (the data's); mixing acts on whole batches (the loop's)."""
+        return self.model_dump(exclude={"preset", "mixup", "cutmix", "mix_prob", "switch_prob"})
+
 
 class Tta(Strict):
     """n augmented views blended with the plain view (weight beta on the plain one). mode auto:

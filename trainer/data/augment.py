@@ -68,7 +68,6 @@ def preset(
     magnitude: int = 9,
     ops: int = 2,
     erasing: float = 0.0,
-    **mixing: float,  # mixup, cutmix, mix_prob, switch_prob: whole-batch mixing, trainer/train/mixing.py
 ) -> AugmentSpec:
     common = dict(
         max_zoom=max_zoom,

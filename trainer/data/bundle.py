@@ -100,7 +100,6 @@ def build_bundle(
         items = subsample(items, 3 * smoke_bs, 2 * smoke_bs, seed)
     images = load_images(data, seed, list(sizes), log, items=items)
     mean, std = resolve_stats(data.stats, images.train_x, model_stats)
-    transforms = cfg.transforms.model_dump()
     on_device = keep_on_device(data.on_device, images, device)
     if on_device and device.type != "cpu":
         log(f"keeping the {_nbytes(images) / 2**20:.0f} MiB of decoded images on {device} (data.on_device)")
@@ -108,7 +107,7 @@ def build_bundle(
         images,
         mean,
         std,
-        {"name": transforms.pop("preset"), **transforms},
+        {"name": cfg.transforms.preset, **cfg.transforms.per_image()},
         seed,
         device,
         cfg.channels_last,

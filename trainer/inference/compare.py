@@ -12,7 +12,7 @@ from trainer.config import flat_keys
 from trainer.config.schema import LOWER_IS_BETTER, better_mode
 from trainer.inference.runs import RunInfo, finite, is_run_dir, read_run
 from trainer.run.plots import _figure, _save
-from trainer.storage import writable_file
+from trainer.storage import writable_picture
 
 NOT_METRICS = {"stage", "epoch", "lr", "seconds", "peak_lr", "threshold", "skipped_steps"}
 MAIN_METRICS = ("accuracy", "fbeta", "bpc")  # the second plot's metric when the monitor is a loss
@@ -31,7 +31,7 @@ class Comparison:
 def compare_runs(paths: list[Path], out: Path) -> Comparison:
     if len(paths) < 2:
         raise ValueError("compare needs two or more run directories")
-    target = writable_file(out)  # checked before any work
+    target = writable_picture(out)  # checked before any work
     runs = [load(Path(p)) for p in paths]
     labels = short_labels([r.path for r in runs])
     plot_curves(runs, labels, target)

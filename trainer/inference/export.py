@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,10 @@ def export_run(
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}' (expected one of {', '.join(FORMATS)})")
     path = writable_file(Path(out) if out is not None else Path(run_dir) / "export" / f"model{FORMATS[fmt]}")
+    if path.exists() and not an_export(path):
+        raise OutputError(
+            f"{path}: exists and is not an export of trainer; give another path or remove it (nothing was replaced)"
+        )
     run = load_run(run_dir, which, device="cpu")
     model = run.built.model.eval()
     x = sample_input(run)
@@ -72,6 +77,39 @@ def export_run(
     finally:
         tmp.unlink(missing_ok=True)
     return Exported(path, fmt, size, diff)
+
+
+def an_export(path: Path) -> bool:
+    """Whether the file carries our "trainer" metadata (an earlier export, ours to replace), in any
+    of the three formats; read as data only, never run."""
+    return any(_quietly(has_mark, path) for has_mark in (_torchscript_mark, _safetensors_mark, _onnx_mark))
+
+
+def _quietly(has_mark, path: Path) -> bool:
+    try:
+        return has_mark(path)
+    except Exception:  # noqa: BLE001 - a file of another format fails each reader its own way: not this format
+        return False
+
+
+def _torchscript_mark(path: Path) -> bool:
+    # a TorchScript file is a zip archive; its extra files sit under <archive>/extra/
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/extra/trainer.json") for name in z.namelist())
+
+
+def _safetensors_mark(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return "trainer" in (f.metadata() or {})
+
+
+def _onnx_mark(path: Path) -> bool:
+    import onnx  # absent without the export extra: then no file can be told ours
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(p.key == "trainer" for p in proto.metadata_props)
 
 
 def _check(run: LoadedRun, fmt: str, path: Path, x: torch.Tensor, expected: torch.Tensor) -> float:

@@ -50,8 +50,8 @@ class LoadedRun:
 
     def augment_spec(self) -> AugmentSpec | None:
         """The run's training augmentation at its final size (TTA draws its views from it)."""
-        t = self.cfg.transforms.model_dump()
-        spec = preset(t.pop("preset"), size=self.size, **t)
+        t = self.cfg.transforms
+        spec = preset(t.preset, size=self.size, **t.per_image())
         return None if spec.is_identity else spec
 
     def tta_views(self) -> list[View]:

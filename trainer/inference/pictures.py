@@ -11,7 +11,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trainer.storage import writable_file, write_output
+from trainer.storage import PNG_MARK, writable_picture, write_output
 
 
 def to_display(x: torch.Tensor, mean, std) -> np.ndarray:
@@ -26,7 +26,7 @@ def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": PNG_MARK})  # marked: ours to replace later
     write_output(path, lambda f: f.write(buf.getvalue()))
     return path
 
@@ -107,14 +107,14 @@ def label_text(y: torch.Tensor, classes: list[str], most: int | None = None) -> 
 
 def show_batch(cfg, path: Path, n: int = 16, log=print) -> Path:
     """A grid of the first n augmented training images of epoch 0, as the first stage sees them,
-    into a PNG (a path without a suffix gets .png)."""
+    into a PNG (a path without a suffix gets .png; see writable_picture for what is refused)."""
     from trainer.data.bundle import build_bundle
     from trainer.models import input_stats
     from trainer.train.plan import outline
 
     if cfg.data.layout == "text":
         raise ValueError("show-batch shows images; this config trains a language model")
-    path = writable_file(Path(path) if Path(path).suffix else Path(path).with_suffix(".png"))
+    path = writable_picture(path)
     stages = outline(cfg)
     bundle = build_bundle(
         cfg, cfg.seed or 0, torch.device("cpu"), stages.image_sizes, log=log, model_stats=input_stats(cfg.model)

@@ -10,6 +10,7 @@ import torch.nn as nn
 from trainer.config.schema import IMAGENET_STATS, Config, ModelConfig
 from trainer.models import backbones, course, efficientnet_lite, rnn, timm_models  # noqa: F401  (registers the archs)
 from trainer.models.registry import MODELS, Built, split
+from trainer.models.weights import WeightsError, header_only
 from trainer.registry import did_you_mean
 
 # The input normalisation each pretrained body was trained with (torchvision's: ImageNet's).
@@ -101,7 +102,7 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
             )
         ]
     if timm_arch:
-        return timm_models.check_options(cfg.model)
+        return timm_models.check_options(cfg.model) or _check_weights_file(cfg)
     if cfg.model.head == "timm":
         return [
             (
@@ -122,6 +123,22 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
                 )
                 for k in bad
             ]
+    return _check_weights_file(cfg)
+
+
+def _check_weights_file(cfg: Config) -> list[tuple[str, str]]:
+    """Config check of `model.pretrained: PATH`: the file is a state dict that fits the arch, found by
+    building the model on the meta device and loading the file's header into it (no weights read)."""
+    path = cfg.model.pretrained
+    if not isinstance(path, str):
+        return []
+    try:
+        with header_only(path):
+            create_model(cfg.model, 2, getattr(cfg.data, "channels", 3))
+    except WeightsError as e:
+        return [("model.pretrained", str(e).removeprefix("model.pretrained: "))]
+    except Exception:  # noqa: BLE001 -- a model that cannot be built on meta: fit's own load checks the file
+        return []
     return []
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from trainer.models.layers import head
 from trainer.models.registry import Built, split
-from trainer.models.weights import read_state_dict
+from trainer.models.weights import load_fitting, read_state_dict
 
 
 def torchvision_names() -> list[str]:
@@ -83,19 +83,7 @@ def load_into(net: nn.Module, state: dict, source: str, is_head=_torchvision_hea
     silently random weights."""
     body = {k.removeprefix("module."): v for k, v in state.items()}
     body = {k: v for k, v in body.items() if not is_head(k)}
-    try:
-        missing, unexpected = net.load_state_dict(body, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(
-            f"model.pretrained: {source} does not fit this architecture: {str(e).splitlines()[-1].strip()[:200]}"
-        ) from None
-    missing = [k for k in missing if not is_head(k)]
-    if unexpected or missing:
-        raise ValueError(
-            f"model.pretrained: {source} does not fit this architecture: "
-            f"{len(missing)} missing key(s) (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-        )
+    load_fitting(net, body, source, optional=is_head)
 
 
 def _n_features(body: nn.Module, in_channels: int) -> int:

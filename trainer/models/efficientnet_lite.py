@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.weights import read_state_dict
+from trainer.models.weights import load_fitting, read_state_dict
 
 # The TF Lite checkpoints were trained on (pixel - 127) / 128 with pixels in 0..255
 # ("inception-style", picked by Google for post-quantization), not on the usual
@@ -197,16 +197,14 @@ def package_weights_path() -> Path:
     return path
 
 
-def load_weights(model: EfficientNetLite0, state_dict: dict[str, torch.Tensor]) -> None:
+def load_weights(model: EfficientNetLite0, state_dict: dict[str, torch.Tensor], source: str | Path) -> None:
     """Load strictly, except that a classifier of another size is left freshly
     initialised: that is the transfer-learning case (ImageNet body, new head)."""
     sd = convert_state_dict(state_dict)
     head = {"classifier.fc.weight", "classifier.fc.bias"}
     if sd.get("classifier.fc.weight", torch.empty(0)).shape != model.classifier.fc.weight.shape:
         sd = {k: v for k, v in sd.items() if k not in head}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or set(missing) - head:
-        raise RuntimeError(f"state dict does not fit EfficientNet-Lite0: missing {missing}, unexpected {unexpected}")
+    load_fitting(model, sd, source, optional=head.__contains__)
 
 
 def efficientnet_lite0(pretrained: bool | str = False, num_classes: int = 1000, **kwargs) -> EfficientNetLite0:
@@ -215,7 +213,7 @@ def efficientnet_lite0(pretrained: bool | str = False, num_classes: int = 1000, 
     model = EfficientNetLite0(num_classes=num_classes, **kwargs)
     if pretrained:
         path = package_weights_path() if pretrained is True else pretrained
-        load_weights(model, read_state_dict(path))
+        load_weights(model, read_state_dict(path), path)
     return model
 
 

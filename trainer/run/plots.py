@@ -14,7 +14,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from trainer.run.rundir import RunDir, write_table
-from trainer.storage import atomic_write_bytes
+from trainer.storage import PNG_MARK, atomic_write_bytes
 from trainer.train.loop import Callback, Learner
 
 SCHEDULE_COLUMNS = ["stage", "step", "lr", "mom", "loss"]
@@ -40,7 +40,7 @@ def _figure(rows: int = 1, height: float = 3.5):
 
 def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": PNG_MARK})  # marked: ours to replace later
     atomic_write_bytes(Path(path), lambda f: f.write(buf.getvalue()))
     return Path(path)
 

@@ -10,7 +10,8 @@ import optuna
 
 from trainer.config import dump_config
 from trainer.run.rundir import write_table
-from trainer.storage import atomic_write_bytes, atomic_write_text
+from trainer.storage import PNG_MARK, atomic_write_bytes, atomic_write_text
+from trainer.sweep.database import lost
 from trainer.sweep.space import trial_config
 
 
@@ -108,9 +109,16 @@ def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.set_size_inches(8, 4.5)
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": PNG_MARK})  # ours, as every picture we write
     plt.close(fig)  # Optuna draws through pyplot: close what it opened
     atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
+
+
+def all_failed(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The first trial, when every trial of the study failed for its own reasons (none lost)."""
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL and not lost(t)]
+    return failed[0] if failed and len(failed) == len(trials) else None
 
 
 def summary_line(study: optuna.Study) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, model_validator
 
 from trainer.config import Config, ConfigError, node_at, parse_yaml
 from trainer.config.schema import Metric, Strict, better_mode
@@ -39,25 +39,61 @@ class Pruner(Strict):
     startup_trials: Annotated[int, Field(ge=0)] = 2  # trials that finish before any is pruned (median)
 
 
-class LogRange(Strict):
+class Ordered(Strict):
+    @model_validator(mode="after")
+    def _low_first(self):
+        low, high = self.ends
+        if low > high:
+            raise ValueError(f"the low end {low} is above the high end {high}")
+        return self
+
+
+class LogRange(Ordered):
     log: tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], Annotated[float, Field(gt=0, allow_inf_nan=False)]]
 
+    @property
+    def ends(self):
+        return self.log
 
-class Range(Strict):
+
+class Range(Ordered):
     range: tuple[Number, Number]
-    step: Annotated[float, Field(gt=0)] | None = None
+    step: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+
+    @property
+    def ends(self):
+        return self.range
 
 
-class IntRange(Strict):
+class IntRange(Ordered):
     int: tuple[int, int]
     step: Annotated[int, Field(ge=1)] = 1
+
+    @property
+    def ends(self):
+        return self.int
 
 
 class Choice(Strict):
     choice: Annotated[list[Any], Field(min_length=1)]
 
 
-Param = LogRange | Range | IntRange | Choice
+FORMS = ("log", "range", "int", "choice")
+
+
+def _form(value) -> str | None:
+    """Which param form a mapping means, by its first form key: its errors are then that form's own."""
+    return next((k for k in FORMS if k in value), None) if isinstance(value, dict) else None
+
+
+PARAM_FORMS = "{log: [low, high]}, {range: [low, high]}, {int: [low, high]} or {choice: [a, b, ...]}"
+Param = Annotated[
+    Annotated[LogRange, Tag("log")]
+    | Annotated[Range, Tag("range")]
+    | Annotated[IntRange, Tag("int")]
+    | Annotated[Choice, Tag("choice")],
+    Discriminator(_form, custom_error_type="param_form", custom_error_message=f"expected {PARAM_FORMS}"),
+]
 
 
 class Space(Strict):
@@ -67,21 +103,21 @@ class Space(Strict):
     params: Annotated[dict[str, Param], Field(min_length=1)]
 
     @model_validator(mode="after")
-    def _ordered_and_gridable(self):
+    def _gridable(self):
         for key, p in self.params.items():
-            lo_hi = getattr(p, "log", None) or getattr(p, "range", None) or getattr(p, "int", None)
-            if lo_hi is not None and lo_hi[0] > lo_hi[1]:
-                raise ValueError(f"params.{key}: the low end {lo_hi[0]} is above the high end {lo_hi[1]}")
             if self.sampler.name == "grid" and not isinstance(p, Choice):
                 raise ValueError(f"params.{key}: sampler grid takes choice params only (a grid lists its values)")
         return self
 
 
 def edge_values(p: Param) -> list:
-    """The values to try on the config before any trial: both ends, or every choice."""
+    """The values to try on the config before any trial: both ends, or every choice, and for a
+    float range a value between them (an integer key passes 4.0 and 8.0 but not 5.48)."""
     if isinstance(p, Choice):
         return list(p.choice)
-    return list(getattr(p, "log", None) or getattr(p, "range", None) or p.int)
+    low, high = p.ends
+    inside = [] if isinstance(p, IntRange) or low == high else [round(low + (high - low) * 0.37, 6)]
+    return [low, high, *inside]
 
 
 def as_override(key: str, value) -> str:
@@ -116,7 +152,8 @@ def load_space(path: Path, config: Path, sets: list[str]) -> tuple[Space, Config
                 trial_config(config, sets, {key: value})
             except ConfigError as e:
                 first = str(e).splitlines()[0].split(": ", 2)[-1]
-                problems.append(f"{line}: params.{key}: the value {value!r} makes the config invalid: {first}")
+                whole = "; it takes whole numbers: use {int: [low, high]}" if "integer" in first else ""
+                problems.append(f"{line}: params.{key}: the value {value!r} makes the config invalid: {first}{whole}")
                 break
     if problems:
         raise ConfigError("\n".join(problems))
@@ -155,9 +192,6 @@ def _line(node, loc: tuple, source: str) -> str:
     return f"{source}:{node_at(node, loc).start_mark.line + 1}" if node is not None else source
 
 
-PARAM_FORMS = "{log: [low, high]}, {range: [low, high]}, {int: [low, high]} or {choice: [a, b, ...]}"
-
-
 def _key_line(node, loc: tuple, source: str) -> str:
     """The line of an unknown key itself (its value may start on the next line)."""
     parent = node_at(node, loc[:-1]) if node is not None else None
@@ -167,21 +201,36 @@ def _key_line(node, loc: tuple, source: str) -> str:
     return _line(node, loc, source)
 
 
+def loc_form(err) -> str:
+    return str(err["loc"][2]) if len(err["loc"]) > 2 else "?"
+
+
+def _which(inner: tuple) -> str:
+    """('log', 0) -> 'log's low end'; ('choice',) -> 'choice'."""
+    form, *rest = inner
+    if rest and rest[0] in (0, 1) and form in ("log", "range", "int"):
+        return f"{form}'s {'low' if rest[0] == 0 else 'high'} end"
+    return ".".join(str(p) for p in inner)
+
+
 def _located(e: ValidationError, node, source: str) -> str:
     lines, seen = [], set()
     for err in e.errors():
         loc = tuple(err["loc"])
-        in_param = loc[:1] == ("params",) and len(loc) > 2  # one of the param forms did not fit
-        loc = loc[:2] if in_param else loc
+        inner = loc[3:] if loc[:1] == ("params",) and len(loc) > 3 else ()  # (form, index): which end
+        loc = loc[:2] if loc[:1] == ("params",) else loc
         key = ".".join(str(p) for p in loc) or "(top level)"
         if key in seen:
-            continue  # a union reports once per member
+            continue  # one line per param
         seen.add(key)
         msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(
             err["type"], err["msg"].removeprefix("Value error, ")
         )
-        if in_param:
-            msg = f"expected {PARAM_FORMS}"
+        if err["type"] == "extra_forbidden" and inner:
+            k = inner[-1]
+            msg = f"{loc_form(err)} takes no key '{k}'" + (" (one form per param)" if k in FORMS else "")
+        elif inner:
+            msg = f"{_which(inner)}: {msg[0].lower()}{msg[1:]}"
         if err["type"] == "extra_forbidden" and loc:
             hint = did_you_mean(loc[-1], ["objective", "sampler", "pruner", "params"] if len(loc) == 1 else [])
             msg += f"; {hint}" if hint else ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,8 +24,12 @@ from trainer.config import ConfigError
 from trainer.run.checkpoints import monitored
 from trainer.run.early_stop import StoppedEarly
 from trainer.run.fit import fit
+from trainer.run.rundir import read_table
 from trainer.run.signals import Interrupted
+from trainer.run.status import read_status
 from trainer.storage import atomic_write_text
+from trainer.sweep.database import StorageError, connect, counted, lost, retry_lost, safe_url
+from trainer.sweep.samplers import choice_key, make_pruner, make_sampler
 from trainer.sweep.space import Choice, IntRange, LogRange, Space, trial_config
 from trainer.train.loop import Callback, Learner
 from trainer.train.plan import outline
@@ -59,19 +64,28 @@ class Sweep:
 
 def open_study(sweep: Sweep) -> optuna.Study:
     engine = {"connect_args": {"timeout": 60}} if sweep.url.startswith("sqlite") else None  # wait out a writer
-    with creating(sweep), warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: marked experimental
-        storage = optuna.storages.RDBStorage(
-            sweep.url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT, grace_period=GRACE
+
+    def make():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: marked experimental
+            storage = optuna.storages.RDBStorage(
+                sweep.url,
+                engine_kwargs=engine,
+                heartbeat_interval=HEARTBEAT,
+                grace_period=GRACE,
+                heartbeat_stale_trial_callback=retry_lost,
+            )
+        return optuna.create_study(
+            storage=storage,
+            study_name=sweep.study_name,
+            direction=sweep.space.objective.direction,
+            sampler=make_sampler(sweep.space),
+            pruner=make_pruner(sweep.space),
+            load_if_exists=True,
         )
-    return optuna.create_study(
-        storage=storage,
-        study_name=sweep.study_name,
-        direction=sweep.space.objective.direction,
-        sampler=make_sampler(sweep.space),
-        pruner=make_pruner(sweep.space, sweep),
-        load_if_exists=True,
-    )
+
+    with creating(sweep):
+        return connect(sweep.url, make)
 
 
 @contextlib.contextmanager
@@ -89,38 +103,13 @@ def creating(sweep: Sweep):
         yield
 
 
-def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
-    s = space.sampler
-    if s.name == "grid":
-        return optuna.samplers.GridSampler(
-            {k: [_choice_key(v) for v in p.choice] for k, p in space.params.items()}, s.seed
-        )
-    if s.name == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed, constant_liar=True)  # workers in parallel try different points
-
-
-def make_pruner(space: Space, sweep: Sweep) -> optuna.pruners.BasePruner:
-    p = space.pruner
-    if p.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs)
-    if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, p.warmup_epochs))
-    return optuna.pruners.NopPruner()
-
-
-def _choice_key(value):
-    """Optuna's categorical choices are plain values: a list (model.layers) goes as its YAML text."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else json.dumps(value)
-
-
 def suggest(trial: optuna.Trial, key: str, p) -> object:
     if isinstance(p, LogRange):
         return trial.suggest_float(key, *p.log, log=True)
     if isinstance(p, IntRange):
         return trial.suggest_int(key, *p.int, step=p.step)
     if isinstance(p, Choice):
-        keys = [_choice_key(v) for v in p.choice]
+        keys = [choice_key(v) for v in p.choice]
         return p.choice[keys.index(trial.suggest_categorical(key, keys))]
     return trial.suggest_float(key, *p.range, step=p.step)
 
@@ -132,8 +121,12 @@ class ReportEpochs(Callback):
 
     order = 40  # after the epoch's checkpoint, row and early-stopping verdict
 
-    def __init__(self, trial: optuna.Trial, monitor: str, last_epoch: int):
+    def __init__(self, trial: optuna.Trial, monitor: str, last_epoch: int, earlier: tuple[float, ...] = ()):
         self.trial, self.monitor, self.last_epoch, self.epochs, self.pruned = trial, monitor, last_epoch, 0, None
+        for value in earlier:  # a resumed trial's epochs before it was lost: the pruner compares whole curves
+            self.epochs += 1
+            if math.isfinite(value):
+                trial.report(value, self.epochs)
 
     def after_epoch(self, learn: Learner) -> None:
         self.epochs += 1
@@ -147,17 +140,22 @@ class ReportEpochs(Callback):
 
 def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     values = {key: suggest(trial, key, p) for key, p in sweep.space.params.items()}
-    run_dir = sweep.out / "trials" / str(trial.number)
+    monitor = sweep.space.objective.monitor
+    resume = resumable(trial.user_attrs.get("resume"))
+    run_dir = resume or sweep.out / "trials" / str(trial.number)
     trial.set_user_attr("run_dir", str(run_dir))
     sweep.started[trial.number] = time.monotonic()
-    sweep.say(f"trial {trial.number}: " + ", ".join(f"{k}={_short(v)}" for k, v in values.items()))
+    retry = trial.user_attrs.get("retry_of")
+    again = "" if retry is None else f" (trial {retry} again" + (", from its checkpoint)" if resume else ")")
+    sweep.say(f"trial {trial.number}{again}: " + ", ".join(f"{k}={_short(v)}" for k, v in values.items()))
     try:
         cfg = trial_config(sweep.config, sweep.sets, values)
     except ConfigError as e:
         raise _failed(trial, f"the sampled config is invalid: {e}") from None
-    report = ReportEpochs(trial, sweep.space.objective.monitor, sum(outline(cfg).epochs))
+    earlier = epoch_values(resume, monitor) if resume else ()
+    report = ReportEpochs(trial, monitor, sum(outline(cfg).epochs), earlier)
     try:
-        result = fit(cfg, run_dir, console=sweep.console, callbacks=[report])
+        result = fit(cfg, None if resume else run_dir, console=sweep.console, resume=resume, callbacks=[report])
     except Interrupted as e:  # Ctrl-C: the run saved its checkpoint; the trial ends failed, the sweep stops
         trial.set_user_attr("error", f"interrupted: {e}")
         raise KeyboardInterrupt from None
@@ -166,13 +164,27 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     if report.pruned:
         trial.set_user_attr("note", report.pruned)
         raise optuna.TrialPruned(report.pruned)
-    values_seen = [
-        float(r[sweep.space.objective.monitor]) for r in result.metrics if sweep.space.objective.monitor in r
-    ]
+    values_seen = [*earlier, *(float(r[monitor]) for r in result.metrics if monitor in r)]
     finite = [v for v in values_seen if math.isfinite(v)]
     if not finite:
-        raise _failed(trial, f"no finite {sweep.space.objective.monitor} in any epoch")
+        raise _failed(trial, f"no finite {monitor} in any epoch")
     return min(finite) if sweep.space.objective.direction == "minimize" else max(finite)
+
+
+def resumable(run_dir: str | None) -> Path | None:
+    """A lost trial's run directory, when it reached a checkpoint and had not ended."""
+    if not run_dir:
+        return None
+    d = Path(run_dir)
+    ok = (d / "checkpoints" / "last.pt").is_file() and read_status(d) not in ("finished", "stopped")
+    return d if ok else None
+
+
+def epoch_values(run_dir: Path, monitor: str) -> tuple[float, ...]:
+    """The monitored metric of each epoch the run finished (metrics.csv)."""
+    path = run_dir / "metrics.csv"
+    rows = read_table(path) if path.is_file() else []
+    return tuple(float(r[monitor]) for r in rows if r.get(monitor) not in (None, ""))
 
 
 def _failed(trial: optuna.Trial, message: str) -> TrialFailed:
@@ -188,24 +200,38 @@ def run_sweep(sweep: Sweep) -> optuna.Study:
     """Trials until the study holds n_trials (those of every process and every earlier invocation
     count), or the timeout. A failed trial is recorded and the sweep goes on."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial instead of Optuna's
-    sweep.out.mkdir(parents=True, exist_ok=True)
+    fresh = not sweep.out.exists()
+    try:
+        study = open_study(sweep)
+    except StorageError:
+        if fresh:  # the folder is ours and holds only the lock: a corrected command starts clean
+            shutil.rmtree(sweep.out, ignore_errors=True)
+        raise
     atomic_write_text(
-        sweep.out / MARKER, json.dumps({"study": sweep.study_name, "storage": _safe(sweep.url)}, indent=1)
+        sweep.out / MARKER, json.dumps({"study": sweep.study_name, "storage": safe_url(sweep.url)}, indent=1)
     )
-    study = open_study(sweep)
     study.set_user_attr("monitor", sweep.space.objective.monitor)
-    left = sweep.n_trials - len(study.get_trials(deepcopy=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a killed worker's trial is lost (and queued) before we count
+    left = sweep.n_trials - counted(study)
     if left <= 0:
-        sweep.say(f"study '{sweep.study_name}' already holds {len(study.trials)} trial(s); nothing to run")
+        sweep.say(f"study '{sweep.study_name}' already holds {counted(study)} trial(s); nothing to run")
         return study
-    study.optimize(
-        lambda t: objective(sweep, t),
-        n_trials=left,
-        timeout=sweep.timeout,
-        catch=(TrialFailed,),
-        callbacks=[optuna.study.MaxTrialsCallback(sweep.n_trials, states=None), lambda s, t: _said(sweep, s, t)],
-        gc_after_trial=True,
-    )
+    try:
+        study.optimize(
+            lambda t: objective(sweep, t),
+            n_trials=left,
+            timeout=sweep.timeout,
+            catch=(TrialFailed,),
+            callbacks=[lambda s, t: _said(sweep, s, t), lambda s, t: counted(s) >= sweep.n_trials and s.stop()],
+            gc_after_trial=True,
+        )
+    except KeyboardInterrupt:  # the interrupted trial (failed by Optuna) runs again first next time
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+            if lost(t):
+                retry_lost(study, t)
+        raise
     return study
 
 
@@ -220,12 +246,3 @@ def _said(sweep: Sweep, study: optuna.Study, t: optuna.trial.FrozenTrial) -> Non
     except ValueError:  # no trial has completed yet
         pass
     sweep.say(said + best)
-
-
-def _safe(url: str) -> str:
-    """A storage URL without its password (sweep.json is plain text)."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
-    return url

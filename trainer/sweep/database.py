@@ -1,0 +1,66 @@
+"""A sweep's study in its database: opened with the database's own errors said in one line, and
+the bookkeeping of trials whose process was lost (Ctrl-C, kill -9): they do not count towards
+--trials and run again first, from their run's last checkpoint."""
+
+from __future__ import annotations
+
+import optuna
+
+
+class StorageError(ValueError):
+    """A storage URL that names no database this process can open (one line, exit 2)."""
+
+
+def connect(url: str, make):
+    """make() with the storage's own errors (a garbled URL, no server, a missing driver, a file
+    that is not a database) said in one line that names the URL."""
+    import sqlalchemy.exc
+
+    try:
+        return make()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ModuleNotFoundError) as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(f"--storage {safe_url(url)}: cannot open it: {reason[:300]}") from None
+
+
+def load_study(url: str, name: str) -> optuna.Study:
+    """An existing study, for a report; a name the storage lacks is said with the names it has."""
+
+    def make():
+        names = optuna.get_all_study_names(storage=url)
+        if name not in names:
+            raise StorageError(f"no study '{name}' in {safe_url(url)} (it holds: {', '.join(names) or 'none'})")
+        return optuna.load_study(study_name=name, storage=url)
+
+    return connect(url, make)
+
+
+def lost(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial whose process stopped under it (Ctrl-C, kill -9): it failed through no fault of its
+    params, so it does not count towards --trials and is run again (see retry_lost)."""
+    error = t.user_attrs.get("error")
+    return t.state == optuna.trial.TrialState.FAIL and (error is None or error.startswith("interrupted"))
+
+
+def retry_lost(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+    """The lost trial's params go first in the queue (Optuna's enqueue_trial), with its run
+    directory, which the retry resumes from its last checkpoint."""
+    if any(o.user_attrs.get("retry_of") == t.number for o in study.get_trials(deepcopy=False)):
+        return  # already queued (by another process, or an earlier Ctrl-C)
+    study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, "resume": t.user_attrs.get("run_dir", "")})
+
+
+def counted(study: optuna.Study) -> int:
+    """The trials that count towards --trials: every one but the lost, and those queued (the
+    process that takes one counts it then)."""
+    waiting = optuna.trial.TrialState.WAITING
+    return sum(not lost(t) and t.state != waiting for t in study.get_trials(deepcopy=False))
+
+
+def safe_url(url: str) -> str:
+    """A storage URL without its password (sweep.json is plain text)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}" if ":" in creds else url
+    return url
