@@ -165,10 +165,12 @@ def test_a_storage_that_cannot_be_opened_is_one_line_and_leaves_nothing(tmp_path
     assert (tmp_path / "notes.txt").read_text().startswith("the user's notes")
 
 
-def test_study_names_and_folders_are_checked(tmp_path, folder_data):
+def test_study_names_and_folders_are_checked(tmp_path, folder_data, monkeypatch):
     cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the default --out is sweeps/<study>, under the working folder
     res = sweep(cfg, "--space", sp, "--trials", 1, "--study", "../escape")
-    assert res.exit_code == 2 and "--study '../escape'" in res.output and not (tmp_path.parent / "escape").exists()
+    assert res.exit_code == 2 and "--study '../escape'" in res.output and not (tmp_path / "cwd" / "escape").exists()
     assert sweep(cfg, "--space", sp, "--trials", 1, "--out", tmp_path / "sw").exit_code == 0
     other = sweep(cfg, "--space", sp, "--trials", 1, "--out", tmp_path / "sw", "--study", "other")
     assert other.exit_code == 2 and "holds the study 'tiny'" in other.output, other.output

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import optuna
 
+INTERRUPTED = "interrupted: "  # how a Ctrl-C'd trial's error starts (study.objective writes it)
+
 
 class StorageError(ValueError):
     """A storage URL that names no database this process can open (one line, exit 2)."""
@@ -39,7 +41,7 @@ def lost(t: optuna.trial.FrozenTrial) -> bool:
     """A trial whose process stopped under it (Ctrl-C, kill -9): it failed through no fault of its
     params, so it does not count towards --trials and is run again (see retry_lost)."""
     error = t.user_attrs.get("error")
-    return t.state == optuna.trial.TrialState.FAIL and (error is None or error.startswith("interrupted"))
+    return t.state == optuna.trial.TrialState.FAIL and (error is None or error.startswith(INTERRUPTED))
 
 
 def retry_lost(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:

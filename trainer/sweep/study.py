@@ -24,11 +24,11 @@ from trainer.config import ConfigError
 from trainer.run.checkpoints import monitored
 from trainer.run.early_stop import StoppedEarly
 from trainer.run.fit import fit
+from trainer.run.resume import ResumeError, resolve
 from trainer.run.rundir import read_table
 from trainer.run.signals import Interrupted
-from trainer.run.status import read_status
 from trainer.storage import atomic_write_text
-from trainer.sweep.database import StorageError, connect, counted, lost, retry_lost, safe_url
+from trainer.sweep.database import INTERRUPTED, StorageError, connect, counted, lost, retry_lost, safe_url
 from trainer.sweep.samplers import choice_key, make_pruner, make_sampler
 from trainer.sweep.space import Choice, IntRange, LogRange, Space, trial_config
 from trainer.train.loop import Callback, Learner
@@ -157,7 +157,7 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     try:
         result = fit(cfg, None if resume else run_dir, console=sweep.console, resume=resume, callbacks=[report])
     except Interrupted as e:  # Ctrl-C: the run saved its checkpoint; the trial ends failed, the sweep stops
-        trial.set_user_attr("error", f"interrupted: {e}")
+        trial.set_user_attr("error", f"{INTERRUPTED}{e}")
         raise KeyboardInterrupt from None
     except (RuntimeError, ValueError, OSError) as e:  # a diverged run, bad data, a full disk
         raise _failed(trial, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
@@ -172,12 +172,13 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
 
 
 def resumable(run_dir: str | None) -> Path | None:
-    """A lost trial's run directory, when it reached a checkpoint and had not ended."""
+    """A lost trial's run directory, when --resume would take it (a checkpoint, not ended, not in use)."""
     if not run_dir:
         return None
-    d = Path(run_dir)
-    ok = (d / "checkpoints" / "last.pt").is_file() and read_status(d) not in ("finished", "stopped")
-    return d if ok else None
+    try:
+        return resolve(run_dir, name="")
+    except ResumeError:
+        return None
 
 
 def epoch_values(run_dir: Path, monitor: str) -> tuple[float, ...]:
