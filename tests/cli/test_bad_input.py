@@ -346,6 +346,22 @@ def config_negative_cutout(tmp):
     return cfg_case(tmp, lambda t: t + "transforms: {preset: pad_crop, cutout: -8}\n")
 
 
+@case(2, "transforms.mixup: takes a number, not true")
+def config_true_for_a_number(tmp):
+    # pydantic alone reads true as 1.0: MixUp at alpha 1 that the user never wrote
+    return cfg_case(tmp, lambda t: t + "transforms: {mixup: true}\n")
+
+
+@case(2, "train.stages.0.lr: takes a number, not [true, 0.1]")
+def config_true_in_a_list_of_numbers(tmp):
+    return cfg_case(tmp, lambda t: t.replace("lr: 1.0e-2", "lr: [true, 0.1]"))
+
+
+@case(2, "transforms: magnitude is RandAugment's (auto: randaugment); with auto: trivialaugment it does nothing")
+def config_magnitude_without_randaugment(tmp):
+    return cfg_case(tmp, lambda t: t + "transforms: {auto: trivialaugment, magnitude: 5}\n")
+
+
 @case(2, "model: required key is missing")
 def config_missing_section(tmp):
     return cfg_case(tmp, lambda t: "\n".join(l for l in t.splitlines() if not l.startswith("model")))

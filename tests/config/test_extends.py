@@ -73,6 +73,14 @@ def test_a_two_level_chain_merges_mappings_and_replaces_lists(tmp_path, monkeypa
     assert [(s.epochs, s.lr) for s in cfg.train.stages] == [(3, 0.02)]  # the base's two stages are gone
 
 
+def test_null_in_the_child_drops_the_bases_key(tmp_path):
+    # the base's bs and wd go back to their defaults; a base's layers would otherwise reach a timm arch
+    base(tmp_path)
+    child = write(tmp_path / "child.yaml", CHILD.replace("train:", "data: {bs: null}\ntrain:\n  wd: null"))
+    cfg = load_config(child, checks=CONFIG_CHECKS)
+    assert (cfg.data.bs, cfg.train.wd, cfg.model.ps) == (64, 0.01, 0.3)
+
+
 def test_the_saved_config_is_the_merged_one_without_extends(tmp_path):
     base(tmp_path)
     child = write(tmp_path / "child.yaml", CHILD)

@@ -140,6 +140,24 @@ def test_evaluate_from_the_run_directory(run_dir, tmp_path):
     assert [r["class"] for r in report["per_class"]] == CLASSES
 
 
+def test_evaluate_replaces_its_own_files_never_a_users(run_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "per_class.csv").write_text("my own table\n")
+    res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(mine)])
+    assert res.exit_code == 2 and "per_class.csv: exists and was not written by trainer evaluate" in res.output
+    assert [p.name for p in mine.iterdir()] == ["per_class.csv"] and (
+        mine / "per_class.csv"
+    ).read_text() == "my own table\n"
+    out = tmp_path / "ev"
+    for _ in range(2):  # the second run replaces the first's files
+        res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+    (out / "top_losses.png").write_bytes(b"a picture of mine")
+    res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(out)])
+    assert res.exit_code == 2 and "top_losses.png: exists and was not written" in res.output
+
+
 def test_evaluate_names_a_missing_data_folder(run_dir, tmp_path):
     res = runner.invoke(app, ["evaluate", str(run_dir), "--data", str(tmp_path / "gone")])
     assert res.exit_code == 2 and "--data" in res.output

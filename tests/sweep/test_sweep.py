@@ -178,6 +178,15 @@ def test_study_names_and_folders_are_checked(tmp_path, folder_data, monkeypatch)
     report = runner.invoke(app, ["sweep-report", str(tmp_path / "sw"), "--study", "nosuch"])
     assert report.exit_code == 2 and "no study 'nosuch'" in report.output and "tiny" in report.output
     assert "Traceback" not in report.output, report.output
+    url = f"sqlite:///{tmp_path / 'sw' / 'sweep.db'}"  # another machine: the URL alone, no folder
+    alone = runner.invoke(app, ["sweep-report", "--storage", url])
+    assert alone.exit_code == 0 and "study 'tiny': 1 complete" in alone.output, alone.output
+    import optuna
+
+    optuna.create_study(storage=url, study_name="second")
+    two = runner.invoke(app, ["sweep-report", "--storage", url])
+    assert two.exit_code == 2 and "holds 2 studies; name one with --study" in two.output, two.output
+    assert runner.invoke(app, ["sweep-report", "--storage", url, "--study", "tiny"]).exit_code == 0
 
 
 def test_a_sweep_whose_every_trial_fails_exits_1(tmp_path, folder_data):
@@ -200,6 +209,18 @@ def start(args: list, cwd: Path, log: Path, step_seconds: float = 0.0) -> subpro
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
+
+
+def test_a_worker_started_while_another_opens_the_study_joins_it(tmp_path, folder_data):
+    # the first worker holds the lock and has made sweep.db, but not yet written sweep.json
+    cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / ".sweep.lock").touch()
+    optuna.create_study(storage=f"sqlite:///{out / 'sweep.db'}", study_name="tiny")
+    res = sweep(cfg, "--space", sp, "--trials", 1, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert [t.state.name for t in trials(out)] == ["COMPLETE"] and (out / "sweep.json").is_file()
 
 
 SMALL = """sampler: {name: random, seed: 0}

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from trainer.cli import common
 from trainer.cli.common import CONFIG, SETS, app, fail, guarded
+from trainer.config.schema import name_problem
 
 
 @app.command("runs")
@@ -90,11 +91,13 @@ def sweep(
     from trainer.sweep.study import MARKER, Sweep, open_study, run_sweep
 
     space_, base = guarded(lambda: load_space(space, config, sets or []))
-    if study is not None and not _plain_name(study):
-        fail(f"--study {study!r}: a study name is letters, digits, '.', '_' and '-' (it names a folder)")
+    if study is not None and (problem := name_problem(study)):
+        fail(f"--study {study!r}: a study name {problem}")
     name = study or base.name
     out = out or Path("sweeps") / name
-    ours = (MARKER, ".sweep.lock")  # the lock alone: another worker is opening the study right now
+    # the lock and the default database without the marker: another worker is opening the study
+    # right now (the marker follows); a second worker started then was refused, a flaky test found
+    ours = (MARKER, ".sweep.lock", "sweep.db", "sweep.db-journal", "sweep.db-wal", "sweep.db-shm")
     foreign = out.is_dir() and not (out / MARKER).is_file() and any(p.name not in ours for p in out.iterdir())
     if out.exists() and (not out.is_dir() or foreign):
         fail(f"--out {out}: not a sweep folder of trainer (no {MARKER}); give a new or empty folder")
@@ -127,30 +130,29 @@ def sweep(
     raise typer.Exit(code)
 
 
-def _plain_name(name: str) -> bool:
-    import re
-
-    return re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None
-
-
 @app.command("sweep-report")
 def sweep_report(
-    folder: Path = typer.Argument(..., help="A sweep folder."),
-    storage: str | None = typer.Option(None, help="The study's storage URL when not the folder's sweep.db."),
-    study: str | None = typer.Option(None, help="The study name (default: the folder's)."),
+    folder: Path | None = typer.Argument(None, help="A sweep folder (or give --storage)."),
+    storage: str | None = typer.Option(None, help="The study's storage URL (default: the folder's)."),
+    study: str | None = typer.Option(None, help="The study name (default: the folder's, or the storage's only one)."),
     n: int = typer.Option(10, min=1, help="How many of the best trials."),
 ):
-    """The best trials of a sweep, best first (the study may still be running)."""
+    """The best trials of a sweep, best first (the study may still be running). From another
+    machine, the storage URL alone does: trainer sweep-report --storage URL [--study NAME]."""
     import optuna
 
     from trainer.sweep.database import load_study
     from trainer.sweep.report import best_trials, summary_line
     from trainer.sweep.study import MARKER
 
-    marker = folder / MARKER
-    if not marker.is_file():
-        fail(f"{folder}: not a sweep folder (no {MARKER})")
-    saved = guarded(lambda: json.loads(marker.read_text()))
+    saved = {}
+    if folder is None and storage is None:
+        fail("give a sweep folder, or the study's storage with --storage URL")
+    if folder is not None:
+        marker = folder / MARKER
+        if not marker.is_file():
+            fail(f"{folder}: not a sweep folder (no {MARKER})")
+        saved = guarded(lambda: json.loads(marker.read_text()))
     url = storage or (saved.get("storage") if "***" not in str(saved.get("storage")) else None)
     if url is None:
         fail(f"{folder}: its storage URL holds a password; give it with --storage")

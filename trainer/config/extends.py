@@ -59,9 +59,13 @@ def _extends_line(node) -> int:
 
 
 def merge(base: dict, child: dict) -> dict:
-    """child over base: mappings merged key by key, anything else (lists too) replaced whole."""
+    """child over base: mappings merged key by key, anything else (lists too) replaced whole; a
+    null in the child drops the base's key, so it takes its default (JSON Merge Patch's rule)."""
     out = dict(base)
     for key, value in child.items():
+        if value is None:
+            out.pop(key, None)
+            continue
         both = isinstance(value, dict) and isinstance(base.get(key), dict)
         out[key] = merge(base[key], value) if both else value
     return out

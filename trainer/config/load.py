@@ -222,6 +222,8 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
         loc = _clean_loc(tuple(err["loc"]))
         if err["type"] == "union_tag_invalid":
             loc = loc + (err["ctx"]["discriminator"].strip("'"),)
+        if err["type"] == "bool_for_number":
+            loc = loc + (err["ctx"]["key"],)
         if loc in seen:
             continue  # a union reports once per member; its first complaint is the useful one
         seen.add(loc)

@@ -6,9 +6,10 @@ Config files hold only what differs from these defaults (the nanoGPT habit).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # What `data.stats: imagenet` means: ImageNet's mean and std per channel, in [0, 1] units.
 IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -19,9 +20,43 @@ PosInt = Annotated[int, Field(ge=1)]
 Pixels = Annotated[int, Field(ge=1, le=8192)]
 
 
+def _takes(tp, kinds: tuple) -> bool:
+    """Whether a field's annotation accepts a value of one of `kinds` (through unions, lists, Literals)."""
+    if tp in kinds:
+        return True
+    if get_origin(tp) is Literal:
+        return any(type(a) in kinds for a in get_args(tp))
+    return any(_takes(a, kinds) for a in get_args(tp))
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a folder (a run's, a study's), or None. One rule for both."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+        return "must be a plain word (it names a folder)"
+    if len(name.encode("utf-8")) > 100:  # file systems allow 255 bytes; the run folder adds more
+        return f"is {len(name.encode('utf-8'))} bytes long; at most 100 (it names a folder)"
+    return None
+
+
 class Strict(BaseModel):
     # inf and nan are never a sensible setting (an infinite lr passes `gt=0`)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, data):
+        # pydantic reads true as 1.0 for a number: `mixup: true` would mean alpha 1.0 unsaid.
+        # The error carries the key (the loader adds it to the loc, as for a union's tag).
+        for key, v in data.items() if isinstance(data, dict) else ():
+            field = cls.model_fields.get(key)
+            values = v if isinstance(v, list | tuple) else [v]
+            if not field or not any(isinstance(x, bool) for x in values) or _takes(field.annotation, (bool,)):
+                continue
+            if _takes(field.annotation, (int, float)):
+                raise PydanticCustomError(
+                    "bool_for_number", "takes a number, not {value}", {"key": key, "value": str(v).lower()}
+                )
+        return data
 
 
 class LrSpread(Strict):
@@ -210,6 +245,14 @@ class Transforms(Strict):
     mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0  # the chance a batch is mixed
     switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # CutMix's share when both are on
 
+    @model_validator(mode="after")
+    def _auto_keys(self):
+        # magnitude and ops are RandAugment's: TrivialAugment draws a magnitude, AutoAugment has its policy
+        for key, default in (("magnitude", 9), ("ops", 2)):
+            if getattr(self, key) != default and self.auto != "randaugment":
+                raise ValueError(f"{key} is RandAugment's (auto: randaugment); with auto: {self.auto} it does nothing")
+        return self
+
     def per_image(self) -> dict:
         """The per-image augmentation's keys (the data's); mixing acts on whole batches (the loop's)."""
         return self.model_dump(exclude={"preset", "mixup", "cutmix", "mix_prob", "switch_prob"})
@@ -329,8 +372,6 @@ class Config(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not v or "/" in v or "\\" in v or v.startswith(".") or "\x00" in v:
-            raise ValueError("name must be a plain word (it names the run folder)")
-        if len(v.encode("utf-8")) > 100:  # file systems allow 255 bytes; the run folder adds more
-            raise ValueError(f"name is {len(v.encode('utf-8'))} bytes long; at most 100 (it names the run folder)")
+        if problem := name_problem(v):
+            raise ValueError(f"name {problem}")
         return v

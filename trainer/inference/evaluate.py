@@ -23,7 +23,7 @@ from trainer.inference.finished import LoadedRun
 from trainer.inference.pictures import confusion_plot, image_grid, label_text, to_display
 from trainer.inference.tta import predict_view, tta_predict
 from trainer.models.weights import load_weights
-from trainer.storage import writable_folder, write_output
+from trainer.storage import OutputError, marked_png, writable_folder, write_output
 from trainer.train.plan import outline
 from trainer.train.tasks import at_edge, fbeta_per_tag
 
@@ -189,7 +189,7 @@ def evaluate(
     ensemble: list[Path] | None = None,
 ) -> Evaluation:
     """`ensemble`: checkpoints (the SGDR snapshots) whose mean prediction is scored beside the run's."""
-    out = writable_folder(out or run.path)  # checked before any work
+    out = output_folder(out or run.path)  # checked before any work
     dl = validation_batches(run, data_path, log=log)
     activation = run.task().activation
     if tta:
@@ -229,6 +229,31 @@ def evaluate(
     write_output(out / "evaluation.json", lambda f: f.write(json.dumps(report, indent=1).encode("utf-8")))
     ev.files["evaluation"] = out / "evaluation.json"
     return ev
+
+
+OUTPUTS = ("evaluation.json", "per_class.csv", "most_confused.csv", "confusion_matrix.png", "top_losses.png")
+
+
+def output_folder(path: Path) -> Path:
+    """evaluate's folder: its fixed file names are replaced only where an earlier evaluate wrote
+    them (its evaluation.json beside them; pictures carry trainer's mark), never a user's files."""
+    out = writable_folder(path)
+    ours = _an_evaluation(out / "evaluation.json")
+    for name in OUTPUTS:
+        f = out / name
+        if (f.exists() or f.is_symlink()) and not (marked_png(f) if f.suffix == ".png" else ours and f.is_file()):
+            raise OutputError(
+                f"{f}: exists and was not written by trainer evaluate; give another --out (nothing was replaced)"
+            )
+    return out
+
+
+def _an_evaluation(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"metrics", "n_valid", "per_class"} <= report.keys()
 
 
 def snapshot_mean(run: LoadedRun, dl: ImageBatches, checkpoints: list[Path]) -> torch.Tensor:

@@ -25,11 +25,18 @@ def connect(url: str, make):
         raise StorageError(f"--storage {safe_url(url)}: cannot open it: {reason[:300]}") from None
 
 
-def load_study(url: str, name: str) -> optuna.Study:
-    """An existing study, for a report; a name the storage lacks is said with the names it has."""
+def load_study(url: str, name: str | None) -> optuna.Study:
+    """An existing study, for a report; a name the storage lacks is said with the names it has.
+    No name: the storage's only study."""
 
     def make():
         names = optuna.get_all_study_names(storage=url)
+        if name is None and len(names) > 1:
+            raise StorageError(
+                f"{safe_url(url)} holds {len(names)} studies; name one with --study ({', '.join(names)})"
+            )
+        if name is None and names:
+            return optuna.load_study(study_name=names[0], storage=url)
         if name not in names:
             raise StorageError(f"no study '{name}' in {safe_url(url)} (it holds: {', '.join(names) or 'none'})")
         return optuna.load_study(study_name=name, storage=url)
