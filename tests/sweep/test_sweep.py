@@ -187,6 +187,8 @@ def test_study_names_and_folders_are_checked(tmp_path, folder_data, monkeypatch)
     two = runner.invoke(app, ["sweep-report", "--storage", url])
     assert two.exit_code == 2 and "holds 2 studies; name one with --study" in two.output, two.output
     assert runner.invoke(app, ["sweep-report", "--storage", url, "--study", "tiny"]).exit_code == 0
+    typo = runner.invoke(app, ["sweep-report", "--storage", f"sqlite:///{tmp_path / 'typo.db'}"])
+    assert typo.exit_code == 2 and "no such database file" in typo.output and not (tmp_path / "typo.db").exists()
 
 
 def test_a_sweep_whose_every_trial_fails_exits_1(tmp_path, folder_data):

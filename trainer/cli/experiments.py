@@ -156,6 +156,8 @@ def sweep_report(
     url = storage or (saved.get("storage") if "***" not in str(saved.get("storage")) else None)
     if url is None:
         fail(f"{folder}: its storage URL holds a password; give it with --storage")
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        fail(f"--storage {url}: no such database file (a report never makes one)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     found = guarded(lambda: load_study(url, study or saved.get("study")))
     common.console.print(summary_line(found), highlight=False)

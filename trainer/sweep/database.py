@@ -37,6 +37,8 @@ def load_study(url: str, name: str | None) -> optuna.Study:
             )
         if name is None and names:
             return optuna.load_study(study_name=names[0], storage=url)
+        if name is None:
+            raise StorageError(f"{safe_url(url)} holds no study")
         if name not in names:
             raise StorageError(f"no study '{name}' in {safe_url(url)} (it holds: {', '.join(names) or 'none'})")
         return optuna.load_study(study_name=name, storage=url)
