@@ -95,6 +95,14 @@ def test_the_saved_config_is_the_merged_one_without_extends(tmp_path):
     assert "extends" not in res.output and "ps: 0.3" in res.output and "wd: 0.05" in res.output
 
 
+def test_a_run_saved_before_a_check_was_added_still_loads(tmp_path):
+    # magnitude without auto: randaugment did nothing and was accepted then; the run trained that way
+    text = base(tmp_path).read_text() + "transforms: {magnitude: 12}\n"
+    assert "magnitude is RandAugment's" in error_of(write(tmp_path / "new.yaml", text))
+    saved = read_saved_config(write(tmp_path / "run" / "config.yaml", text))
+    assert (saved.transforms.auto, saved.transforms.magnitude) == ("none", 12)
+
+
 def test_a_saved_config_does_not_follow_extends(tmp_path):
     text = "extends: ../base.yaml\n" + base(tmp_path).read_text()  # a valid config but for extends
     run_config = write(tmp_path / "run" / "config.yaml", text)

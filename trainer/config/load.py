@@ -337,7 +337,7 @@ def read_saved_config(path: str | Path) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: not a run's config (a mapping of keys: name, data, model, train)")
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"saved": True})
     except ValidationError as e:
         raise ConfigError(format_errors(e.errors(), data, node, str(path), {})) from None
 

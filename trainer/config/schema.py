@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # What `data.stats: imagenet` means: ImageNet's mean and std per channel, in [0, 1] units.
@@ -246,9 +246,10 @@ class Transforms(Strict):
     switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # CutMix's share when both are on
 
     @model_validator(mode="after")
-    def _auto_keys(self):
-        # magnitude and ops are RandAugment's: TrivialAugment draws a magnitude, AutoAugment has its policy
-        for key, default in (("magnitude", 9), ("ops", 2)):
+    def _auto_keys(self, info: ValidationInfo):
+        # magnitude and ops are RandAugment's: TrivialAugment draws a magnitude, AutoAugment has its
+        # policy. A run's saved config from before this check still loads (it trained that way).
+        for key, default in (("magnitude", 9), ("ops", 2)) if not (info.context or {}).get("saved") else ():
             if getattr(self, key) != default and self.auto != "randaugment":
                 raise ValueError(f"{key} is RandAugment's (auto: randaugment); with auto: {self.auto} it does nothing")
         return self
