@@ -340,15 +340,21 @@ def test_a_resumed_language_model_run_equals_the_uninterrupted_one(tmp_path, tex
     """The training streams' hidden state is checkpointed: a crash mid-epoch and a resume give the
     same metrics and bitwise the same weights."""
     from tests.runs import Crash, CrashAt, assert_same_run
+    from trainer import storage as checkpoint
     from trainer.run import fit as spine
 
     text = (
         text_config(text_file, model="n_fac: 8, n_hidden: 16", data="bs: 4, bptt: 10", arch="lstm")
         + "  checkpoint_every: 1\n"
     )
-    cfg = load(tmp_path, text)
+    # 16 lines of the corpus: 8 training batches an epoch, so the crashes fall in epochs 1 and 2
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(text_file.read_text().splitlines()[:16]), encoding="utf-8")
+    cfg = load(tmp_path, text.replace(str(text_file), str(short)))
     spine.fit(cfg, tmp_path / "reference")
     with pytest.raises(Crash):
         spine.fit(cfg, tmp_path / "run", callbacks=[CrashAt(crash_at)])
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["batch"]) == ((0, 5) if crash_at == 5 else (1, 1))
     spine.fit(cfg, resume=tmp_path / "run")
     assert_same_run(tmp_path / "reference", tmp_path / "run")
