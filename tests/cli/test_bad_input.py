@@ -357,6 +357,11 @@ def config_true_in_a_list_of_numbers(tmp):
     return cfg_case(tmp, lambda t: t.replace("lr: 1.0e-2", "lr: [true, 0.1]"))
 
 
+@case(2, "data.stats: takes a number, not [[true, 0.5, 0.5], [0.2, 0.2, 0.2]]")
+def config_true_in_a_nested_list(tmp):
+    return cfg_case(tmp, lambda t: t.replace("bs: 8", "bs: 8, stats: [[true, 0.5, 0.5], [0.2, 0.2, 0.2]]"))
+
+
 @case(2, "transforms: magnitude is RandAugment's (auto: randaugment); with auto: trivialaugment it does nothing")
 def config_magnitude_without_randaugment(tmp):
     return cfg_case(tmp, lambda t: t + "transforms: {auto: trivialaugment, magnitude: 5}\n")

@@ -153,6 +153,11 @@ def test_evaluate_replaces_its_own_files_never_a_users(run_dir, tmp_path):
     for _ in range(2):  # the second run replaces the first's files
         res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(out)])
         assert res.exit_code == 0, res.output
+    theirs = tmp_path / "theirs"  # a JSON of the user's with an evaluation's keys is still theirs
+    theirs.mkdir()
+    (theirs / "evaluation.json").write_text('{"metrics": "notes", "n_valid": 1, "per_class": null}')
+    res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(theirs)])
+    assert res.exit_code == 2 and "evaluation.json: exists and was not written" in res.output
     (out / "top_losses.png").write_bytes(b"a picture of mine")
     res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(out)])
     assert res.exit_code == 2 and "top_losses.png: exists and was not written" in res.output

@@ -188,7 +188,17 @@ def test_study_names_and_folders_are_checked(tmp_path, folder_data, monkeypatch)
     assert two.exit_code == 2 and "holds 2 studies; name one with --study" in two.output, two.output
     assert runner.invoke(app, ["sweep-report", "--storage", url, "--study", "tiny"]).exit_code == 0
     typo = runner.invoke(app, ["sweep-report", "--storage", f"sqlite:///{tmp_path / 'typo.db'}"])
-    assert typo.exit_code == 2 and "no such database file" in typo.output and not (tmp_path / "typo.db").exists()
+    assert typo.exit_code == 2 and "no sweep database there" in typo.output and not (tmp_path / "typo.db").exists()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "mine.db") as db:  # a user's own database: read, never given Optuna's tables
+        db.execute("create table notes(x)")
+    before = (tmp_path / "mine.db").read_bytes()
+    mine = runner.invoke(app, ["sweep-report", "--storage", f"sqlite:///{tmp_path / 'mine.db'}"])
+    assert mine.exit_code == 2 and "no sweep database there" in mine.output
+    assert (tmp_path / "mine.db").read_bytes() == before
+    odd = sweep(cfg, "--space", sp, "--trials", 1, "--study", "a\x1b[31mred")
+    assert odd.exit_code == 2 and "must be a plain word" in odd.output
 
 
 def test_a_sweep_whose_every_trial_fails_exits_1(tmp_path, folder_data):

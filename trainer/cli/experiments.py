@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -156,14 +157,29 @@ def sweep_report(
     url = storage or (saved.get("storage") if "***" not in str(saved.get("storage")) else None)
     if url is None:
         fail(f"{folder}: its storage URL holds a password; give it with --storage")
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        fail(f"--storage {url}: no such database file (a report never makes one)")
+    if url.startswith("sqlite:///") and not _an_optuna_file(Path(url.removeprefix("sqlite:///"))):
+        fail(f"--storage {url}: no sweep database there (a report never makes or changes one)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     found = guarded(lambda: load_study(url, study or saved.get("study")))
     common.console.print(summary_line(found), highlight=False)
     rows = best_trials(found, n)
     monitor = found.user_attrs.get("monitor", "value")
     _best_table(rows, monitor)
+
+
+def _an_optuna_file(path: Path) -> bool:
+    """Whether a SQLite file holds Optuna's tables, read-only: Optuna would add them to any file."""
+    import sqlite3
+
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            return (
+                db.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() is not None
+            )
+    except sqlite3.Error:
+        return False
 
 
 def _best_table(rows: list[dict], monitor: str) -> None:

@@ -29,9 +29,13 @@ def _takes(tp, kinds: tuple) -> bool:
     return any(_takes(a, kinds) for a in get_args(tp))
 
 
+def _holds_bool(v) -> bool:
+    return isinstance(v, bool) or (isinstance(v, list | tuple) and any(_holds_bool(x) for x in v))
+
+
 def name_problem(name: str) -> str | None:
     """Why `name` cannot name a folder (a run's, a study's), or None. One rule for both."""
-    if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+    if not name or "/" in name or "\\" in name or name.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in name):
         return "must be a plain word (it names a folder)"
     if len(name.encode("utf-8")) > 100:  # file systems allow 255 bytes; the run folder adds more
         return f"is {len(name.encode('utf-8'))} bytes long; at most 100 (it names a folder)"
@@ -49,8 +53,7 @@ class Strict(BaseModel):
         # The error carries the key (the loader adds it to the loc, as for a union's tag).
         for key, v in data.items() if isinstance(data, dict) else ():
             field = cls.model_fields.get(key)
-            values = v if isinstance(v, list | tuple) else [v]
-            if not field or not any(isinstance(x, bool) for x in values) or _takes(field.annotation, (bool,)):
+            if not field or not _holds_bool(v) or _takes(field.annotation, (bool,)):
                 continue
             if _takes(field.annotation, (int, float)):
                 raise PydanticCustomError(

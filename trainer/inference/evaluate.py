@@ -189,7 +189,7 @@ def evaluate(
     ensemble: list[Path] | None = None,
 ) -> Evaluation:
     """`ensemble`: checkpoints (the SGDR snapshots) whose mean prediction is scored beside the run's."""
-    out = output_folder(out or run.path)  # checked before any work
+    out = output_folder(out, run.path)  # checked before any work
     dl = validation_batches(run, data_path, log=log)
     activation = run.task().activation
     if tta:
@@ -218,6 +218,7 @@ def evaluate(
     ev.files["top_losses"] = plot_top_losses(run, dl, best, out / "top_losses.png", k, heatmap, threshold)
     _write_csv(pd.DataFrame(ev.per_class), out / "per_class.csv")
     report = {
+        "written_by": MARK,
         "metrics": metrics,
         "metrics_tta": metrics_tta,
         "metrics_ensemble": ev.metrics_ensemble,
@@ -234,10 +235,16 @@ def evaluate(
 OUTPUTS = ("evaluation.json", "per_class.csv", "most_confused.csv", "confusion_matrix.png", "top_losses.png")
 
 
-def output_folder(path: Path) -> Path:
-    """evaluate's folder: its fixed file names are replaced only where an earlier evaluate wrote
-    them (its evaluation.json beside them; pictures carry trainer's mark), never a user's files."""
-    out = writable_folder(path)
+MARK = "trainer evaluate"  # evaluation.json's "written_by": the folder's files are an evaluate's
+
+
+def output_folder(path: Path | None, run_dir: Path) -> Path:
+    """evaluate's folder: its fixed file names are replaced only in the run directory (all ours) or
+    where an earlier evaluate wrote them (its marked evaluation.json beside them; pictures carry
+    trainer's mark), never a user's files."""
+    out = writable_folder(path or run_dir)
+    if out.resolve() == Path(run_dir).resolve():
+        return out
     ours = _an_evaluation(out / "evaluation.json")
     for name in OUTPUTS:
         f = out / name
@@ -253,7 +260,7 @@ def _an_evaluation(path: Path) -> bool:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and {"metrics", "n_valid", "per_class"} <= report.keys()
+    return isinstance(report, dict) and report.get("written_by") == MARK
 
 
 def snapshot_mean(run: LoadedRun, dl: ImageBatches, checkpoints: list[Path]) -> torch.Tensor:
