@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -87,6 +86,7 @@ def sweep(
 
     if importlib.util.find_spec("optuna") is None:
         fail("trainer sweep needs Optuna, which is not installed: pip install -e '.[sweep]'")
+    from trainer.sweep.database import DATABASE
     from trainer.sweep.report import all_failed, best_trials, summary_line, write_results
     from trainer.sweep.space import load_space
     from trainer.sweep.study import MARKER, Sweep, open_study, run_sweep
@@ -98,7 +98,7 @@ def sweep(
     out = out or Path("sweeps") / name
     # the lock and the default database without the marker: another worker is opening the study
     # right now (the marker follows); a second worker started then was refused, a flaky test found
-    ours = (MARKER, ".sweep.lock", "sweep.db", "sweep.db-journal", "sweep.db-wal", "sweep.db-shm")
+    ours = (MARKER, ".sweep.lock", *(DATABASE + end for end in ("", "-journal", "-wal", "-shm")))
     foreign = out.is_dir() and not (out / MARKER).is_file() and any(p.name not in ours for p in out.iterdir())
     if out.exists() and (not out.is_dir() or foreign):
         fail(f"--out {out}: not a sweep folder of trainer (no {MARKER}); give a new or empty folder")
@@ -157,29 +157,12 @@ def sweep_report(
     url = storage or (saved.get("storage") if "***" not in str(saved.get("storage")) else None)
     if url is None:
         fail(f"{folder}: its storage URL holds a password; give it with --storage")
-    if url.startswith("sqlite:///") and not _an_optuna_file(Path(url.removeprefix("sqlite:///"))):
-        fail(f"--storage {url}: no sweep database there (a report never makes or changes one)")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     found = guarded(lambda: load_study(url, study or saved.get("study")))
     common.console.print(summary_line(found), highlight=False)
     rows = best_trials(found, n)
     monitor = found.user_attrs.get("monitor", "value")
     _best_table(rows, monitor)
-
-
-def _an_optuna_file(path: Path) -> bool:
-    """Whether a SQLite file holds Optuna's tables, read-only: Optuna would add them to any file."""
-    import sqlite3
-
-    if not path.is_file():
-        return False
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            return (
-                db.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() is not None
-            )
-    except sqlite3.Error:
-        return False
 
 
 def _best_table(rows: list[dict], monitor: str) -> None:

@@ -252,8 +252,10 @@ class Transforms(Strict):
     def _auto_keys(self, info: ValidationInfo):
         # magnitude and ops are RandAugment's: TrivialAugment draws a magnitude, AutoAugment has its
         # policy. A run's saved config from before this check still loads (it trained that way).
-        for key, default in (("magnitude", 9), ("ops", 2)) if not (info.context or {}).get("saved") else ():
-            if getattr(self, key) != default and self.auto != "randaugment":
+        if (info.context or {}).get("saved") or self.auto == "randaugment":
+            return self
+        for key, default in (("magnitude", 9), ("ops", 2)):
+            if getattr(self, key) != default:
                 raise ValueError(f"{key} is RandAugment's (auto: randaugment); with auto: {self.auto} it does nothing")
         return self
 

@@ -4,8 +4,12 @@ the bookkeeping of trials whose process was lost (Ctrl-C, kill -9): they do not 
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 import optuna
 
+DATABASE = "sweep.db"  # the default storage, a SQLite file in the sweep folder
 INTERRUPTED = "interrupted: "  # how a Ctrl-C'd trial's error starts (study.objective writes it)
 
 
@@ -27,23 +31,35 @@ def connect(url: str, make):
 
 def load_study(url: str, name: str | None) -> optuna.Study:
     """An existing study, for a report; a name the storage lacks is said with the names it has.
-    No name: the storage's only study."""
+    No name: the storage's only study. A report never makes or changes a database."""
+    if url.startswith("sqlite:///") and not _an_optuna_file(Path(url.removeprefix("sqlite:///"))):
+        raise StorageError(f"--storage {url}: no sweep database there (a report never makes or changes one)")
 
     def make():
         names = optuna.get_all_study_names(storage=url)
-        if name is None and len(names) > 1:
-            raise StorageError(
-                f"{safe_url(url)} holds {len(names)} studies; name one with --study ({', '.join(names)})"
-            )
-        if name is None and names:
-            return optuna.load_study(study_name=names[0], storage=url)
-        if name is None:
-            raise StorageError(f"{safe_url(url)} holds no study")
-        if name not in names:
+        if name is None and len(names) != 1:
+            held = f"{len(names)} studies; name one with --study ({', '.join(names)})" if names else "no study"
+            raise StorageError(f"{safe_url(url)} holds {held}")
+        if name is not None and name not in names:
             raise StorageError(f"no study '{name}' in {safe_url(url)} (it holds: {', '.join(names) or 'none'})")
-        return optuna.load_study(study_name=name, storage=url)
+        return optuna.load_study(study_name=name or names[0], storage=url)
 
     return connect(url, make)
+
+
+def _an_optuna_file(path: Path) -> bool:
+    """Whether a SQLite file holds Optuna's tables, read read-only: Optuna would add them to any file."""
+    import sqlite3
+
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            return (
+                db.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() is not None
+            )
+    except sqlite3.Error:
+        return False
 
 
 def lost(t: optuna.trial.FrozenTrial) -> bool:

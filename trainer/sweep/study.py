@@ -28,7 +28,7 @@ from trainer.run.resume import ResumeError, resolve
 from trainer.run.rundir import read_table
 from trainer.run.signals import Interrupted
 from trainer.storage import atomic_write_text
-from trainer.sweep.database import INTERRUPTED, StorageError, connect, counted, lost, retry_lost, safe_url
+from trainer.sweep.database import DATABASE, INTERRUPTED, StorageError, connect, counted, lost, retry_lost, safe_url
 from trainer.sweep.samplers import choice_key, make_pruner, make_sampler
 from trainer.sweep.space import Choice, IntRange, LogRange, Space, trial_config
 from trainer.train.loop import Callback, Learner
@@ -59,7 +59,7 @@ class Sweep:
 
     @property
     def url(self) -> str:
-        return self.storage or f"sqlite:///{self.out.resolve() / 'sweep.db'}"
+        return self.storage or f"sqlite:///{self.out.resolve() / DATABASE}"
 
 
 def open_study(sweep: Sweep) -> optuna.Study:
