@@ -96,6 +96,14 @@ def test_both_trackers_hold_the_run(tmp_path, folder_data, store, monkeypatch):
     assert "mlflow: run " + run.info.run_id in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_mlflow_true_tracks_where_mlflow_itself_would(tmp_path, folder_data, monkeypatch, capsys):
+    # MLflow 3 refuses the old file:./mlruns store: the default is MLflow's own, a SQLite file here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spine.fit(load_config(config(tmp_path, folder_data, "{mlflow: true}", name="plain")), tmp_path / "run")
+    _, run = mlflow_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "plain")
+    assert run.info.status == "FINISHED" and "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("crash", [(7,), (2, "after_epoch", 99)], ids=["mid-epoch", "epoch-end"])
 def test_a_resumed_run_continues_the_same_mlflow_run_and_tensorboard_folder(tmp_path, folder_data, store, crash):
     track = f"{{tensorboard: true, mlflow: {{uri: '{store}', experiment: resumed-{len(crash)}}}, every: 1}}"

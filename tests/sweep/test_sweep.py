@@ -137,6 +137,26 @@ params:
             "train.stages has 1 item(s); '3' is not one of them",
         ),
         ("sampler: {name: grid}\nparams:\n  train.wd: {range: [0.0, 0.1]}\n", "sampler grid takes choice params only"),
+        (
+            "sampler: {name: random, startup_trials: 2}\nparams:\n  train.wd: {range: [0.0, 0.1]}\n",
+            "space.yaml:1: sampler: startup_trials is TPE's (name: tpe); with name: random it does nothing",
+        ),
+        (
+            "params:\n  train.wd: {range: [0.0, 0.1]}\nenqueue:\n  - {train.wd: 0.5}\n",
+            "space.yaml:4: enqueue.0: train.wd: 0.5 is outside [0.0, 0.1]",
+        ),
+        (
+            "params:\n  train.wd: {range: [0.0, 0.1]}\nenqueue:\n  - {train.wd: 0.05}\n  - {train.wdd: 0.05}\n",
+            "space.yaml:5: enqueue.1: 'train.wdd' is not a param of the space; did you mean 'train.wd'?",
+        ),
+        (
+            "params:\n  data.bs: {choice: [8, 12]}\nenqueue:\n  - {data.bs: 10}\n",
+            "space.yaml:4: enqueue.0: data.bs: 10 is not one of its choices [8, 12]",
+        ),
+        (
+            "params:\n  data.bs: {int: [4, 12]}\nenqueue:\n  - {data.bs: 6.5}\n",
+            "enqueue.0: data.bs: 6.5 is not a whole number",
+        ),
     ],
 )
 def test_a_bad_space_file_fails_before_any_trial(tmp_path, folder_data, space, said):
@@ -240,10 +260,11 @@ pruner: {name: none}
 params:
   train.stages.0.lr: {log: [1.0e-3, 1.0e-1]}
 """
+QUEUED = SMALL + "enqueue:\n  - {train.stages.0.lr: 1.0e-2}   # tried first, once\n"
 
 
 def test_two_processes_share_one_sqlite_study_with_no_trial_twice(tmp_path, folder_data):
-    cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
+    cfg, sp = files(tmp_path, folder_data, QUEUED, epochs=1)
     args = [cfg, "--space", sp, "--trials", 4, "--out", tmp_path / "sw"]
     procs = [start(args, tmp_path, tmp_path / f"p{i}.log") for i in range(2)]
     for p in procs:
@@ -257,6 +278,10 @@ def test_two_processes_share_one_sqlite_study_with_no_trial_twice(tmp_path, fold
     assert sorted(ran) == sorted(f"trial {n}" for n in range(4) for _ in range(2))
     # seeded, yet no two workers draw the same point: trial n's draws come from (seed, n)
     assert len({t.params["train.stages.0.lr"] for t in done}) == 4
+    # both workers queued the point; it ran once, first
+    assert [t.number for t in done if t.params["train.stages.0.lr"] == 0.01] == [0]
+    again = sweep(cfg, "--space", sp, "--trials", 5, "--out", tmp_path / "sw")  # the point is not queued again
+    assert again.exit_code == 0 and [t.params["train.stages.0.lr"] for t in trials(tmp_path / "sw")].count(0.01) == 1
 
 
 def wait_for_line(proc: subprocess.Popen, log: Path, text: str) -> None:
@@ -355,6 +380,15 @@ def test_a_postgresql_study(tmp_path, folder_data):
     finally:
         subprocess.run(stop, capture_output=True)
         shutil.rmtree(pg, ignore_errors=True)
+
+
+def test_tpe_models_after_its_startup_trials():
+    from trainer.sweep.samplers import make_sampler
+    from trainer.sweep.space import Space
+
+    params = {"train.wd": {"range": [0.0, 0.1]}}
+    tpe = lambda **s: make_sampler(Space.model_validate({"sampler": s, "params": params})).inner  # noqa: E731
+    assert tpe(seed=0, startup_trials=3)._n_startup_trials == 3 and tpe(seed=0)._n_startup_trials == 10
 
 
 def test_the_pruner_is_asked_after_every_epoch_but_the_last():

@@ -72,7 +72,7 @@ def compare(
 @app.command()
 def sweep(
     config: Path = CONFIG,
-    space: Path = typer.Option(..., "--space", help="Search space YAML: objective, sampler, pruner, params."),
+    space: Path = typer.Option(..., "--space", help="Search space YAML: objective, sampler, pruner, params, enqueue."),
     trials: int = typer.Option(..., "--trials", min=1, help="Trials the study holds when done (all processes)."),
     out: Path | None = typer.Option(None, help="Sweep folder (default sweeps/<study>): sweep.db, trials/, results."),
     storage: str | None = typer.Option(None, help="Optuna storage URL (default sqlite:///OUT/sweep.db)."),

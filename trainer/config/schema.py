@@ -204,7 +204,8 @@ class Checkpoint(Strict):
 
 
 class Mlflow(Strict):
-    uri: str = Field("file:./mlruns", min_length=1, description="an MLflow tracking URI")
+    # None: MLflow's own choice, $MLFLOW_TRACKING_URI or else sqlite:///mlflow.db in the working folder
+    uri: str | None = Field(None, min_length=1, description="an MLflow tracking URI")
     experiment: str | None = Field(None, min_length=1, description="the MLflow experiment (default: the config's name)")
 
 

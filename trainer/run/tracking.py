@@ -31,13 +31,19 @@ def missing_packages(cfg: Config) -> list[tuple[str, str]]:
         wanted.append(("track.tensorboard", "tensorboard", "tensorboard"))
     if cfg.track.mlflow is not None:
         wanted.append(("track.mlflow", "mlflow", "mlflow-skinny"))
-        if cfg.track.mlflow.uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+        if mlflow_uri(cfg.track.mlflow).split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
             wanted.append(("track.mlflow.uri", "sqlalchemy", "sqlalchemy alembic"))
     return [
         (key, f"needs the {pip.split()[0]} package, which is not installed: {PIP} (or pip install {pip})")
         for key, module, pip in wanted
         if not installed(module)
     ]
+
+
+def mlflow_uri(ml) -> str:
+    """The tracking URI the run will use: the config's, else MLflow's default (its environment
+    variable, else a SQLite file in the working folder; MLflow 3 refuses its old ./mlruns store)."""
+    return ml.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def installed(module: str) -> bool:
@@ -70,7 +76,8 @@ class Trackers:
 
     def _drop(self, name: str, tracker, e: Exception) -> None:
         self.items.pop(name, None)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first if len(first) <= 300 else first[:300].rsplit(" ", 1)[0] + " ..."  # whole words
         self.warn(f"warning: {name}: {first}; stopped tracking to it, the run goes on (metrics.csv has it all)")
         if tracker is not None:
             tracker.abandon()
@@ -90,7 +97,7 @@ def open_trackers(cfg: Config, run_dir: Path, saved: dict | None, steps_done: in
         made.add("tensorboard", lambda: kinds.TensorBoard(run_dir / "tensorboard", purge))
     if cfg.track.mlflow is not None:
         ml, run_id = cfg.track.mlflow, (saved or {}).get("mlflow", {}).get("run_id")
-        made.add("mlflow", lambda: kinds.Mlflow(ml.uri, ml.experiment or cfg.name, run_name(run_dir), run_id))
+        made.add("mlflow", lambda: kinds.Mlflow(mlflow_uri(ml), ml.experiment or cfg.name, run_name(run_dir), run_id))
     made.call("start", flat_params(cfg), run_tags(device))
     return made
 

@@ -18,7 +18,9 @@ def make_sampler(space: Space) -> optuna.samplers.BaseSampler:
     elif s.name == "random":
         make = lambda seed: optuna.samplers.RandomSampler(seed=seed)  # noqa: E731
     else:  # constant_liar: workers in parallel try different points
-        make = lambda seed: optuna.samplers.TPESampler(seed=seed, constant_liar=True)  # noqa: E731
+        make = lambda seed: optuna.samplers.TPESampler(  # noqa: E731
+            n_startup_trials=s.startup_trials, seed=seed, constant_liar=True
+        )
     return make(None) if s.seed is None else TrialSeeded(make, s.seed)
 
 

@@ -31,6 +31,13 @@ class Objective(Strict):
 class Sampler(Strict):
     name: Literal["tpe", "random", "grid"] = "tpe"
     seed: Annotated[int, Field(ge=0)] | None = None
+    startup_trials: Annotated[int, Field(ge=0)] = 10  # TPE's random trials before it models (Optuna's n_startup_trials)
+
+    @model_validator(mode="after")
+    def _startup_is_tpes(self):
+        if self.name != "tpe" and self.startup_trials != 10:
+            raise ValueError(f"startup_trials is TPE's (name: tpe); with name: {self.name} it does nothing")
+        return self
 
 
 class Pruner(Strict):
@@ -101,12 +108,16 @@ class Space(Strict):
     sampler: Sampler = Sampler()
     pruner: Pruner = Pruner()
     params: Annotated[dict[str, Param], Field(min_length=1)]
+    # points tried before the sampler's own (Optuna's enqueue_trial), e.g. the best config known so far
+    enqueue: list[dict[str, Any]] = []
 
     @model_validator(mode="after")
     def _gridable(self):
         for key, p in self.params.items():
             if self.sampler.name == "grid" and not isinstance(p, Choice):
                 raise ValueError(f"params.{key}: sampler grid takes choice params only (a grid lists its values)")
+        if self.sampler.name == "grid" and self.enqueue:
+            raise ValueError("enqueue: sampler grid tries every point of its grid already")
         return self
 
 
@@ -134,7 +145,9 @@ def load_space(path: Path, config: Path, sets: list[str]) -> tuple[Space, Config
         raise ConfigError(f"{source}: cannot read the search space ({e})") from None
     data, node = parse_yaml(text, source)
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}:1: the search space must be a mapping (objective, sampler, pruner, params)")
+        raise ConfigError(
+            f"{source}:1: the search space must be a mapping (objective, sampler, pruner, params, enqueue)"
+        )
     try:
         space = Space.model_validate(data)
     except ValidationError as e:
@@ -155,9 +168,43 @@ def load_space(path: Path, config: Path, sets: list[str]) -> tuple[Space, Config
                 whole = "; it takes whole numbers: use {int: [low, high]}" if "integer" in first else ""
                 problems.append(f"{line}: params.{key}: the value {value!r} makes the config invalid: {first}{whole}")
                 break
+    if not problems:
+        problems = enqueue_problems(space, config, sets, node, source)
     if problems:
         raise ConfigError("\n".join(problems))
     return space, base
+
+
+def enqueue_problems(space: Space, config: Path, sets: list[str], node, source: str) -> list[str]:
+    """Each queued point names params of the space, inside their ranges, and makes a valid config."""
+    problems = []
+    for i, point in enumerate(space.enqueue):
+        where = f"{_line(node, ('enqueue', i), source)}: enqueue.{i}"
+        bad = [f"'{k}' is not a param of the space" + _hint(k, space.params) for k in point if k not in space.params]
+        bad += [f"{k}: {why}" for k, v in point.items() if k in space.params and (why := outside(space.params[k], v))]
+        if not bad:
+            try:
+                trial_config(config, sets, point)
+            except ConfigError as e:
+                bad = [f"the point makes the config invalid: {str(e).splitlines()[0].split(': ', 2)[-1]}"]
+        problems += [f"{where}: {b}" for b in bad]
+    return problems
+
+
+def outside(p: Param, value) -> str | None:
+    """Why a queued value is not one the param could draw (None when it could)."""
+    if isinstance(p, Choice):
+        return None if value in p.choice else f"{value!r} is not one of its choices {p.choice}"
+    whole = isinstance(p, IntRange)
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return f"{value!r} is not {'a whole number' if whole else 'a number'}"
+    low, high = p.ends
+    return None if low <= value <= high else f"{value!r} is outside [{low}, {high}]"
+
+
+def _hint(key: str, params: dict) -> str:
+    hint = did_you_mean(key, params)
+    return f"; {hint}" if hint else ""
 
 
 def trial_config(config: Path, sets: list[str], values: dict) -> Config:
@@ -232,7 +279,9 @@ def _located(e: ValidationError, node, source: str) -> str:
         elif inner:
             msg = f"{_which(inner)}: {msg[0].lower()}{msg[1:]}"
         if err["type"] == "extra_forbidden" and loc:
-            hint = did_you_mean(loc[-1], ["objective", "sampler", "pruner", "params"] if len(loc) == 1 else [])
+            hint = did_you_mean(
+                loc[-1], ["objective", "sampler", "pruner", "params", "enqueue"] if len(loc) == 1 else []
+            )
             msg += f"; {hint}" if hint else ""
         where = _key_line(node, loc, source) if err["type"] == "extra_forbidden" else _line(node, loc, source)
         lines.append(f"{where}: {key}: {msg}")

@@ -114,6 +114,13 @@ def suggest(trial: optuna.Trial, key: str, p) -> object:
     return trial.suggest_float(key, *p.range, step=p.step)
 
 
+def fixed(space: Space, point: dict) -> dict:
+    """A queued point as Optuna stores a trial's params (a float as a float: `skip_if_exists`
+    compares types, so an lr written as 1 would be queued again on every run)."""
+    as_stored = {LogRange: float, IntRange: int, Choice: choice_key}
+    return {k: as_stored.get(type(space.params[k]), float)(v) for k, v in point.items()}
+
+
 class ReportEpochs(Callback):
     """The monitored metric to the trial after every epoch; the pruner's verdict ends the run as an
     early stop (its files complete, status "stopped"), and the trial is then recorded as pruned.
@@ -212,6 +219,9 @@ def run_sweep(sweep: Sweep) -> optuna.Study:
         sweep.out / MARKER, json.dumps({"study": sweep.study_name, "storage": safe_url(sweep.url)}, indent=1)
     )
     study.set_user_attr("monitor", sweep.space.objective.monitor)
+    with creating(sweep):  # one worker at a time, so each sees the points another queued
+        for point in sweep.space.enqueue:  # a point any trial has had already (queued, run) is skipped
+            study.enqueue_trial(fixed(sweep.space, point), skip_if_exists=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial is lost (and queued) before we count
