@@ -79,6 +79,11 @@ def test_null_in_the_child_drops_the_bases_key(tmp_path):
     child = write(tmp_path / "child.yaml", CHILD.replace("train:", "data: {bs: null}\ntrain:\n  wd: null"))
     cfg = load_config(child, checks=CONFIG_CHECKS)
     assert (cfg.data.bs, cfg.train.wd, cfg.model.ps) == (64, 0.01, 0.3)
+    # a null that drops nothing is a typo, not a no-op; a known key no base set is (layers here)
+    typo = write(tmp_path / "typo.yaml", "extends: base.yaml\nmodel: {layers: null}\ndata: {bss: null}\n")
+    assert error_of(typo).startswith(f"{typo}:3: data.bss: unknown key; did you mean 'bs'?")
+    deep = write(tmp_path / "deep.yaml", CHILD.replace("  ps: 0.3", "  ps: 0.3\n  layerz: null"))
+    assert error_of(deep).startswith(f"{deep}:5: model.layerz: unknown key; did you mean 'layers'?")
 
 
 def test_the_saved_config_is_the_merged_one_without_extends(tmp_path):

@@ -6,7 +6,7 @@ whole); each file keeps its YAML nodes, so an error still names the file and lin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ class Chain:
     """The files of a config chain, child first: (source as shown in messages, YAML node tree)."""
 
     files: list[tuple[str, Any]]
+    dropped: list[tuple] = field(default_factory=list)  # key paths a null named that no base set
 
     def owner(self, loc: tuple) -> tuple[str, Any]:
         """The nearest file (child first) that holds the key path; the child when none does."""
@@ -58,16 +59,18 @@ def _extends_line(node) -> int:
     return 1
 
 
-def merge(base: dict, child: dict) -> dict:
+def merge(base: dict, child: dict, dropped: list | None = None, at: tuple = ()) -> dict:
     """child over base: mappings merged key by key, anything else (lists too) replaced whole; a
-    null in the child drops the base's key, so it takes its default (JSON Merge Patch's rule)."""
+    null in the child drops the base's key, so it takes its default (JSON Merge Patch's rule).
+    `dropped` collects the paths of nulls with no key under them (a typo drops nothing, silently)."""
     out = dict(base)
     for key, value in child.items():
         if value is None:
-            out.pop(key, None)
+            if out.pop(key, None) is None and dropped is not None:
+                dropped.append((*at, key))
             continue
         both = isinstance(value, dict) and isinstance(base.get(key), dict)
-        out[key] = merge(base[key], value) if both else value
+        out[key] = merge(base[key], value, dropped, (*at, key)) if both else value
     return out
 
 
@@ -105,5 +108,5 @@ def resolve_extends(data: dict, node, source: str, folder: Path | None) -> tuple
         here = path.parent
     merged: dict = {}
     for layer in reversed(layers):
-        merged = merge(merged, {k: v for k, v in layer.items() if k != "extends"})
+        merged = merge(merged, {k: v for k, v in layer.items() if k != "extends"}, chain.dropped)
     return merged, chain

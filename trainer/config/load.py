@@ -174,6 +174,20 @@ def _data_fields(layout: str | None) -> list[str]:
     return list(cls.model_fields) if cls else []
 
 
+def _unknown_nulls(chain, data: dict) -> list[dict]:
+    """Errors for the nulls of an `extends` chain that name no key of the schema (`bss: null`)."""
+    errs = []
+    for loc in getattr(chain, "dropped", ()):
+        if loc[:1] == ("data",):
+            layout = data.get("data", {}).get("layout") if isinstance(data.get("data"), dict) else None
+            known = (_data_fields(layout) or None) if len(loc) == 2 else None
+        else:
+            known = getattr(_model_for(loc), "model_fields", None)
+        if known is not None and loc[-1] not in known:
+            errs.append({"loc": loc, "type": "extra_forbidden", "msg": "Extra inputs are not permitted", "input": None})
+    return errs
+
+
 def _hint(err: dict, loc: tuple, data: dict) -> str:
     if err["type"] == "extra_forbidden":
         if loc[:1] == ("data",):
@@ -309,6 +323,9 @@ def load_config(
         cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(e.errors(), data, node, source, origins, chain)) from None
+    typos = _unknown_nulls(chain, data)
+    if typos:
+        raise ConfigError(format_errors(typos, data, node, source, origins, chain))
     problems = [p for check in (_check_paths, *checks) for p in check(cfg)]
     if problems:
         errs = [
