@@ -201,6 +201,12 @@ def writable_folder(path: str | Path) -> Path:
         raise OutputError(f"{path}: cannot make this folder ({e.strerror or e})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: this folder is not writable")
+    try:  # as root, access() says yes to anything (/proc, a read-only mount): a real file says
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".trainer-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{path}: this folder is not writable ({e.strerror or e})") from None
     return path
 
 

@@ -2,6 +2,7 @@
 end and Kaggle-style prediction files."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -129,7 +130,7 @@ def test_evaluate_from_the_run_directory(run_dir, tmp_path):
     res = runner.invoke(app, ["evaluate", str(run_dir), "--tta", "--heatmap", "--out", str(out), "--k", "4"])
     assert res.exit_code == 0, res.output
     for name in ["confusion_matrix.png", "top_losses.png", "most_confused.csv", "per_class.csv", "evaluation.json"]:
-        assert (out / name).is_file(), name
+        assert (out / name).is_file() and f"wrote {out / name}" in res.output, name  # each file it wrote, said
     report = json.loads((out / "evaluation.json").read_text())
     assert report["n_valid"] == 18 and set(report["metrics"]) >= {"valid_loss", "accuracy"}
     assert report["metrics_tta"] is not None and "tta" in res.output and "circle" in res.output
@@ -149,6 +150,9 @@ def test_evaluate_replaces_its_own_files_never_a_users(run_dir, tmp_path):
     assert [p.name for p in mine.iterdir()] == ["per_class.csv"] and (
         mine / "per_class.csv"
     ).read_text() == "my own table\n"
+    if Path("/proc/self").is_dir():  # a folder access() passes (for root) but no file can be made in
+        res = runner.invoke(app, ["evaluate", str(run_dir), "--out", "/proc"])
+        assert res.exit_code == 2 and "/proc: this folder is not writable" in res.output, res.output
     out = tmp_path / "ev"
     for _ in range(2):  # the second run replaces the first's files
         res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(out)])

@@ -217,6 +217,7 @@ def evaluate(
         ev.files["most_confused"] = out / "most_confused.csv"
     ev.files["top_losses"] = plot_top_losses(run, dl, best, out / "top_losses.png", k, heatmap, threshold)
     _write_csv(pd.DataFrame(ev.per_class), out / "per_class.csv")
+    ev.files["per_class"] = out / "per_class.csv"
     report = {
         "written_by": MARK,
         "metrics": metrics,
