@@ -87,6 +87,10 @@ def test_six_trials_the_pruner_stops_the_ruined_ones(tmp_path, folder_data, monk
     # the same command again: the study already holds 6 trials, nothing runs
     again = sweep(cfg, "--space", space, "--trials", 6, "--out", tmp_path / "sw")
     assert again.exit_code == 0 and "nothing to run" in again.output and len(trials(tmp_path / "sw")) == 6
+    shutil.move(tmp_path / "sw", tmp_path / "moved")  # sweep.json names the old path of its sweep.db
+    report = runner.invoke(app, ["sweep-report", str(tmp_path / "moved")])
+    assert report.exit_code == 0 and "complete" in report.output and "pruned" in report.output, report.output
+    assert str(tmp_path / "moved" / "trials") in report.output and str(tmp_path / "sw") not in report.output
 
 
 def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path, folder_data):
@@ -206,6 +210,8 @@ def test_study_names_and_folders_are_checked(tmp_path, folder_data, monkeypatch)
     optuna.create_study(storage=url, study_name="second")
     two = runner.invoke(app, ["sweep-report", "--storage", url])
     assert two.exit_code == 2 and "holds 2 studies; name one with --study" in two.output, two.output
+    empty = runner.invoke(app, ["sweep-report", "--storage", url, "--study", "second"])
+    assert empty.exit_code == 0 and "study 'second': no trials yet" in empty.output, empty.output
     assert runner.invoke(app, ["sweep-report", "--storage", url, "--study", "tiny"]).exit_code == 0
     typo = runner.invoke(app, ["sweep-report", "--storage", f"sqlite:///{tmp_path / 'typo.db'}"])
     assert typo.exit_code == 2 and "no sweep database there" in typo.output and not (tmp_path / "typo.db").exists()

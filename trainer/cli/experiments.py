@@ -142,7 +142,7 @@ def sweep_report(
     machine, the storage URL alone does: trainer sweep-report --storage URL [--study NAME]."""
     import optuna
 
-    from trainer.sweep.database import load_study
+    from trainer.sweep.database import DATABASE, load_study
     from trainer.sweep.report import best_trials, summary_line
     from trainer.sweep.study import MARKER
 
@@ -155,14 +155,35 @@ def sweep_report(
             fail(f"{folder}: not a sweep folder (no {MARKER})")
         saved = guarded(lambda: json.loads(marker.read_text()))
     url = storage or (saved.get("storage") if "***" not in str(saved.get("storage")) else None)
+    if storage is None and folder is not None and moved(url, folder):  # sweep.json has the old absolute path
+        url = f"sqlite:///{(folder / DATABASE).resolve()}"
     if url is None:
         fail(f"{folder}: its storage URL holds a password; give it with --storage")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     found = guarded(lambda: load_study(url, study or saved.get("study")))
     common.console.print(summary_line(found), highlight=False)
     rows = best_trials(found, n)
+    for r in rows if folder is not None else ():  # as seen from here: the sweep may have run elsewhere
+        r["run_dir"] = str(in_folder(Path(r["run_dir"]), folder))
     monitor = found.user_attrs.get("monitor", "value")
     _best_table(rows, monitor)
+
+
+def moved(url: str | None, folder: Path) -> bool:
+    """The folder's own default database, moved (or copied) with it since the sweep."""
+    from trainer.sweep.database import DATABASE
+
+    if not (url or "").startswith("sqlite:///"):
+        return False
+    database = Path(url.removeprefix("sqlite:///"))
+    return database.name == DATABASE and not database.exists() and (folder / DATABASE).is_file()
+
+
+def in_folder(run_dir: Path, folder: Path) -> Path:
+    """A trial's run directory under the sweep folder as given (the study keeps the path as the
+    sweep wrote it: relative to where it ran, or a folder since moved)."""
+    here = folder / "trials" / run_dir.name
+    return here if run_dir.parent.name == "trials" and here.is_dir() else run_dir
 
 
 def _best_table(rows: list[dict], monitor: str) -> None:

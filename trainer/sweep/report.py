@@ -125,4 +125,5 @@ def summary_line(study: optuna.Study) -> str:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    return f"study '{study.study_name}': " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    held = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials yet"
+    return f"study '{study.study_name}': {held}"
