@@ -161,6 +161,10 @@ params:
             "params:\n  data.bs: {int: [4, 12]}\nenqueue:\n  - {data.bs: 6.5}\n",
             "enqueue.0: data.bs: 6.5 is not a whole number",
         ),
+        (
+            "sampler: {name: grid}\nparams:\n  data.bs: {choice: [8, 12]}\nenqueue:\n  - {data.bs: 8}\n",
+            "space.yaml:4: enqueue: sampler grid tries every point of its grid already",
+        ),
     ],
 )
 def test_a_bad_space_file_fails_before_any_trial(tmp_path, folder_data, space, said):

@@ -116,8 +116,6 @@ class Space(Strict):
         for key, p in self.params.items():
             if self.sampler.name == "grid" and not isinstance(p, Choice):
                 raise ValueError(f"params.{key}: sampler grid takes choice params only (a grid lists its values)")
-        if self.sampler.name == "grid" and self.enqueue:
-            raise ValueError("enqueue: sampler grid tries every point of its grid already")
         return self
 
 
@@ -177,6 +175,8 @@ def load_space(path: Path, config: Path, sets: list[str]) -> tuple[Space, Config
 
 def enqueue_problems(space: Space, config: Path, sets: list[str], node, source: str) -> list[str]:
     """Each queued point names params of the space, inside their ranges, and makes a valid config."""
+    if space.sampler.name == "grid" and space.enqueue:
+        return [f"{_key_line(node, ('enqueue',), source)}: enqueue: sampler grid tries every point of its grid already"]
     problems = []
     for i, point in enumerate(space.enqueue):
         where = f"{_line(node, ('enqueue', i), source)}: enqueue.{i}"
