@@ -205,8 +205,9 @@ def writable_folder(path: str | Path) -> Path:
         fd, probe = tempfile.mkstemp(dir=path, prefix=".trainer-probe-")
         os.close(fd)
         os.unlink(probe)
-    except OSError as e:
-        raise OutputError(f"{path}: this folder is not writable ({e.strerror or e})") from None
+    except OSError as e:  # /proc says "no such file": the folder's fault is the only one worth saying
+        why = "" if e.errno == errno.ENOENT else f" ({e.strerror or e})"
+        raise OutputError(f"{path}: this folder is not writable{why}") from None
     return path
 
 

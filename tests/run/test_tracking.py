@@ -102,6 +102,10 @@ def test_mlflow_true_tracks_where_mlflow_itself_would(tmp_path, folder_data, mon
     spine.fit(load_config(config(tmp_path, folder_data, "{mlflow: true}", name="plain")), tmp_path / "run")
     _, run = mlflow_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "plain")
     assert run.info.status == "FINISHED" and "warning" not in capsys.readouterr().err
+    assert (
+        f"mlflow: run {run.info.run_id} in experiment 'plain' at sqlite:///mlflow.db"
+        in (tmp_path / "run" / "log.txt").read_text()
+    )
 
 
 @pytest.mark.parametrize("crash", [(7,), (2, "after_epoch", 99)], ids=["mid-epoch", "epoch-end"])

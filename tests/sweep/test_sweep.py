@@ -158,8 +158,16 @@ params:
             "space.yaml:4: enqueue.0: data.bs: 10 is not one of its choices [8, 12]",
         ),
         (
-            "params:\n  data.bs: {int: [4, 12]}\nenqueue:\n  - {data.bs: 6.5}\n",
-            "enqueue.0: data.bs: 6.5 is not a whole number",
+            "params:\n  data.bs: {int: [4, 12]}\nenqueue:\n  - {data.bs: 6.5}\n  - {data.bs: 8.0}\n  - {data.bs: .nan}\n",
+            "space.yaml:6: enqueue.2: data.bs: .nan is not a whole number",  # 6.5 too, 8.0 passes
+        ),
+        (
+            "params:\n  train.wd: {range: [0.0, 0.1], step: 0.02}\nenqueue:\n  - {train.wd: 0.04}\n  - {train.wd: 0.03}\n",
+            "space.yaml:5: enqueue.1: train.wd: 0.03 is not on its grid: 0.0 plus a whole number of steps of 0.02",
+        ),
+        (
+            "params:\n  data.bs: {choice: [8, 12]}\nenqueue:\n  - {data.bs: true}\n",
+            "space.yaml:4: enqueue.0: data.bs: true is not one of its choices [8, 12]",
         ),
         (
             "sampler: {name: grid}\nparams:\n  data.bs: {choice: [8, 12]}\nenqueue:\n  - {data.bs: 8}\n",

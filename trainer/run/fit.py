@@ -20,7 +20,7 @@ from trainer.run.runtime import pick_device
 from trainer.run.session import Session, open_session, say
 from trainer.run.signals import Interrupted, StopRequest, graceful_stop
 from trainer.run.status import run_status
-from trainer.run.tracking import Trackers, open_trackers
+from trainer.run.tracking import Trackers, mlflow_uri, open_trackers
 from trainer.train.loop import Callback
 from trainer.train.plan import StagePlan, outline
 
@@ -103,7 +103,7 @@ def start_tracking(sess: Session, point: state.ResumePoint | None) -> Trackers:
     if "mlflow" in trackers.items:
         ml = sess.cfg.track.mlflow
         sess.log(
-            f"mlflow: run {trackers.items['mlflow'].run_id} in experiment '{ml.experiment or sess.cfg.name}' at {ml.uri}"
+            f"mlflow: run {trackers.items['mlflow'].run_id} in experiment '{ml.experiment or sess.cfg.name}' at {mlflow_uri(ml)}"
         )
     return trackers
 

@@ -5,6 +5,7 @@ to that config and validated as any config is, so a typo or a bad range costs no
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -193,13 +194,25 @@ def enqueue_problems(space: Space, config: Path, sets: list[str], node, source: 
 
 def outside(p: Param, value) -> str | None:
     """Why a queued value is not one the param could draw (None when it could)."""
+    shown = _yaml(value)
     if isinstance(p, Choice):
-        return None if value in p.choice else f"{value!r} is not one of its choices {p.choice}"
+        return None if value in p.choice else f"{shown} is not one of its choices {_yaml(p.choice)}"
     whole = isinstance(p, IntRange)
-    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
-        return f"{value!r} is not {'a whole number' if whole else 'a number'}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or (whole and value != int(value)):
+        return f"{shown} is not {'a whole number' if whole else 'a number'}"
     low, high = p.ends
-    return None if low <= value <= high else f"{value!r} is outside [{low}, {high}]"
+    if not low <= value <= high:
+        return f"{shown} is outside [{low}, {high}]"
+    step = getattr(p, "step", None)
+    if step and abs((value - low) / step - round((value - low) / step)) > 1e-8:
+        return f"{shown} is not on its grid: {low} plus a whole number of steps of {step}"
+    return None
+
+
+def _yaml(value) -> str:
+    """A value as the file writes it (true, null, [8, 12]), not as Python does."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _hint(key: str, params: dict) -> str:
