@@ -199,9 +199,7 @@ def writable_folder(path: str | Path) -> Path:
         raise OutputError(f"{path}: is a file (or below one), not a folder to write into") from None
     except OSError as e:
         raise OutputError(f"{path}: cannot make this folder ({e.strerror or e})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: this folder is not writable")
-    try:  # as root, access() says yes to anything (/proc, a read-only mount): a real file says
+    try:  # a real file, not access(): as root that says yes to anything (/proc, a read-only mount)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".trainer-probe-")
         os.close(fd)
         os.unlink(probe)

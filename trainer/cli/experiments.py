@@ -86,10 +86,9 @@ def sweep(
 
     if importlib.util.find_spec("optuna") is None:
         fail("trainer sweep needs Optuna, which is not installed: pip install -e '.[sweep]'")
-    from trainer.sweep.database import DATABASE
     from trainer.sweep.report import all_failed, best_trials, summary_line, write_results
     from trainer.sweep.space import load_space
-    from trainer.sweep.study import MARKER, Sweep, open_study, run_sweep
+    from trainer.sweep.study import MARKER, OWN_FILES, Sweep, open_study, run_sweep
 
     space_, base = guarded(lambda: load_space(space, config, sets or []))
     if study is not None and (problem := name_problem(study)):
@@ -98,8 +97,7 @@ def sweep(
     out = out or Path("sweeps") / name
     # the lock and the default database without the marker: another worker is opening the study
     # right now (the marker follows); a second worker started then was refused, a flaky test found
-    ours = (MARKER, ".sweep.lock", *(DATABASE + end for end in ("", "-journal", "-wal", "-shm")))
-    foreign = out.is_dir() and not (out / MARKER).is_file() and any(p.name not in ours for p in out.iterdir())
+    foreign = out.is_dir() and not (out / MARKER).is_file() and any(p.name not in OWN_FILES for p in out.iterdir())
     if out.exists() and (not out.is_dir() or foreign):
         fail(f"--out {out}: not a sweep folder of trainer (no {MARKER}); give a new or empty folder")
     held = guarded(lambda: json.loads((out / MARKER).read_text())) if (out / MARKER).is_file() else {}
@@ -142,8 +140,8 @@ def sweep_report(
     machine, the storage URL alone does: trainer sweep-report --storage URL [--study NAME]."""
     import optuna
 
-    from trainer.sweep.database import DATABASE, load_study
-    from trainer.sweep.report import best_trials, summary_line
+    from trainer.sweep.database import folder_storage, load_study
+    from trainer.sweep.report import best_trials, in_folder, summary_line
     from trainer.sweep.study import MARKER
 
     saved = {}
@@ -155,8 +153,8 @@ def sweep_report(
             fail(f"{folder}: not a sweep folder (no {MARKER})")
         saved = guarded(lambda: json.loads(marker.read_text()))
     url = storage or (saved.get("storage") if "***" not in str(saved.get("storage")) else None)
-    if storage is None and folder is not None and moved(url, folder):  # sweep.json has the old absolute path
-        url = f"sqlite:///{(folder / DATABASE).resolve()}"
+    if storage is None and folder is not None:
+        url = folder_storage(url, folder)
     if url is None:
         fail(f"{folder}: its storage URL holds a password; give it with --storage")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -167,23 +165,6 @@ def sweep_report(
         r["run_dir"] = str(in_folder(Path(r["run_dir"]), folder))
     monitor = found.user_attrs.get("monitor", "value")
     _best_table(rows, monitor)
-
-
-def moved(url: str | None, folder: Path) -> bool:
-    """The folder's own default database, moved (or copied) with it since the sweep."""
-    from trainer.sweep.database import DATABASE
-
-    if not (url or "").startswith("sqlite:///"):
-        return False
-    database = Path(url.removeprefix("sqlite:///"))
-    return database.name == DATABASE and not database.exists() and (folder / DATABASE).is_file()
-
-
-def in_folder(run_dir: Path, folder: Path) -> Path:
-    """A trial's run directory under the sweep folder as given (the study keeps the path as the
-    sweep wrote it: relative to where it ran, or a folder since moved)."""
-    here = folder / "trials" / run_dir.name
-    return here if run_dir.parent.name == "trials" and here.is_dir() else run_dir
 
 
 def _best_table(rows: list[dict], monitor: str) -> None:

@@ -167,20 +167,27 @@ def _model_for(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _data_fields(layout: str | None) -> list[str]:
+def _data_model(layout: str | None) -> type[BaseModel] | None:
     from trainer.config import schema
 
-    cls = {"folder": schema.FolderData, "csv": schema.CsvData, "text": schema.TextData}.get(layout or "")
+    return {"folder": schema.FolderData, "csv": schema.CsvData, "text": schema.TextData}.get(layout or "")
+
+
+def _data_fields(layout: str | None) -> list[str]:
+    cls = _data_model(layout)
     return list(cls.model_fields) if cls else []
+
+
+def _layout(data: dict) -> str | None:
+    return data.get("data", {}).get("layout") if isinstance(data.get("data"), dict) else None
 
 
 def _unknown_nulls(chain, data: dict) -> list[dict]:
     """Errors for the nulls of an `extends` chain that name no key of the schema (`bss: null`)."""
     errs = []
-    for loc in getattr(chain, "dropped", ()):
+    for loc in chain.dropped if chain is not None else ():
         if loc[:1] == ("data",):
-            layout = data.get("data", {}).get("layout") if isinstance(data.get("data"), dict) else None
-            known = (_data_fields(layout) or None) if len(loc) == 2 else None
+            known = (_data_fields(_layout(data)) or None) if len(loc) == 2 else None
         else:
             known = getattr(_model_for(loc), "model_fields", None)
         if known is not None and loc[-1] not in known:
@@ -191,8 +198,7 @@ def _unknown_nulls(chain, data: dict) -> list[dict]:
 def _hint(err: dict, loc: tuple, data: dict) -> str:
     if err["type"] == "extra_forbidden":
         if loc[:1] == ("data",):
-            layout = data.get("data", {}).get("layout") if isinstance(data.get("data"), dict) else None
-            return did_you_mean(loc[-1], _data_fields(layout))
+            return did_you_mean(loc[-1], _data_fields(_layout(data)))
         model = _model_for(loc)
         return did_you_mean(loc[-1], model.model_fields) if model else ""
     if err["type"] == "union_tag_invalid":
@@ -206,10 +212,7 @@ def _hint(err: dict, loc: tuple, data: dict) -> str:
 def _description(loc: tuple, data: dict) -> str:
     """The schema's word for what a key holds, where it has one."""
     if loc[:1] == ("data",) and len(loc) == 2:
-        from trainer.config import schema
-
-        layout = data.get("data", {}).get("layout") if isinstance(data.get("data"), dict) else None
-        model = {"folder": schema.FolderData, "csv": schema.CsvData, "text": schema.TextData}.get(layout or "")
+        model = _data_model(_layout(data))
     else:
         model = _model_for(loc)
     field = getattr(model, "model_fields", {}).get(loc[-1]) if loc else None

@@ -32,7 +32,8 @@ def connect(url: str, make):
 def load_study(url: str, name: str | None) -> optuna.Study:
     """An existing study, for a report; a name the storage lacks is said with the names it has.
     No name: the storage's only study. A report never makes or changes a database."""
-    if url.startswith("sqlite:///") and not _an_optuna_file(Path(url.removeprefix("sqlite:///"))):
+    path = sqlite_file(url)
+    if path is not None and not _an_optuna_file(path):
         raise StorageError(f"--storage {url}: no sweep database there (a report never makes or changes one)")
 
     def make():
@@ -45,6 +46,20 @@ def load_study(url: str, name: str | None) -> optuna.Study:
         return optuna.load_study(study_name=name or names[0], storage=url)
 
     return connect(url, make)
+
+
+def sqlite_file(url: str | None) -> Path | None:
+    """The file of a SQLite storage URL (None for any other storage)."""
+    return Path(url.removeprefix("sqlite:///")) if (url or "").startswith("sqlite:///") else None
+
+
+def folder_storage(url: str | None, folder: Path) -> str | None:
+    """A sweep folder's storage as seen now: sweep.json keeps the absolute path of the default
+    database, so a folder moved (or copied) since the sweep reads its own sweep.db."""
+    path = sqlite_file(url)
+    if path is not None and path.name == DATABASE and not path.exists() and (folder / DATABASE).is_file():
+        return f"sqlite:///{(folder / DATABASE).resolve()}"
+    return url
 
 
 def _an_optuna_file(path: Path) -> bool:

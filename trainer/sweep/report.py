@@ -127,3 +127,10 @@ def summary_line(study: optuna.Study) -> str:
         counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
     held = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trials yet"
     return f"study '{study.study_name}': {held}"
+
+
+def in_folder(run_dir: Path, folder: Path) -> Path:
+    """A trial's run directory under the sweep folder as given (the study keeps the path as the
+    sweep wrote it: relative to where it ran, or a folder since moved)."""
+    here = folder / "trials" / run_dir.name
+    return here if run_dir.parent.name == "trials" and here.is_dir() else run_dir

@@ -29,14 +29,17 @@ class Objective(Strict):
         return "minimize" if better_mode(self.monitor, self.mode) == "min" else "maximize"
 
 
+TPE_STARTUP = 10  # Optuna's n_startup_trials default: random trials until this many have finished
+
+
 class Sampler(Strict):
     name: Literal["tpe", "random", "grid"] = "tpe"
     seed: Annotated[int, Field(ge=0)] | None = None
-    startup_trials: Annotated[int, Field(ge=0)] = 10  # TPE's random trials before it models (Optuna's n_startup_trials)
+    startup_trials: Annotated[int, Field(ge=0)] = TPE_STARTUP  # finished trials before TPE models them
 
     @model_validator(mode="after")
     def _startup_is_tpes(self):
-        if self.name != "tpe" and self.startup_trials != 10:
+        if self.name != "tpe" and self.startup_trials != TPE_STARTUP:
             raise ValueError(f"startup_trials is TPE's (name: tpe); with name: {self.name} it does nothing")
         return self
 
@@ -132,7 +135,7 @@ def edge_values(p: Param) -> list:
 
 def as_override(key: str, value) -> str:
     """KEY=VALUE for the config loader (the value as flow YAML: lists and numbers keep their type)."""
-    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+    return f"{key}={_yaml(value)}"
 
 
 def load_space(path: Path, config: Path, sets: list[str]) -> tuple[Space, Config]:
@@ -292,10 +295,7 @@ def _located(e: ValidationError, node, source: str) -> str:
         elif inner:
             msg = f"{_which(inner)}: {msg[0].lower()}{msg[1:]}"
         if err["type"] == "extra_forbidden" and loc:
-            hint = did_you_mean(
-                loc[-1], ["objective", "sampler", "pruner", "params", "enqueue"] if len(loc) == 1 else []
-            )
-            msg += f"; {hint}" if hint else ""
+            msg += _hint(loc[-1], ["objective", "sampler", "pruner", "params", "enqueue"] if len(loc) == 1 else [])
         where = _key_line(node, loc, source) if err["type"] == "extra_forbidden" else _line(node, loc, source)
         lines.append(f"{where}: {key}: {msg}")
     return "\n".join(lines)

@@ -36,6 +36,9 @@ from trainer.train.plan import outline
 
 HEARTBEAT, GRACE = 30, 120  # s: a trial silent this long belongs to a dead process and is marked failed
 MARKER = "sweep.json"  # what makes a folder a sweep's (it is never one of the user's)
+LOCK = ".sweep.lock"
+# a sweep folder's own files before its marker exists (another worker may be opening the study)
+OWN_FILES = (MARKER, LOCK, *(DATABASE + end for end in ("", "-journal", "-wal", "-shm")))
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
@@ -98,7 +101,7 @@ def creating(sweep: Sweep):
     import fcntl
 
     sweep.out.mkdir(parents=True, exist_ok=True)
-    with open(sweep.out / ".sweep.lock", "a") as f:
+    with open(sweep.out / LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
