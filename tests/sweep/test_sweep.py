@@ -173,6 +173,20 @@ params:
             "sampler: {name: grid}\nparams:\n  data.bs: {choice: [8, 12]}\nenqueue:\n  - {data.bs: 8}\n",
             "space.yaml:4: enqueue: sampler grid tries every point of its grid already",
         ),
+        (
+            "params:\n  train.wd: {range: [0.0, 0.1]}\nenqueue:\n  - {train.wd: 0.05}\n  - {}\n",
+            "space.yaml:5: enqueue.1: names no param of the space",
+        ),
+        (
+            "params:\n  train.wd: {range: [0.0, 0.1]}\nenqueue:\n  - {train.wd: 0.05}\n  - {train.wd: 0.05}\n",
+            "space.yaml:5: enqueue.1: is the same point as enqueue.0",
+        ),
+        (  # the hint's last part is close too: not train.stages.0.lr for sharing "train."
+            "params:\n  train.stages.0.lr: {log: [1.0e-3, 1.0e-1]}\n  train.stages.0.pct_start: {range: [0.2, 0.4]}\n"
+            "enqueue:\n  - {train.pct_start: 0.3}\n",
+            "space.yaml:5: enqueue.0: 'train.pct_start' is not a param of the space; "
+            "did you mean 'train.stages.0.pct_start'?",
+        ),
     ],
 )
 def test_a_bad_space_file_fails_before_any_trial(tmp_path, folder_data, space, said):
@@ -291,13 +305,19 @@ def test_two_processes_share_one_sqlite_study_with_no_trial_twice(tmp_path, fold
     said = [(t.number, t.state.name, t.user_attrs) for t in done]
     assert sorted(t.number for t in done) == [0, 1, 2, 3] and all(t.state.name == "COMPLETE" for t in done), said
     assert sorted(p.name for p in (tmp_path / "sw" / "trials").iterdir()) == ["0", "1", "2", "3"]
-    ran = [line.split(":")[0] for log in tmp_path.glob("p*.log") for line in log.read_text().splitlines()]
+    ran = [
+        line.split(":")[0].split(" (")[0] for log in tmp_path.glob("p*.log") for line in log.read_text().splitlines()
+    ]
     ran = [r for r in ran if r.startswith("trial ")]  # "trial N: ..." once when it starts, once when it ends
     assert sorted(ran) == sorted(f"trial {n}" for n in range(4) for _ in range(2))
     # seeded, yet no two workers draw the same point: trial n's draws come from (seed, n)
     assert len({t.params["train.stages.0.lr"] for t in done}) == 4
     # both workers queued the point; it ran once, first
     assert [t.number for t in done if t.params["train.stages.0.lr"] == 0.01] == [0]
+    said_queued = [
+        line for log in tmp_path.glob("p*.log") for line in log.read_text().splitlines() if "(queued" in line
+    ]
+    assert [line.split(" (")[0] for line in said_queued] == ["trial 0"]  # its start line says where it came from
     again = sweep(cfg, "--space", sp, "--trials", 5, "--out", tmp_path / "sw")  # the point is not queued again
     assert again.exit_code == 0 and [t.params["train.stages.0.lr"] for t in trials(tmp_path / "sw")].count(0.01) == 1
 
@@ -434,3 +454,11 @@ def test_the_pruner_is_asked_after_every_epoch_but_the_last():
     with pytest.raises(StoppedEarly):
         early.after_epoch(learn)
     assert early.pruned.startswith("pruned after epoch 1")
+
+
+def test_a_did_you_mean_needs_the_last_part_close_too():
+    from trainer.sweep.space import _hint
+
+    assert _hint("train.pct_start", ["train.stages.0.lr", "train.wd"]) == ""  # difflib alone said train.stages.0.lr
+    assert _hint("pct_start", ["train.stages.0.lr", "train.stages.0.pct_start"]).endswith("'train.stages.0.pct_start'?")
+    assert _hint("trian.wd", ["train.wd", "data.bs"]) == "; did you mean 'train.wd'?"

@@ -1,16 +1,8 @@
 """Typed configuration: schema, YAML loading with located errors, overrides."""
 
-from trainer.config.load import (
-    ConfigError,
-    apply_override,
-    dump_config,
-    flat_keys,
-    load_config,
-    node_at,
-    parse_yaml,
-    read_saved_config,
-)
+from trainer.config.load import apply_override, dump_config, flat_keys, load_config, read_saved_config
 from trainer.config.schema import IMAGENET_STATS, Config, CsvData, FolderData, ModelConfig, Stage, TextData, Train
+from trainer.config.yaml_text import ConfigError, node_at, parse_yaml
 
 __all__ = [
     "IMAGENET_STATS",

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from trainer.config.load import ConfigError, parse_yaml
+from trainer.config.yaml_text import ConfigError, parse_yaml
 
 MAX_DEPTH = 20  # files in one chain; a real chain holds two or three
 

@@ -181,9 +181,15 @@ def enqueue_problems(space: Space, config: Path, sets: list[str], node, source: 
     """Each queued point names params of the space, inside their ranges, and makes a valid config."""
     if space.sampler.name == "grid" and space.enqueue:
         return [f"{_key_line(node, ('enqueue',), source)}: enqueue: sampler grid tries every point of its grid already"]
-    problems = []
+    problems, seen = [], {}
     for i, point in enumerate(space.enqueue):
         where = f"{_line(node, ('enqueue', i), source)}: enqueue.{i}"
+        shown = _yaml(point)
+        if not point or shown in seen:  # an empty point is an ordinary sampled trial; a repeat runs once
+            why = "names no param of the space" if not point else f"is the same point as enqueue.{seen[shown]}"
+            problems.append(f"{where}: {why}")
+            continue
+        seen[shown] = i
         bad = [f"'{k}' is not a param of the space" + _hint(k, space.params) for k in point if k not in space.params]
         bad += [f"{k}: {why}" for k, v in point.items() if k in space.params and (why := outside(space.params[k], v))]
         if not bad:
@@ -218,8 +224,14 @@ def _yaml(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def _hint(key: str, params: dict) -> str:
-    hint = did_you_mean(key, params)
+def _hint(key: str, params) -> str:
+    """The closest name whose last part is close to the key's last part too: `train.pct_start` is not
+    pointed at `train.stages.0.lr` for sharing `train.`, but at `train.stages.0.pct_start`."""
+    last = key.rsplit(".", 1)[-1]
+    hint = did_you_mean(key, [p for p in params if did_you_mean(last, [str(p).rsplit(".", 1)[-1]])])
+    if not hint:  # `pct_start` alone: the one param ending in it
+        near = [p for p in params if str(p).rsplit(".", 1)[-1] == last]
+        hint = f"did you mean '{near[0]}'?" if len(near) == 1 else ""
     return f"; {hint}" if hint else ""
 
 

@@ -157,6 +157,7 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     sweep.started[trial.number] = time.monotonic()
     retry = trial.user_attrs.get("retry_of")
     again = "" if retry is None else f" (trial {retry} again" + (", from its checkpoint)" if resume else ")")
+    again = again or (" (queued in the space file)" if trial.user_attrs.get("queued") else "")
     sweep.say(f"trial {trial.number}{again}: " + ", ".join(f"{k}={_short(v)}" for k, v in values.items()))
     try:
         cfg = trial_config(sweep.config, sweep.sets, values)
@@ -224,7 +225,7 @@ def run_sweep(sweep: Sweep) -> optuna.Study:
     study.set_user_attr("monitor", sweep.space.objective.monitor)
     with creating(sweep):  # one worker at a time, so each sees the points another queued
         for point in sweep.space.enqueue:  # a point any trial has had already (queued, run) is skipped
-            study.enqueue_trial(fixed(sweep.space, point), skip_if_exists=True)
+            study.enqueue_trial(fixed(sweep.space, point), user_attrs={"queued": True}, skip_if_exists=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial is lost (and queued) before we count

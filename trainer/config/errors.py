@@ -1,0 +1,152 @@
+"""Pydantic's validation errors -> one line each: the file and line (or the --set), the key, the
+problem, and a hint (did you mean, or what the key holds)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+from trainer.config.schema import Config
+from trainer.config.yaml_text import node_at
+from trainer.registry import did_you_mean
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drops pydantic's type tags from a loc: union members, 'list[...]', 'function-after'."""
+    return tuple(
+        p
+        for p in loc
+        if not (
+            isinstance(p, str)
+            and (
+                p in ("folder", "csv", "text", "LrSpread")
+                or "[" in p
+                or p.startswith(("function-", "literal", "constrained-"))
+                or p in ("float", "int", "str", "bool", "tuple", "list", "dict")
+            )
+        )
+    )
+
+
+def _model_for(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the last key of loc (for 'did you mean')."""
+    from trainer.config import schema
+
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if model is Config and part == "data":
+            return None
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = {
+            "train": schema.Train,
+            "model": schema.ModelConfig,
+            "transforms": schema.Transforms,
+            "tta": schema.Tta,
+            "stages": schema.Stage,
+            "fine_tune": schema.FineTune,
+        }.get(part, ann)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _data_model(layout: str | None) -> type[BaseModel] | None:
+    from trainer.config import schema
+
+    return {"folder": schema.FolderData, "csv": schema.CsvData, "text": schema.TextData}.get(layout or "")
+
+
+def _data_fields(layout: str | None) -> list[str]:
+    cls = _data_model(layout)
+    return list(cls.model_fields) if cls else []
+
+
+def _layout(data: dict) -> str | None:
+    return data.get("data", {}).get("layout") if isinstance(data.get("data"), dict) else None
+
+
+def unknown_nulls(chain, data: dict) -> list[dict]:
+    """Errors for the nulls of an `extends` chain that name no key of the schema (`bss: null`)."""
+    errs = []
+    for loc in chain.dropped if chain is not None else ():
+        if loc[:1] == ("data",):
+            known = (_data_fields(_layout(data)) or None) if len(loc) == 2 else None
+        else:
+            known = getattr(_model_for(loc), "model_fields", None)
+        if known is not None and loc[-1] not in known:
+            errs.append({"loc": loc, "type": "extra_forbidden", "msg": "Extra inputs are not permitted", "input": None})
+    return errs
+
+
+def _hint(err: dict, loc: tuple, data: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        if loc[:1] == ("data",):
+            return did_you_mean(loc[-1], _data_fields(_layout(data)))
+        model = _model_for(loc)
+        return did_you_mean(loc[-1], model.model_fields) if model else ""
+    if err["type"] == "union_tag_invalid":
+        return did_you_mean(err["ctx"]["tag"], re.findall(r"'([^']+)'", err["ctx"]["expected_tags"]))
+    if err["type"] == "literal_error":
+        expected = re.findall(r"'([^']+)'", err.get("msg", ""))
+        return did_you_mean(err.get("input"), expected)
+    return ""
+
+
+def _description(loc: tuple, data: dict) -> str:
+    """The schema's word for what a key holds, where it has one."""
+    if loc[:1] == ("data",) and len(loc) == 2:
+        model = _data_model(_layout(data))
+    else:
+        model = _model_for(loc)
+    field = getattr(model, "model_fields", {}).get(loc[-1]) if loc else None
+    return (field.description or "") if field is not None else ""
+
+
+def _message(err: dict) -> str:
+    if err.get("input") in ("", None) and err["type"] not in ("missing", "extra_forbidden", "semantic"):
+        return "is empty; give a value"
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "union_tag_invalid":
+        return f"unknown value '{err['ctx']['tag']}' (expected {err['ctx']['expected_tags']})"
+    if err["type"] == "missing":
+        return "required key is missing"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def format_errors(errors: list[dict], data: dict, node, source: str, origins: dict, chain=None) -> str:
+    """One line per error: where (file:line, or the --set), the key, the problem, a hint. With
+    `extends`, `chain` (extends.Chain) names the file of the chain that holds each key."""
+    lines, seen = [], set()
+    for err in errors:
+        loc = _clean_loc(tuple(err["loc"]))
+        if err["type"] == "union_tag_invalid":
+            loc = loc + (err["ctx"]["discriminator"].strip("'"),)
+        if err["type"] == "bool_for_number":
+            loc = loc + (err["ctx"]["key"],)
+        if loc in seen:
+            continue  # a union reports once per member; its first complaint is the useful one
+        seen.add(loc)
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        where = source
+        origin = next((o for p, o in origins.items() if key == p or key.startswith(p + ".")), None)
+        # an error about a whole section (a rule across its keys) that a --set inside it changed
+        origin = origin or next((o for p, o in origins.items() if p.startswith(key + ".")), None)
+        if origin:
+            where = origin
+        elif chain is not None:
+            owner, owner_node = chain.owner(loc)
+            where = f"{owner}:{node_at(owner_node, loc).start_mark.line + 1}"
+        elif node is not None:
+            found = node_at(node, loc)
+            where = f"{source}:{found.start_mark.line + 1}"
+        hint = _hint(err, loc, data)
+        if err.get("input") in ("", None) and not hint:
+            hint = _description(loc, data)
+        lines.append(f"{where}: {key}: {_message(err)}" + (f"; {hint}" if hint else ""))
+    return "\n".join(lines)
