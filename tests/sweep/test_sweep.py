@@ -462,3 +462,26 @@ def test_a_did_you_mean_needs_the_last_part_close_too():
     assert _hint("train.pct_start", ["train.stages.0.lr", "train.wd"]) == ""  # difflib alone said train.stages.0.lr
     assert _hint("pct_start", ["train.stages.0.lr", "train.stages.0.pct_start"]).endswith("'train.stages.0.pct_start'?")
     assert _hint("trian.wd", ["train.wd", "data.bs"]) == "; did you mean 'train.wd'?"
+
+
+def test_a_queued_point_the_space_no_longer_holds_fails_its_trial_with_the_reason(tmp_path, folder_data):
+    """A point queued, then the space file edited before it ran: Optuna would run it anyway (a raw
+    warning) or, for a choice, hand back a value the space cannot map (a crash)."""
+    space = "sampler: {name: random, seed: 0}\npruner: {name: none}\nparams:\n"
+    space += "  train.wd: {range: [0.0, 0.1]}\n  data.bs: {choice: [8, 12]}\n"
+    cfg, sp = files(tmp_path, folder_data, space, epochs=1)
+    out = tmp_path / "sw"
+    assert sweep(cfg, "--space", sp, "--trials", 1, "--out", out).exit_code == 0
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'sweep.db'}")
+    study.enqueue_trial({"train.wd": 0.05, "data.bs": 6})  # 6: a choice of the space before the edit
+    study.enqueue_trial({"train.wd": 0.5, "data.bs": 8})  # 0.5: inside the range before the edit
+    res = sweep(cfg, "--space", sp, "--trials", 4, "--out", out)
+    assert res.exit_code == 0 and "Traceback" not in res.output and "Fixed parameter" not in res.output, res.output
+    done = trials(out)
+    assert [t.state.name for t in done] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+    assert (
+        done[1].user_attrs["error"] == "queued before the space changed: data.bs: 6 is not one of its choices [8, 12]"
+    )
+    assert done[2].user_attrs["error"] == "queued before the space changed: train.wd: 0.5 is outside [0.0, 0.1]"
+    assert "trial 1: fail (queued before the space changed: data.bs: 6" in res.output
+    assert not (out / "trials" / "1").exists()  # nothing trained

@@ -30,7 +30,7 @@ from trainer.run.signals import Interrupted
 from trainer.storage import atomic_write_text
 from trainer.sweep.database import DATABASE, INTERRUPTED, StorageError, connect, counted, lost, retry_lost, safe_url
 from trainer.sweep.samplers import choice_key, make_pruner, make_sampler
-from trainer.sweep.space import Choice, IntRange, LogRange, Space, trial_config
+from trainer.sweep.space import Choice, IntRange, LogRange, Space, outside, trial_config
 from trainer.train.loop import Callback, Learner
 from trainer.train.plan import outline
 
@@ -117,6 +117,28 @@ def suggest(trial: optuna.Trial, key: str, p) -> object:
     return trial.suggest_float(key, *p.range, step=p.step)
 
 
+def sampled(sweep: Sweep, trial: optuna.Trial) -> tuple[dict, list[str]]:
+    """The trial's values, or, for a point queued before the space file was edited, the point and
+    why the space no longer holds it (Optuna would run it with a raw warning, or fail on a choice)."""
+    params, point = sweep.space.params, queued(trial)
+    stale = [f"{k}: no longer a param of the space" for k in point if k not in params]
+    for k, v in point.items():
+        if k in params and isinstance(params[k], Choice):
+            stored = {choice_key(c): c for c in params[k].choice}
+            v = stored.get(v, v)  # a list choice is stored as its JSON text
+        if k in params and (why := outside(params[k], v)):
+            stale.append(f"{k}: {why}")
+    if stale:
+        return point, stale
+    return {key: suggest(trial, key, p) for key, p in params.items()}, []
+
+
+def queued(trial: optuna.Trial) -> dict:
+    """The values Optuna's enqueue_trial fixed for this trial, as stored ({} for a sampled trial)."""
+    running = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return next((t.system_attrs.get("fixed_params", {}) for t in running if t.number == trial.number), {})
+
+
 def fixed(space: Space, point: dict) -> dict:
     """A queued point as Optuna stores a trial's params (a float as a float: `skip_if_exists`
     compares types, so an lr written as 1 would be queued again on every run)."""
@@ -149,7 +171,7 @@ class ReportEpochs(Callback):
 
 
 def objective(sweep: Sweep, trial: optuna.Trial) -> float:
-    values = {key: suggest(trial, key, p) for key, p in sweep.space.params.items()}
+    values, stale = sampled(sweep, trial)
     monitor = sweep.space.objective.monitor
     resume = resumable(trial.user_attrs.get("resume"))
     run_dir = resume or sweep.out / "trials" / str(trial.number)
@@ -159,6 +181,8 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     again = "" if retry is None else f" (trial {retry} again" + (", from its checkpoint)" if resume else ")")
     again = again or (" (queued in the space file)" if trial.user_attrs.get("queued") else "")
     sweep.say(f"trial {trial.number}{again}: " + ", ".join(f"{k}={_short(v)}" for k, v in values.items()))
+    if stale:
+        raise _failed(trial, "queued before the space changed: " + "; ".join(stale))
     try:
         cfg = trial_config(sweep.config, sweep.sets, values)
     except ConfigError as e:
