@@ -216,3 +216,34 @@ def write_output(path: Path, write) -> None:
         atomic_write_bytes(path, write)
     except OSError as e:
         raise OutputError(f"{path}: could not write it ({e.strerror or e})") from None
+
+
+def sqlite_file(url: str | None) -> Path | None:
+    """The file of a SQLite URL (sqlite:///PATH; None for any other database)."""
+    return Path(url.removeprefix("sqlite:///")) if (url or "").startswith("sqlite:///") else None
+
+
+def sqlite_tables(path: Path) -> set[str] | None:
+    """The tables of a SQLite file, read read-only (None when it is no SQLite database)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            return {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
+    except sqlite3.Error:
+        return None
+
+
+def foreign_sqlite(url: str | None, own_table: str, owner: str) -> str | None:
+    """Why a SQLite URL's file is not one for `owner` (None when it is absent, empty, or has
+    own_table): MLflow and Optuna add their tables to any database file they are given."""
+    path = sqlite_file(url)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return None
+    tables = sqlite_tables(path)
+    if tables is None:
+        return f"{path} is not a SQLite database"
+    if tables and own_table not in tables:
+        shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+        return f"{path} holds another program's tables ({shown}); {owner} would add its own to them"
+    return None

@@ -176,3 +176,29 @@ def test_a_tracker_that_is_not_installed_is_refused_before_any_work(tmp_path, fo
     assert res.exit_code == 2
     assert f"track.{module}: needs the" in res.output and "pip install -e '.[track]'" in res.output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content", ["tables", "text"])
+def test_a_mlflow_db_that_is_not_mlflows_is_refused_before_any_work(tmp_path, folder_data, monkeypatch, content):
+    """MLflow adds its tables to any SQLite file it is given: a user's own ./mlflow.db is left alone."""
+    import contextlib
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from trainer.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mine = tmp_path / "mlflow.db"
+    if content == "tables":
+        with contextlib.closing(sqlite3.connect(mine)) as db:
+            db.execute("create table orders (id integer)")
+    else:
+        mine.write_text("my notes on MLflow\n")
+    before = mine.read_bytes()
+    cfg = config(tmp_path, folder_data, "{mlflow: true}")
+    res = CliRunner().invoke(app, ["fit", str(cfg)])
+    said = "holds another program's tables (orders); MLflow would add its own" if content == "tables" else "is not a"
+    assert res.exit_code == 2 and "c.yaml:" in res.output and said in res.output, res.output
+    assert "track.mlflow: sqlite:///mlflow.db:" in res.output and "Traceback" not in res.output
+    assert mine.read_bytes() == before and not (tmp_path / "runs").exists()

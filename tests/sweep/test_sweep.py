@@ -2,10 +2,12 @@
 two processes share one SQLite study; a killed or interrupted sweep continues; a failed trial is
 recorded and the sweep goes on; a bad space file fails before any trial; PostgreSQL for a team."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -201,17 +203,22 @@ def test_a_bad_space_file_fails_before_any_trial(tmp_path, folder_data, space, s
     [
         ("garbage", "--storage garbage: cannot open it: Could not parse"),
         ("sqlite:////nonexistent/dir/x.db", "--storage sqlite:////nonexistent/dir/x.db: cannot open it"),
-        ("sqlite:///{tmp}/notes.txt", "notes.txt: cannot open it: file is not a database"),
+        ("sqlite:///{tmp}/notes.txt", "notes.txt: cannot open it: {tmp}/notes.txt is not a SQLite database"),
+        ("sqlite:///{tmp}/app.db", "app.db holds another program's tables (orders); Optuna would add its own to them"),
     ],
 )
 def test_a_storage_that_cannot_be_opened_is_one_line_and_leaves_nothing(tmp_path, folder_data, storage, said):
     (tmp_path / "notes.txt").write_text("the user's notes, not a database\n" * 100)
+    with contextlib.closing(sqlite3.connect(tmp_path / "app.db")) as db:  # the user's own application's data
+        db.execute("create table orders (id integer)")
+    before = (tmp_path / "app.db").read_bytes()
     cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
     url = storage.format(tmp=tmp_path)
     res = sweep(cfg, "--space", sp, "--trials", 1, "--out", tmp_path / "sw", "--storage", url)
     assert res.exit_code == 2 and said.format(tmp=tmp_path) in res.output, res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "sw").exists()  # a corrected command starts clean
+    assert (tmp_path / "app.db").read_bytes() == before
     assert (tmp_path / "notes.txt").read_text().startswith("the user's notes")
 
 

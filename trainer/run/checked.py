@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.config import Config, load_config
-from trainer.run.tracking import missing_packages
+from trainer.run.tracking import foreign_store, missing_packages
 from trainer.train.plan import CONFIG_CHECKS
 
-CHECKS = (*CONFIG_CHECKS, missing_packages)
+CHECKS = (*CONFIG_CHECKS, missing_packages, foreign_store)
 
 
 def load_checked(config: Path, sets: list[str] | None = None) -> Config:

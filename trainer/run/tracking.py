@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config, flat_keys
+from trainer.storage import foreign_sqlite
 from trainer.train.loop import Callback, Learner
 
 PIP = "pip install -e '.[track]'"
@@ -38,6 +39,17 @@ def missing_packages(cfg: Config) -> list[tuple[str, str]]:
         for key, module, pip in wanted
         if not installed(module)
     ]
+
+
+def foreign_store(cfg: Config) -> list[tuple[str, str]]:
+    """A config check: MLflow's SQLite store is a file of another program's (say, a ./mlflow.db that
+    is not MLflow's): refused before any work, where MLflow would add its tables to it."""
+    if cfg.track.mlflow is None:
+        return []
+    uri = mlflow_uri(cfg.track.mlflow)
+    why = foreign_sqlite(uri, "experiments", "MLflow")
+    key = "track.mlflow.uri" if cfg.track.mlflow.uri else "track.mlflow"
+    return [(key, f"{uri}: {why}; name another file with track.mlflow.uri")] if why else []
 
 
 def mlflow_uri(ml) -> str:

@@ -4,10 +4,11 @@ the bookkeeping of trials whose process was lost (Ctrl-C, kill -9): they do not 
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import optuna
+
+from trainer.storage import foreign_sqlite, sqlite_file, sqlite_tables
 
 DATABASE = "sweep.db"  # the default storage, a SQLite file in the sweep folder
 INTERRUPTED = "interrupted: "  # how a Ctrl-C'd trial's error starts (study.objective writes it)
@@ -19,8 +20,13 @@ class StorageError(ValueError):
 
 def connect(url: str, make):
     """make() with the storage's own errors (a garbled URL, no server, a missing driver, a file
-    that is not a database) said in one line that names the URL."""
+    that is not a database) said in one line that names the URL. A SQLite file of another
+    program's is refused before Optuna adds its tables to it."""
     import sqlalchemy.exc
+
+    foreign = foreign_sqlite(url, "studies", "Optuna")
+    if foreign:
+        raise StorageError(f"--storage {safe_url(url)}: cannot open it: {foreign}")
 
     try:
         return make()
@@ -48,11 +54,6 @@ def load_study(url: str, name: str | None) -> optuna.Study:
     return connect(url, make)
 
 
-def sqlite_file(url: str | None) -> Path | None:
-    """The file of a SQLite storage URL (None for any other storage)."""
-    return Path(url.removeprefix("sqlite:///")) if (url or "").startswith("sqlite:///") else None
-
-
 def folder_storage(url: str | None, folder: Path) -> str | None:
     """A sweep folder's storage as seen now: sweep.json keeps the absolute path of the default
     database, so a folder moved (or copied) since the sweep reads its own sweep.db."""
@@ -63,18 +64,8 @@ def folder_storage(url: str | None, folder: Path) -> str | None:
 
 
 def _an_optuna_file(path: Path) -> bool:
-    """Whether a SQLite file holds Optuna's tables, read read-only: Optuna would add them to any file."""
-    import sqlite3
-
-    if not path.is_file():
-        return False
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            return (
-                db.execute("select 1 from sqlite_master where type='table' and name='studies'").fetchone() is not None
-            )
-    except sqlite3.Error:
-        return False
+    """Whether a SQLite file holds Optuna's tables (a report never makes them in another file)."""
+    return path.is_file() and "studies" in (sqlite_tables(path) or ())
 
 
 def lost(t: optuna.trial.FrozenTrial) -> bool:
