@@ -36,6 +36,14 @@ def test_unknown_key_names_file_line_key_and_hint(tmp_path, folder_data):
     assert f"{p}:3: data.valid_pc: unknown key; did you mean 'valid_pct'?" in msg
 
 
+@pytest.mark.parametrize(
+    "key,said", [("~", "data.null: a key must be a name, not null"), ("7", "data.7: a key must be a name, not 7")]
+)
+def test_a_key_that_is_not_a_name_is_spelled_as_the_file_writes_it(tmp_path, folder_data, key, said):
+    p = write(tmp_path, tiny_config(folder_data).replace("bs: 8", f"bs: 8, {key}: 3"))
+    assert f"{p}:3: {said}" in error_of(p)  # it said "data.None: is empty; give a value"
+
+
 def test_nested_unknown_key_in_a_stage(tmp_path, folder_data):
     p = write(tmp_path, tiny_config(folder_data, stages="\n    - {epochs: 1, shedule: sgdr}"))
     assert f"{p}:7: train.stages.0.shedule: unknown key; did you mean 'schedule'?" in error_of(p)

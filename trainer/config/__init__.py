@@ -2,7 +2,7 @@
 
 from trainer.config.load import apply_override, dump_config, flat_keys, load_config, read_saved_config
 from trainer.config.schema import IMAGENET_STATS, Config, CsvData, FolderData, ModelConfig, Stage, TextData, Train
-from trainer.config.yaml_text import ConfigError, node_at, parse_yaml
+from trainer.config.yaml_text import ConfigError, node_at, parse_yaml, yaml_word
 
 __all__ = [
     "IMAGENET_STATS",
@@ -21,4 +21,5 @@ __all__ = [
     "node_at",
     "parse_yaml",
     "read_saved_config",
+    "yaml_word",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from trainer.config.schema import Config
-from trainer.config.yaml_text import node_at
+from trainer.config.yaml_text import node_at, yaml_word
 from trainer.registry import did_you_mean
 
 
@@ -108,6 +108,8 @@ def _description(loc: tuple, data: dict) -> str:
 
 
 def _message(err: dict) -> str:
+    if err["type"] == "invalid_key":  # `~: 3` or `1: 2`: YAML allows any key, a config only names
+        return f"a key must be a name, not {yaml_word(err['input'])}"
     if err.get("input") in ("", None) and err["type"] not in ("missing", "extra_forbidden", "semantic"):
         return "is empty; give a value"
     if err["type"] == "extra_forbidden":
@@ -132,6 +134,8 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
         if loc in seen:
             continue  # a union reports once per member; its first complaint is the useful one
         seen.add(loc)
+        if err["type"] == "invalid_key":  # the key as the file writes it (null, not None)
+            loc = loc[:-1] + (yaml_word(err["input"]),)
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = source
         origin = next((o for p, o in origins.items() if key == p or key.startswith(p + ".")), None)

@@ -112,3 +112,8 @@ def node_at(node, loc: Iterable):
         else:
             break
     return node
+
+
+def yaml_word(value) -> str:
+    """A value as a YAML file writes it (true, null, [8, 12]), not as Python does."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, model_validator
 
-from trainer.config import Config, ConfigError, node_at, parse_yaml
+from trainer.config import Config, ConfigError, node_at, parse_yaml, yaml_word
 from trainer.config.schema import Metric, Strict, better_mode
 from trainer.registry import did_you_mean
 from trainer.run.checked import load_checked
@@ -135,7 +135,7 @@ def edge_values(p: Param) -> list:
 
 def as_override(key: str, value) -> str:
     """KEY=VALUE for the config loader (the value as flow YAML: lists and numbers keep their type)."""
-    return f"{key}={_yaml(value)}"
+    return f"{key}={yaml_word(value)}"
 
 
 def load_space(path: Path, config: Path, sets: list[str]) -> tuple[Space, Config]:
@@ -184,7 +184,7 @@ def enqueue_problems(space: Space, config: Path, sets: list[str], node, source: 
     problems, seen = [], {}
     for i, point in enumerate(space.enqueue):
         where = f"{_line(node, ('enqueue', i), source)}: enqueue.{i}"
-        shown = _yaml(point)
+        shown = yaml_word(point)
         if not point or shown in seen:  # an empty point is an ordinary sampled trial; a repeat runs once
             why = "names no param of the space" if not point else f"is the same point as enqueue.{seen[shown]}"
             problems.append(f"{where}: {why}")
@@ -203,9 +203,9 @@ def enqueue_problems(space: Space, config: Path, sets: list[str], node, source: 
 
 def outside(p: Param, value) -> str | None:
     """Why a queued value is not one the param could draw (None when it could)."""
-    shown = _yaml(value)
+    shown = yaml_word(value)
     if isinstance(p, Choice):
-        return None if value in p.choice else f"{shown} is not one of its choices {_yaml(p.choice)}"
+        return None if value in p.choice else f"{shown} is not one of its choices {yaml_word(p.choice)}"
     whole = isinstance(p, IntRange)
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not number or (whole and value != int(value)):
@@ -217,11 +217,6 @@ def outside(p: Param, value) -> str | None:
     if step and abs((value - low) / step - round((value - low) / step)) > 1e-8:
         return f"{shown} is not on its grid: {low} plus a whole number of steps of {step}"
     return None
-
-
-def _yaml(value) -> str:
-    """A value as the file writes it (true, null, [8, 12]), not as Python does."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _hint(key: str, params) -> str:
