@@ -86,6 +86,18 @@ def test_null_in_the_child_drops_the_bases_key(tmp_path):
     assert error_of(deep).startswith(f"{deep}:5: model.layerz: unknown key; did you mean 'layers'?")
 
 
+def test_a_null_under_a_section_the_base_does_not_set_means_the_default_too(tmp_path):
+    # JSON Merge Patch at any depth: it said "patience: is empty" here, where data.resize took its default
+    base(tmp_path)
+    child = write(tmp_path / "child.yaml", "extends: base.yaml\ntrain:\n  early_stop: {patience: null}\n")
+    assert load_config(child, checks=CONFIG_CHECKS).train.early_stop.patience == 3
+    # a typo'd null in such a section, or in the data section's own sections, is found with its hint
+    typo = write(tmp_path / "typo.yaml", "extends: base.yaml\ntrain:\n  early_stop: {patiense: null}\n")
+    assert error_of(typo).startswith(f"{typo}:3: train.early_stop.patiense: unknown key; did you mean 'patience'?")
+    sub = write(tmp_path / "sub.yaml", "extends: base.yaml\ndata:\n  subset: {trian: 5}\n")
+    assert error_of(sub).startswith(f"{sub}:3: data.subset.trian: unknown key; did you mean 'train'?")
+
+
 def test_the_saved_config_is_the_merged_one_without_extends(tmp_path):
     base(tmp_path)
     child = write(tmp_path / "child.yaml", CHILD)

@@ -4,7 +4,7 @@ problem, and a hint (did you mean, or what the key holds)."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from pydantic import BaseModel
 
@@ -30,40 +30,35 @@ def _clean_loc(loc: tuple) -> tuple:
     )
 
 
-def _model_for(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that holds the last key of loc (for 'did you mean')."""
-    from trainer.config import schema
-
+def _model_for(loc: tuple, data: dict) -> type[BaseModel] | None:
+    """The pydantic model that holds the last key of loc (for 'did you mean' and descriptions);
+    the data section's model follows its layout."""
     model: Any = Config
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
         if model is Config and part == "data":
+            model = _data_model(_layout(data))
+        elif part in getattr(model, "model_fields", {}):
+            model = _inner_model(get_type_hints(model, include_extras=True)[part])
+        else:
             return None
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
+        if model is None:
             return None
-        ann = field.annotation
-        model = {
-            "train": schema.Train,
-            "model": schema.ModelConfig,
-            "transforms": schema.Transforms,
-            "tta": schema.Tta,
-            "stages": schema.Stage,
-            "fine_tune": schema.FineTune,
-        }.get(part, ann)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+    return model
+
+
+def _inner_model(tp) -> type[BaseModel] | None:
+    """The model inside a field's type: EarlyStop | None, list[Stage], Annotated[...]."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    return next((m for m in map(_inner_model, get_args(tp)) if m is not None), None)
 
 
 def _data_model(layout: str | None) -> type[BaseModel] | None:
     from trainer.config import schema
 
     return {"folder": schema.FolderData, "csv": schema.CsvData, "text": schema.TextData}.get(layout or "")
-
-
-def _data_fields(layout: str | None) -> list[str]:
-    cls = _data_model(layout)
-    return list(cls.model_fields) if cls else []
 
 
 def _layout(data: dict) -> str | None:
@@ -74,10 +69,7 @@ def unknown_nulls(chain, data: dict) -> list[dict]:
     """Errors for the nulls of an `extends` chain that name no key of the schema (`bss: null`)."""
     errs = []
     for loc in chain.dropped if chain is not None else ():
-        if loc[:1] == ("data",):
-            known = (_data_fields(_layout(data)) or None) if len(loc) == 2 else None
-        else:
-            known = getattr(_model_for(loc), "model_fields", None)
+        known = getattr(_model_for(loc, data), "model_fields", None)
         if known is not None and loc[-1] not in known:
             errs.append({"loc": loc, "type": "extra_forbidden", "msg": "Extra inputs are not permitted", "input": None})
     return errs
@@ -85,9 +77,7 @@ def unknown_nulls(chain, data: dict) -> list[dict]:
 
 def _hint(err: dict, loc: tuple, data: dict) -> str:
     if err["type"] == "extra_forbidden":
-        if loc[:1] == ("data",):
-            return did_you_mean(loc[-1], _data_fields(_layout(data)))
-        model = _model_for(loc)
+        model = _model_for(loc, data)
         return did_you_mean(loc[-1], model.model_fields) if model else ""
     if err["type"] == "union_tag_invalid":
         return did_you_mean(err["ctx"]["tag"], re.findall(r"'([^']+)'", err["ctx"]["expected_tags"]))
@@ -99,11 +89,7 @@ def _hint(err: dict, loc: tuple, data: dict) -> str:
 
 def _description(loc: tuple, data: dict) -> str:
     """The schema's word for what a key holds, where it has one."""
-    if loc[:1] == ("data",) and len(loc) == 2:
-        model = _data_model(_layout(data))
-    else:
-        model = _model_for(loc)
-    field = getattr(model, "model_fields", {}).get(loc[-1]) if loc else None
+    field = getattr(_model_for(loc, data), "model_fields", {}).get(loc[-1]) if loc else None
     return (field.description or "") if field is not None else ""
 
 

@@ -61,16 +61,17 @@ def _extends_line(node) -> int:
 
 def merge(base: dict, child: dict, dropped: list | None = None, at: tuple = ()) -> dict:
     """child over base: mappings merged key by key, anything else (lists too) replaced whole; a
-    null in the child drops the base's key, so it takes its default (JSON Merge Patch's rule).
-    `dropped` collects the paths of nulls with no key under them (a typo drops nothing, silently)."""
+    null in the child drops the base's key, so it takes its default, at any depth, whether the base
+    has the section or not (JSON Merge Patch, RFC 7386). `dropped` collects the paths of nulls with
+    no key under them (a typo drops nothing, silently)."""
     out = dict(base)
     for key, value in child.items():
         if value is None:
             if out.pop(key, None) is None and dropped is not None:
                 dropped.append((*at, key))
             continue
-        both = isinstance(value, dict) and isinstance(base.get(key), dict)
-        out[key] = merge(base[key], value, dropped, (*at, key)) if both else value
+        under = base.get(key) if isinstance(base.get(key), dict) else {}
+        out[key] = merge(under, value, dropped, (*at, key)) if isinstance(value, dict) else value
     return out
 
 
