@@ -5,6 +5,7 @@
     python scripts/speedrun_sweep.py --variant 'wd2e-3=train.wd=2.0e-3' --only shipped
     python scripts/speedrun_sweep.py --group augment --seeds 0,1   # MixUp, CutMix, TrivialAugment, all
     python scripts/speedrun_sweep.py --group models --config configs/cifar10_timm_resnet18d.yaml  # timm vs torchvision
+    python scripts/speedrun_sweep.py --group augment --seeds 0,1 --jobs 2   # two 1-thread runs at once (a 2-core CPU)
 
 Each variant is a real `trainer fit` (the config plus `--set` overrides) in its own process,
 then `trainer evaluate RUN --tta`. Columns: test accuracy, with flip TTA, the training seconds
