@@ -165,6 +165,9 @@ def test_evaluate_replaces_its_own_files_never_a_users(run_dir, tmp_path):
     (out / "top_losses.png").write_bytes(b"a picture of mine")
     res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(out)])
     assert res.exit_code == 2 and "top_losses.png: exists and was not written" in res.output
+    (theirs / "per_class.csv").write_text("mine too\n")  # several: all named at once
+    res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(theirs)])
+    assert res.exit_code == 2 and f"{theirs}: evaluation.json, per_class.csv: exist and were not written" in res.output
 
 
 def test_evaluate_names_a_missing_data_folder(run_dir, tmp_path):

@@ -247,12 +247,16 @@ def output_folder(path: Path | None, run_dir: Path) -> Path:
     if out.resolve() == Path(run_dir).resolve():
         return out
     ours = _an_evaluation(out / "evaluation.json")
-    for name in OUTPUTS:
-        f = out / name
-        if (f.exists() or f.is_symlink()) and not (marked_png(f) if f.suffix == ".png" else ours and f.is_file()):
-            raise OutputError(
-                f"{f}: exists and was not written by trainer evaluate; give another --out (nothing was replaced)"
-            )
+    theirs = [
+        name
+        for name in OUTPUTS
+        if ((f := out / name).exists() or f.is_symlink())
+        and not (marked_png(f) if f.suffix == ".png" else ours and f.is_file())
+    ]
+    if theirs:  # all of them, so a user moving files aside does not meet them one at a time
+        shown = str(out / theirs[0]) if len(theirs) == 1 else f"{out}: {', '.join(theirs)}"
+        verb = "exists and was" if len(theirs) == 1 else "exist and were"
+        raise OutputError(f"{shown}: {verb} not written by trainer evaluate; give another --out (nothing was replaced)")
     return out
 
 
