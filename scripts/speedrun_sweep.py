@@ -123,6 +123,8 @@ def main() -> None:
         "2-thread run: small convolutions scale badly across threads); seconds columns then measure a shared machine",
     )
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error("--jobs: at least 1")
     args.threads = max(1, cpu_budget() // args.jobs) if args.jobs > 1 else None
     variants = dict(GROUPS[args.group])
     args.only = args.only if args.only is not None else ",".join(variants)

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -219,30 +220,52 @@ def write_output(path: Path, write) -> None:
 
 
 def sqlite_file(url: str | None) -> Path | None:
-    """The file of a SQLite URL (sqlite:///PATH; None for any other database)."""
-    return Path(url.removeprefix("sqlite:///")) if (url or "").startswith("sqlite:///") else None
+    """The file of a SQLite URL as SQLAlchemy reads it (sqlite[+driver]:///PATH[?options], the path
+    percent-decoded; None for any other database, or for a SQLite one in memory)."""
+    head, sep, rest = (url or "").partition(":///")
+    if not sep or head.split("+")[0] != "sqlite":
+        return None
+    path = urllib.parse.unquote(rest.partition("?")[0])
+    return Path(path) if path and path != ":memory:" else None
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 
 def sqlite_tables(path: Path) -> set[str] | None:
-    """The tables of a SQLite file, read read-only (None when it is no SQLite database)."""
+    """The tables of a SQLite file (None when they cannot be read now: locked, unreadable). Read-only,
+    and immutable unless a -wal file shows a writer at work: a WAL database opened otherwise would
+    get -shm and -wal files beside it. No lock is waited on."""
     import sqlite3
 
+    busy = path.with_name(path.name + "-wal").exists()
+    uri = f"{path.resolve().as_uri()}?mode=ro" + ("" if busy else "&immutable=1")
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=0)) as db:
             return {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
     except sqlite3.Error:
         return None
 
 
 def foreign_sqlite(url: str | None, own_table: str, owner: str) -> str | None:
-    """Why a SQLite URL's file is not one for `owner` (None when it is absent, empty, or has
-    own_table): MLflow and Optuna add their tables to any database file they are given."""
+    """Why a SQLite URL's file is not one for `owner` (None when it is absent, empty, has
+    own_table, or cannot be read now: its owner says why): MLflow and Optuna add their tables to
+    any database file they are given."""
     path = sqlite_file(url)
-    if path is None or not path.is_file() or path.stat().st_size == 0:
+    if path is None or not (path.exists() or path.is_symlink()):
         return None
-    tables = sqlite_tables(path)
-    if tables is None:
+    if path.is_dir():
+        return f"{path} is a folder, not a database file"
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError:
+        return None
+    if not header:
+        return None  # an empty file: a new database
+    if header != SQLITE_HEADER:
         return f"{path} is not a SQLite database"
+    tables = sqlite_tables(path)
     if tables and own_table not in tables:
         shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
         return f"{path} holds another program's tables ({shown}); {owner} would add its own to them"

@@ -37,11 +37,21 @@ def test_unknown_key_names_file_line_key_and_hint(tmp_path, folder_data):
 
 
 @pytest.mark.parametrize(
-    "key,said", [("~", "data.null: a key must be a name, not null"), ("7", "data.7: a key must be a name, not 7")]
+    "key,said",
+    [("~", "data.~: a key must be a name, not null"), ("0x1F", "data.0x1F: a key must be a name, not a number")],
 )
 def test_a_key_that_is_not_a_name_is_spelled_as_the_file_writes_it(tmp_path, folder_data, key, said):
     p = write(tmp_path, tiny_config(folder_data).replace("bs: 8", f"bs: 8, {key}: 3"))
     assert f"{p}:3: {said}" in error_of(p)  # it said "data.None: is empty; give a value"
+    block = write(tmp_path, f"data:\n  layout: folder\n  path: '{folder_data}'\n  {key}: 3\n", "block.yaml")
+    assert f"{block}:4: {said}" in error_of(block)  # the key's own line, not its section's
+
+
+def test_a_value_in_a_message_is_one_line_however_long():
+    from trainer.config import yaml_word
+
+    names = ["timm/resnet18d", "timm/efficientnet_b0", "timm/convnext_nano", "timm/mobilenetv3_large_100"] * 3
+    assert yaml_word(names) == "[" + ", ".join(names) + "]"  # PyYAML folds at 80 columns by default
 
 
 def test_nested_unknown_key_in_a_stage(tmp_path, folder_data):

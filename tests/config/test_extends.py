@@ -96,6 +96,14 @@ def test_a_null_under_a_section_the_base_does_not_set_means_the_default_too(tmp_
     assert error_of(typo).startswith(f"{typo}:3: train.early_stop.patiense: unknown key; did you mean 'patience'?")
     sub = write(tmp_path / "sub.yaml", "extends: base.yaml\ndata:\n  subset: {trian: 5}\n")
     assert error_of(sub).startswith(f"{sub}:3: data.subset.trian: unknown key; did you mean 'train'?")
+    # the first base is read as any config: its own null is empty there, as in the file alone
+    write(
+        tmp_path / "own.yaml", BASE.format(data=tmp_path / "data", arch="bnresnet") + "  early_stop: {patience: null}\n"
+    )
+    child = write(tmp_path / "child2.yaml", "extends: own.yaml\n")
+    assert "own.yaml:14: train.early_stop.patience: is empty" in error_of(child)
+    odd = write(tmp_path / "odd.yaml", "extends: base.yaml\ndata:\n  ~: null\n")  # a null key, dropping nothing
+    assert error_of(odd).startswith(f"{odd}:3: data.~: a key must be a name, not null")
 
 
 def test_the_saved_config_is_the_merged_one_without_extends(tmp_path):

@@ -202,3 +202,12 @@ def test_a_mlflow_db_that_is_not_mlflows_is_refused_before_any_work(tmp_path, fo
     assert res.exit_code == 2 and "c.yaml:" in res.output and said in res.output, res.output
     assert "track.mlflow: sqlite:///mlflow.db:" in res.output and "Traceback" not in res.output
     assert mine.read_bytes() == before and not (tmp_path / "runs").exists()
+    # the URI from the environment is said to be; one given in the config is named as its key
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    res = CliRunner().invoke(app, ["check", str(cfg)])
+    assert res.exit_code == 2 and "sqlite:///mlflow.db (from $MLFLOW_TRACKING_URI): " in res.output, res.output
+    given = config(tmp_path, folder_data, "{mlflow: {uri: 'sqlite:///mlflow.db'}}")
+    res = CliRunner().invoke(app, ["check", str(given)])
+    assert res.exit_code == 2 and "track.mlflow.uri: sqlite:///mlflow.db: " in res.output, res.output
+    assert res.output.rstrip().endswith("; name another file")  # no description of the key after it
+    assert mine.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "mlflow.db"]

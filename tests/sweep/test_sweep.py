@@ -175,6 +175,7 @@ params:
             "sampler: {name: grid}\nparams:\n  data.bs: {choice: [8, 12]}\nenqueue:\n  - {data.bs: 8}\n",
             "space.yaml:4: enqueue: sampler grid tries every point of its grid already",
         ),
+        ("~: 3\nparams:\n  train.wd: {range: [0.0, 0.1]}\n", "space.yaml:1: ~: a key must be a name"),
         (
             "params:\n  train.wd: {range: [0.0, 0.1]}\nenqueue:\n  - {train.wd: 0.05}\n  - {}\n",
             "space.yaml:5: enqueue.1: names no param of the space",
@@ -467,6 +468,16 @@ def test_a_did_you_mean_needs_the_last_part_close_too():
     from trainer.sweep.space import _hint
 
     assert _hint("train.pct_start", ["train.stages.0.lr", "train.wd"]) == ""  # difflib alone said train.stages.0.lr
+    params = ["train.stages.0.lr", "train.stages.0.pct_start", "train.wd", "data.bs"]
+    for typo, meant in [
+        ("train.stages.0.LR", "train.stages.0.lr"),  # case aside
+        ("train.stages.0.pct", "train.stages.0.pct_start"),
+        ("train.stage.0.pct", "train.stages.0.pct_start"),
+        ("train.stages.0.learning_rate", "train.stages.0.lr"),
+        ("train.weight_decay", "train.wd"),
+        ("data.batch_size", "data.bs"),
+    ]:
+        assert _hint(typo, params) == f"; did you mean '{meant}'?", typo
     assert _hint("pct_start", ["train.stages.0.lr", "train.stages.0.pct_start"]).endswith("'train.stages.0.pct_start'?")
     assert _hint("trian.wd", ["train.wd", "data.bs"]) == "; did you mean 'train.wd'?"
 

@@ -9,7 +9,7 @@ from typing import Any, get_args, get_type_hints
 from pydantic import BaseModel
 
 from trainer.config.schema import Config
-from trainer.config.yaml_text import node_at, yaml_word
+from trainer.config.yaml_text import LAYOUT_TAGS, key_node, node_at, yaml_word
 from trainer.registry import did_you_mean
 
 
@@ -21,13 +21,16 @@ def _clean_loc(loc: tuple) -> tuple:
         if not (
             isinstance(p, str)
             and (
-                p in ("folder", "csv", "text", "LrSpread")
+                p in (*LAYOUT_TAGS, "LrSpread")
                 or "[" in p
                 or p.startswith(("function-", "literal", "constrained-"))
                 or p in ("float", "int", "str", "bool", "tuple", "list", "dict")
             )
         )
     )
+
+
+EMPTY, MISSING = "is empty; give a value", "required key is missing"
 
 
 def _model_for(loc: tuple, data: dict) -> type[BaseModel] | None:
@@ -69,6 +72,9 @@ def unknown_nulls(chain, data: dict) -> list[dict]:
     """Errors for the nulls of an `extends` chain that name no key of the schema (`bss: null`)."""
     errs = []
     for loc in chain.dropped if chain is not None else ():
+        if not isinstance(loc[-1], str):  # `~: null`
+            errs.append({"loc": loc, "type": "invalid_key", "msg": "", "input": loc[-1]})
+            continue
         known = getattr(_model_for(loc, data), "model_fields", None)
         if known is not None and loc[-1] not in known:
             errs.append({"loc": loc, "type": "extra_forbidden", "msg": "Extra inputs are not permitted", "input": None})
@@ -95,16 +101,31 @@ def _description(loc: tuple, data: dict) -> str:
 
 def _message(err: dict) -> str:
     if err["type"] == "invalid_key":  # `~: 3` or `1: 2`: YAML allows any key, a config only names
-        return f"a key must be a name, not {yaml_word(err['input'])}"
+        value = err["input"]
+        what = "null" if value is None else "true or false" if isinstance(value, bool) else "a number"
+        return (
+            f"a key must be a name, not {what}"
+            if isinstance(value, (type(None), bool, int, float))
+            else "a key must be a name"
+        )
     if err.get("input") in ("", None) and err["type"] not in ("missing", "extra_forbidden", "semantic"):
-        return "is empty; give a value"
+        return EMPTY
     if err["type"] == "extra_forbidden":
         return "unknown key"
     if err["type"] == "union_tag_invalid":
         return f"unknown value '{err['ctx']['tag']}' (expected {err['ctx']['expected_tags']})"
     if err["type"] == "missing":
-        return "required key is missing"
+        return MISSING
     return err["msg"].removeprefix("Value error, ")
+
+
+def _raw_key(trees: list, parent: tuple, value) -> str:
+    """A key that is not a name (~, 0x1F, true) as the file spells it, looked up under its parent."""
+    for tree in trees:
+        found = key_node(node_at(tree, parent), value) if tree is not None else None
+        if found is not None:
+            return found.value
+    return yaml_word(value)
 
 
 def format_errors(errors: list[dict], data: dict, node, source: str, origins: dict, chain=None) -> str:
@@ -120,8 +141,9 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
         if loc in seen:
             continue  # a union reports once per member; its first complaint is the useful one
         seen.add(loc)
-        if err["type"] == "invalid_key":  # the key as the file writes it (null, not None)
-            loc = loc[:-1] + (yaml_word(err["input"]),)
+        if err["type"] == "invalid_key":  # the key as the file writes it (~, not None), found by it
+            trees = [n for _, n in chain.files] if chain is not None else [node]
+            loc = loc[:-1] + (_raw_key(trees, loc[:-1], err["input"]),)
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = source
         origin = next((o for p, o in origins.items() if key == p or key.startswith(p + ".")), None)
@@ -136,7 +158,8 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
             found = node_at(node, loc)
             where = f"{source}:{found.start_mark.line + 1}"
         hint = _hint(err, loc, data)
-        if err.get("input") in ("", None) and not hint:
+        message = _message(err)
+        if message in (EMPTY, MISSING) and not hint:  # what the key holds, for a value left out
             hint = _description(loc, data)
-        lines.append(f"{where}: {key}: {_message(err)}" + (f"; {hint}" if hint else ""))
+        lines.append(f"{where}: {key}: {message}" + (f"; {hint}" if hint else ""))
     return "\n".join(lines)

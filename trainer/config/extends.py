@@ -107,7 +107,7 @@ def resolve_extends(data: dict, node, source: str, folder: Path | None) -> tuple
         layers.append(data)
         seen.append(_real(path))
         here = path.parent
-    merged: dict = {}
-    for layer in reversed(layers):
+    merged = layers[-1]  # the first base as it is: its own nulls mean what they mean in any config
+    for layer in reversed(layers[:-1]):
         merged = merge(merged, {k: v for k, v in layer.items() if k != "extends"}, chain.dropped)
     return merged, chain

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 
@@ -96,13 +97,16 @@ def _no_duplicate_keys(node, source: str, seen_nodes: set[int]) -> None:
             _no_duplicate_keys(item, source, seen_nodes)
 
 
+LAYOUT_TAGS = ("folder", "csv", "text")  # the data section's union members, which pydantic puts in a loc
+
+
 def node_at(node, loc: Iterable):
     """Walks the YAML node tree along a pydantic loc; returns the deepest node found."""
     for part in loc:
         if isinstance(node, yaml.MappingNode):
             hit = [(k, v) for k, v in node.value if k.value == str(part)]
             if not hit:
-                if isinstance(part, str) and part in ("folder", "csv", "text"):
+                if isinstance(part, str) and part in LAYOUT_TAGS:
                     continue  # pydantic inserts the union's tag into the loc
                 return node
             key, value = hit[0]
@@ -116,4 +120,18 @@ def node_at(node, loc: Iterable):
 
 def yaml_word(value) -> str:
     """A value as a YAML file writes it (true, null, [8, 12]), not as Python does."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf)  # one line, however long
+    return text.strip().removesuffix("...").strip()
+
+
+def key_node(parent, value):
+    """The key node of a mapping node that loads as `value` (a null or a number key), or None."""
+    if not isinstance(parent, yaml.MappingNode):
+        return None
+    loader = _Loader("")
+    for key, _ in parent.value:
+        if isinstance(key, yaml.ScalarNode):
+            loaded = loader.construct_object(key)
+            if type(loaded) is type(value) and loaded == value:
+                return key
+    return None

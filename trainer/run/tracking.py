@@ -48,8 +48,12 @@ def foreign_store(cfg: Config) -> list[tuple[str, str]]:
         return []
     uri = mlflow_uri(cfg.track.mlflow)
     why = foreign_sqlite(uri, "experiments", "MLflow")
-    key = "track.mlflow.uri" if cfg.track.mlflow.uri else "track.mlflow"
-    return [(key, f"{uri}: {why}; name another file with track.mlflow.uri")] if why else []
+    if not why:
+        return []
+    if cfg.track.mlflow.uri:
+        return [("track.mlflow.uri", f"{uri}: {why}; name another file")]
+    source = " (from $MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") else ""
+    return [("track.mlflow", f"{uri}{source}: {why}; name another file with track.mlflow.uri")]
 
 
 def mlflow_uri(ml) -> str:

@@ -65,7 +65,8 @@ def folder_storage(url: str | None, folder: Path) -> str | None:
 
 def _an_optuna_file(path: Path) -> bool:
     """Whether a SQLite file holds Optuna's tables (a report never makes them in another file)."""
-    return path.is_file() and "studies" in (sqlite_tables(path) or ())
+    tables = sqlite_tables(path) if path.is_file() else set()
+    return tables is None or "studies" in tables  # unreadable now (a sweep writing): Optuna says why
 
 
 def lost(t: optuna.trial.FrozenTrial) -> bool:

@@ -5,6 +5,7 @@ to that config and validated as any config is, so a typo or a bad range costs no
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,6 +15,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, mode
 
 from trainer.config import Config, ConfigError, node_at, parse_yaml, yaml_word
 from trainer.config.schema import Metric, Strict, better_mode
+from trainer.config.yaml_text import key_node
 from trainer.registry import did_you_mean
 from trainer.run.checked import load_checked
 
@@ -220,14 +222,15 @@ def outside(p: Param, value) -> str | None:
 
 
 def _hint(key: str, params) -> str:
-    """The closest name whose last part is close to the key's last part too: `train.pct_start` is not
-    pointed at `train.stages.0.lr` for sharing `train.`, but at `train.stages.0.pct_start`."""
-    last = key.rsplit(".", 1)[-1]
-    hint = did_you_mean(key, [p for p in params if did_you_mean(last, [str(p).rsplit(".", 1)[-1]])])
-    if not hint:  # `pct_start` alone: the one param ending in it
-        near = [p for p in params if str(p).rsplit(".", 1)[-1] == last]
-        hint = f"did you mean '{near[0]}'?" if len(near) == 1 else ""
-    return f"; {hint}" if hint else ""
+    """The closest param (case aside) whose last part starts with the key's last part's letter:
+    `train.pct_start` is not pointed at `train.stages.0.lr` for sharing `train.`; `pct_start`
+    alone finds the one param that ends in it."""
+    last = key.rsplit(".", 1)[-1].lower()
+    related = {str(p).lower(): p for p in params if str(p).rsplit(".", 1)[-1][:1].lower() == last[:1]}
+    close = difflib.get_close_matches(key.lower(), list(related), n=1, cutoff=0.6)
+    near = [p for p in params if str(p).rsplit(".", 1)[-1].lower() == last]
+    hint = related[close[0]] if close else near[0] if len(near) == 1 else None
+    return f"; did you mean '{hint}'?" if hint is not None else ""
 
 
 def trial_config(config: Path, sets: list[str], values: dict) -> Config:
@@ -287,6 +290,10 @@ def _located(e: ValidationError, node, source: str) -> str:
     lines, seen = [], set()
     for err in e.errors():
         loc = tuple(err["loc"])
+        if err["type"] == "invalid_key":  # `~: 3`: the key as the file spells it
+            found = key_node(node_at(node, loc[:-1]), err["input"])
+            loc = loc[:-1] + (found.value if found is not None else yaml_word(err["input"]),)
+            err = {**err, "msg": "a key must be a name"}
         inner = loc[3:] if loc[:1] == ("params",) and len(loc) > 3 else ()  # (form, index): which end
         loc = loc[:2] if loc[:1] == ("params",) else loc
         key = ".".join(str(p) for p in loc) or "(top level)"
