@@ -503,3 +503,24 @@ def test_a_queued_point_the_space_no_longer_holds_fails_its_trial_with_the_reaso
     assert done[2].user_attrs["error"] == "queued before the space changed: train.wd: 0.5 is outside [0.0, 0.1]"
     assert "trial 1: fail (queued before the space changed: data.bs: 6" in res.output
     assert not (out / "trials" / "1").exists()  # nothing trained
+
+
+def test_a_storage_that_is_the_runs_mlflow_store_is_refused_before_anything(tmp_path, folder_data):
+    pytest.importorskip("mlflow", reason="the track extra is not installed")
+    cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
+    url = f"sqlite:///{tmp_path}/both.db"
+    res = sweep(
+        cfg,
+        "--space",
+        sp,
+        "--trials",
+        1,
+        "--out",
+        tmp_path / "sw",
+        "--storage",
+        url,
+        "--set",
+        f"track.mlflow.uri={url}",
+    )
+    assert res.exit_code == 2 and "the runs' MLflow store (track.mlflow) is this file" in res.output, res.output
+    assert not (tmp_path / "sw").exists() and not (tmp_path / "both.db").exists()

@@ -86,6 +86,7 @@ def sweep(
 
     if importlib.util.find_spec("optuna") is None:
         fail("trainer sweep needs Optuna, which is not installed: pip install -e '.[sweep]'")
+    from trainer.sweep.database import shares_mlflow_store
     from trainer.sweep.report import all_failed, best_trials, summary_line, write_results
     from trainer.sweep.space import load_space
     from trainer.sweep.study import MARKER, OWN_FILES, Sweep, open_study, run_sweep
@@ -107,6 +108,8 @@ def sweep(
         )
     say = lambda m: common.console.print(m, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     job = Sweep(config, sets or [], space_, out, trials, storage, name, timeout, say, common.console)
+    if clash := shares_mlflow_store(job.url, base):
+        fail(clash)
     code = 0
     try:
         result = guarded(lambda: run_sweep(job))

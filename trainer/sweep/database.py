@@ -35,6 +35,17 @@ def connect(url: str, make):
         raise StorageError(f"--storage {safe_url(url)}: cannot open it: {reason[:300]}") from None
 
 
+def shares_mlflow_store(url: str, cfg) -> str | None:
+    """Why a sweep's storage cannot be the file its runs track to: Optuna's and MLflow's tables
+    (both keep an alembic_version of their own) do not share one database."""
+    from trainer.run.tracking import mlflow_uri
+
+    mine, theirs = sqlite_file(url), cfg.track.mlflow and sqlite_file(mlflow_uri(cfg.track.mlflow))
+    if mine is not None and theirs and mine.resolve() == theirs.resolve():
+        return f"--storage {safe_url(url)}: the runs' MLflow store (track.mlflow) is this file; give each its own"
+    return None
+
+
 def load_study(url: str, name: str | None) -> optuna.Study:
     """An existing study, for a report; a name the storage lacks is said with the names it has.
     No name: the storage's only study. A report never makes or changes a database."""
