@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,8 @@ def main() -> None:
     )
     todo = [(name, seed) for name in names for seed in seeds]
     with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own process; threads only wait on them
-        for r in pool.map(lambda job: one(job[0], variants[job[0]], args, job[1]), todo):
+        runs = [pool.submit(one, name, variants[name], args, seed) for name, seed in todo]
+        for r in (f.result() for f in as_completed(runs)):  # as each ends: a killed sweep keeps it in --json
             rows.append(r)
             tta = f"{r['accuracy_tta']:.4f}" if r["accuracy_tta"] is not None else "-"
             seed = r["seed"]

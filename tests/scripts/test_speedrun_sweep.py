@@ -10,6 +10,7 @@ import yaml
 
 from tests.conftest import tiny_config
 from tests.runs import ROOT, pythonpath
+from trainer.run.runtime import cpu_budget
 
 
 def script(*args: str):
@@ -26,22 +27,37 @@ def test_a_variant_over_two_seeds_prints_each_run_the_spread_and_applies_its_ove
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(tiny_config(folder_data) + "transforms: {preset: pad_crop}\ntta: {n: 1, mode: flips}\n")
     out, rows_file = tmp_path / "sweep", tmp_path / "rows.json"
-    args = ["--config", str(cfg), "--epochs", "1", "--group", "augment", "--only", "cut", "--seeds", "3,4"]
+    args = [
+        "--config",
+        str(cfg),
+        "--epochs",
+        "1",
+        "--group",
+        "augment",
+        "--only",
+        "cut",
+        "--seeds",
+        "3,4",
+        "--jobs",
+        "2",
+    ]
     res = script(
         *args, "--variant", "cut=transforms.cutout=4;train.wd=0.0", "--out", str(out), "--json", str(rows_file)
     )
     assert res.returncode == 0, res.stdout + res.stderr
     runs = [l.split() for l in res.stdout.splitlines() if l.startswith("cut")]
-    assert [r[1] for r in runs[:2]] == ["3", "4"] and runs[2][1] == "2", res.stdout  # two runs, then mean/spread
+    assert sorted(r[1] for r in runs[:2]) == ["3", "4"] and runs[2][1] == "2", res.stdout  # two runs, then mean/spread
     mean, spread = float(runs[2][2]), float(runs[2][3])
     rows = json.loads(rows_file.read_text())
     accs = [r["accuracy"] for r in rows]
-    assert [(r["variant"], r["seed"], r["epochs"]) for r in rows] == [("cut", 3, 1), ("cut", 4, 1)]
+    assert sorted((r["variant"], r["seed"], r["epochs"]) for r in rows) == [("cut", 3, 1), ("cut", 4, 1)]
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["accuracy_tta"] <= 1 for r in rows)
     assert abs(mean - sum(accs) / 2) < 1e-4 and abs(spread - abs(accs[0] - accs[1])) < 1e-4
     for seed in (3, 4):
         saved = yaml.safe_load((out / f"cut-seed{seed}" / "config.yaml").read_text())
         assert (saved["seed"], saved["transforms"]["cutout"], saved["train"]["wd"]) == (seed, 4, 0.0)
+        threads = max(1, cpu_budget() // 2)  # --jobs 2: the threads shared out
+        assert f"({threads} CPU threads)" in (out / f"cut-seed{seed}" / "log.txt").read_text()
 
 
 def test_an_unknown_variant_is_named_with_the_groups_own(tmp_path):
