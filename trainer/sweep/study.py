@@ -253,6 +253,13 @@ def run_sweep(sweep: Sweep) -> optuna.Study:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial is lost (and queued) before we count
+    ask = study.ask
+
+    def ask_alone(*args, **kwargs):  # Optuna's pop of a queued trial is not atomic on SQLite (no
+        with creating(sweep):  # SELECT FOR UPDATE): two workers starting together both got trial 0
+            return ask(*args, **kwargs)
+
+    study.ask = ask_alone  # what study.optimize calls for each trial
     left = sweep.n_trials - counted(study)
     if left <= 0:
         sweep.say(f"study '{sweep.study_name}' already holds {counted(study)} trial(s); nothing to run")
