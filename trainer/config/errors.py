@@ -8,8 +8,8 @@ from typing import Any, get_args, get_type_hints
 
 from pydantic import BaseModel
 
-from trainer.config.schema import Config
-from trainer.config.yaml_text import LAYOUT_TAGS, key_node, node_at, yaml_word
+from trainer.config.schema import Config, CsvData, FolderData, TextData
+from trainer.config.yaml_text import LAYOUT_TAGS, key_spelling, node_at
 from trainer.registry import did_you_mean
 
 
@@ -59,9 +59,7 @@ def _inner_model(tp) -> type[BaseModel] | None:
 
 
 def _data_model(layout: str | None) -> type[BaseModel] | None:
-    from trainer.config import schema
-
-    return {"folder": schema.FolderData, "csv": schema.CsvData, "text": schema.TextData}.get(layout or "")
+    return {"folder": FolderData, "csv": CsvData, "text": TextData}.get(layout or "")
 
 
 def _layout(data: dict) -> str | None:
@@ -103,11 +101,7 @@ def _message(err: dict) -> str:
     if err["type"] == "invalid_key":  # `~: 3` or `1: 2`: YAML allows any key, a config only names
         value = err["input"]
         what = "null" if value is None else "true or false" if isinstance(value, bool) else "a number"
-        return (
-            f"a key must be a name, not {what}"
-            if isinstance(value, (type(None), bool, int, float))
-            else "a key must be a name"
-        )
+        return "a key must be a name" + (f", not {what}" if isinstance(value, (type(None), int, float)) else "")
     if err.get("input") in ("", None) and err["type"] not in ("missing", "extra_forbidden", "semantic"):
         return EMPTY
     if err["type"] == "extra_forbidden":
@@ -117,15 +111,6 @@ def _message(err: dict) -> str:
     if err["type"] == "missing":
         return MISSING
     return err["msg"].removeprefix("Value error, ")
-
-
-def _raw_key(trees: list, parent: tuple, value) -> str:
-    """A key that is not a name (~, 0x1F, true) as the file spells it, looked up under its parent."""
-    for tree in trees:
-        found = key_node(node_at(tree, parent), value) if tree is not None else None
-        if found is not None:
-            return found.value
-    return yaml_word(value)
 
 
 def format_errors(errors: list[dict], data: dict, node, source: str, origins: dict, chain=None) -> str:
@@ -143,7 +128,7 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
         seen.add(loc)
         if err["type"] == "invalid_key":  # the key as the file writes it (~, not None), found by it
             trees = [n for _, n in chain.files] if chain is not None else [node]
-            loc = loc[:-1] + (_raw_key(trees, loc[:-1], err["input"]),)
+            loc = loc[:-1] + (key_spelling(trees, loc[:-1], err["input"]),)
         key = ".".join(str(p) for p in loc) or "(top level)"
         where = source
         origin = next((o for p, o in origins.items() if key == p or key.startswith(p + ".")), None)

@@ -135,3 +135,13 @@ def key_node(parent, value):
             if type(loaded) is type(value) and loaded == value:
                 return key
     return None
+
+
+def key_spelling(trees: list, parent: tuple, value) -> str:
+    """A key that is not a name (~, 0x1F) as the file spells it, found under its parent in the first
+    of the trees that holds it (the files of an extends chain); as YAML writes it otherwise."""
+    for tree in trees:
+        found = key_node(node_at(tree, parent), value) if tree is not None else None
+        if found is not None:
+            return found.value
+    return yaml_word(value)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, mode
 
 from trainer.config import Config, ConfigError, node_at, parse_yaml, yaml_word
 from trainer.config.schema import Metric, Strict, better_mode
-from trainer.config.yaml_text import key_node
+from trainer.config.yaml_text import key_spelling
 from trainer.registry import did_you_mean
 from trainer.run.checked import load_checked
 
@@ -291,8 +291,7 @@ def _located(e: ValidationError, node, source: str) -> str:
     for err in e.errors():
         loc = tuple(err["loc"])
         if err["type"] == "invalid_key":  # `~: 3`: the key as the file spells it
-            found = key_node(node_at(node, loc[:-1]), err["input"])
-            loc = loc[:-1] + (found.value if found is not None else yaml_word(err["input"]),)
+            loc = loc[:-1] + (key_spelling([node], loc[:-1], err["input"]),)
             err = {**err, "msg": "a key must be a name"}
         inner = loc[3:] if loc[:1] == ("params",) and len(loc) > 3 else ()  # (form, index): which end
         loc = loc[:2] if loc[:1] == ("params",) else loc

@@ -87,14 +87,15 @@ def open_study(sweep: Sweep) -> optuna.Study:
             load_if_exists=True,
         )
 
-    with creating(sweep):
+    with one_at_a_time(sweep):
         return connect(sweep.url, make)
 
 
 @contextlib.contextmanager
-def creating(sweep: Sweep):
-    """One process at a time creates a SQLite study's tables: two workers started together on a
-    new file would both run the migrations and one would fail."""
+def one_at_a_time(sweep: Sweep):
+    """The sweep folder's file lock, for what SQLite does not make atomic across processes: creating
+    the study's tables (two workers would both run the migrations), queueing the space's points,
+    and taking a queued trial (no SELECT FOR UPDATE: two workers both took trial 0)."""
     if not sweep.url.startswith("sqlite"):
         yield
         return
@@ -112,8 +113,7 @@ def suggest(trial: optuna.Trial, key: str, p) -> object:
     if isinstance(p, IntRange):
         return trial.suggest_int(key, *p.int, step=p.step)
     if isinstance(p, Choice):
-        keys = [choice_key(v) for v in p.choice]
-        return p.choice[keys.index(trial.suggest_categorical(key, keys))]
+        return choice_value(p, trial.suggest_categorical(key, [choice_key(v) for v in p.choice]))
     return trial.suggest_float(key, *p.range, step=p.step)
 
 
@@ -123,10 +123,8 @@ def sampled(sweep: Sweep, trial: optuna.Trial) -> tuple[dict, list[str]]:
     params, point = sweep.space.params, queued(trial)
     stale = [f"{k}: no longer a param of the space" for k in point if k not in params]
     for k, v in point.items():
-        if k in params and isinstance(params[k], Choice):
-            stored = {choice_key(c): c for c in params[k].choice}
-            v = stored.get(v, v)  # a list choice is stored as its JSON text
-        if k in params and (why := outside(params[k], v)):
+        value = choice_value(params[k], v) if isinstance(params.get(k), Choice) else v
+        if k in params and (why := outside(params[k], value)):
             stale.append(f"{k}: {why}")
     if stale:
         return point, stale
@@ -137,6 +135,12 @@ def queued(trial: optuna.Trial) -> dict:
     """The values Optuna's enqueue_trial fixed for this trial, as stored ({} for a sampled trial)."""
     running = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     return next((t.system_attrs.get("fixed_params", {}) for t in running if t.number == trial.number), {})
+
+
+def choice_value(p: Choice, stored):
+    """A choice as the space writes it, from Optuna's stored form (a list is stored as its JSON
+    text); a stored value that is no choice (queued before an edit) comes back as it is."""
+    return {choice_key(c): c for c in p.choice}.get(stored, stored)
 
 
 def fixed(space: Space, point: dict) -> dict:
@@ -247,19 +251,13 @@ def run_sweep(sweep: Sweep) -> optuna.Study:
         sweep.out / MARKER, json.dumps({"study": sweep.study_name, "storage": safe_url(sweep.url)}, indent=1)
     )
     study.set_user_attr("monitor", sweep.space.objective.monitor)
-    with creating(sweep):  # one worker at a time, so each sees the points another queued
+    with one_at_a_time(sweep):  # one worker at a time, so each sees the points another queued
         for point in sweep.space.enqueue:  # a point any trial has had already (queued, run) is skipped
             study.enqueue_trial(fixed(sweep.space, point), user_attrs={"queued": True}, skip_if_exists=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a killed worker's trial is lost (and queued) before we count
-    ask = study.ask
-
-    def ask_alone(*args, **kwargs):  # Optuna's pop of a queued trial is not atomic on SQLite (no
-        with creating(sweep):  # SELECT FOR UPDATE): two workers starting together both got trial 0
-            return ask(*args, **kwargs)
-
-    study.ask = ask_alone  # what study.optimize calls for each trial
+    asking_alone(study, sweep)
     left = sweep.n_trials - counted(study)
     if left <= 0:
         sweep.say(f"study '{sweep.study_name}' already holds {counted(study)} trial(s); nothing to run")
@@ -279,6 +277,17 @@ def run_sweep(sweep: Sweep) -> optuna.Study:
                 retry_lost(study, t)
         raise
     return study
+
+
+def asking_alone(study: optuna.Study, sweep: Sweep) -> None:
+    """study.optimize takes each trial with study.ask: under the lock, so a queued trial goes to one worker."""
+    ask = study.ask
+
+    def ask_alone(*args, **kwargs):
+        with one_at_a_time(sweep):
+            return ask(*args, **kwargs)
+
+    study.ask = ask_alone
 
 
 def _said(sweep: Sweep, study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
