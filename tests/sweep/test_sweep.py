@@ -138,6 +138,7 @@ params:
         ("params:\n  data.bs: {range: [4, 8]}\n", "the value 5.48 makes the config invalid"),
         ("param:\n  train.wd: {range: [0.0, 0.1]}\n", "space.yaml:1: param: unknown key; did you mean 'params'?"),
         ("params:\n  train.wd: {rang: [0.0, 0.1]}\n", "space.yaml:2: params.train.wd: expected {log: [low, high]}"),
+        ("params:\n  data.bs: {choices: [8, 16]}\n", "or {choice: [a, b, ...]}; did you mean 'choice'?"),
         (
             "params:\n  train.stages.3.lr: {log: [1.0e-3, 1.0e-1]}\n",
             "train.stages has 1 item(s); '3' is not one of them",
@@ -288,7 +289,7 @@ def test_a_worker_started_while_another_opens_the_study_joins_it(tmp_path, folde
     cfg, sp = files(tmp_path, folder_data, SMALL, epochs=1)
     out = tmp_path / "sw"
     out.mkdir()
-    (out / ".sweep.lock").touch()
+    (out / ".sweep.lock").touch()  # where an earlier version kept its lock
     optuna.create_study(storage=f"sqlite:///{out / 'sweep.db'}", study_name="tiny")
     res = sweep(cfg, "--space", sp, "--trials", 1, "--out", out)
     assert res.exit_code == 0, res.output
@@ -524,3 +525,31 @@ def test_a_storage_that_is_the_runs_mlflow_store_is_refused_before_anything(tmp_
     )
     assert res.exit_code == 2 and "the runs' MLflow store (track.mlflow) is this file" in res.output, res.output
     assert not (tmp_path / "sw").exists() and not (tmp_path / "both.db").exists()
+
+
+def test_workers_with_different_out_folders_take_turns_on_one_sqlite_file(tmp_path):
+    """The lock that makes taking a queued trial atomic on SQLite belongs to the database file (its
+    real path), so a worker with another --out (same --storage) waits for it too; it is not written
+    beside the user's database; a server database has none."""
+    import fcntl
+    import stat
+
+    from trainer.sweep.study import Sweep, lock_file, one_at_a_time
+
+    def worker(out: str, storage: str | None = None) -> Sweep:
+        return Sweep(tmp_path / "c.yaml", [], None, tmp_path / out, 1, storage=storage)
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "team.db").touch()
+    (tmp_path / "link.db").symlink_to(shared / "team.db")
+    a, b = worker("a", f"sqlite:///{shared / 'team.db'}"), worker("b", f"sqlite:///{tmp_path / 'link.db'}")
+    assert lock_file(a) == lock_file(b) != lock_file(worker("c"))
+    # the default database's lock is the one a worker naming that file as --storage takes
+    assert lock_file(worker("c")) == lock_file(worker("d", f"sqlite:///{tmp_path / 'c' / 'sweep.db'}"))
+    assert lock_file(worker("e", "postgresql+psycopg://u:p@host/db")) is None
+    with one_at_a_time(a), open(lock_file(b)) as other:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert sorted(p.name for p in shared.iterdir()) == ["team.db"]  # nothing beside the user's file
+    assert stat.S_IMODE(lock_file(a).stat().st_mode) == 0o666  # other users' workers open it too

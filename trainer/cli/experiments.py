@@ -96,7 +96,7 @@ def sweep(
         fail(f"--study {study!r}: a study name {problem}")
     name = study or base.name
     out = out or Path("sweeps") / name
-    # the lock and the default database without the marker: another worker is opening the study
+    # the default database without the marker: another worker is opening the study
     # right now (the marker follows); a second worker started then was refused, a flaky test found
     foreign = out.is_dir() and not (out / MARKER).is_file() and any(p.name not in OWN_FILES for p in out.iterdir())
     if out.exists() and (not out.is_dir() or foreign):

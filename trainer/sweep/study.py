@@ -10,9 +10,12 @@ into a config and a run, and the run's epochs into the trial's reports.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from trainer.run.fit import fit
 from trainer.run.resume import ResumeError, resolve
 from trainer.run.rundir import read_table
 from trainer.run.signals import Interrupted
-from trainer.storage import atomic_write_text
+from trainer.storage import atomic_write_text, sqlite_file
 from trainer.sweep.database import DATABASE, INTERRUPTED, StorageError, connect, counted, lost, retry_lost, safe_url
 from trainer.sweep.samplers import choice_key, make_pruner, make_sampler
 from trainer.sweep.space import Choice, IntRange, LogRange, Space, outside, trial_config
@@ -36,9 +39,9 @@ from trainer.train.plan import outline
 
 HEARTBEAT, GRACE = 30, 120  # s: a trial silent this long belongs to a dead process and is marked failed
 MARKER = "sweep.json"  # what makes a folder a sweep's (it is never one of the user's)
-LOCK = ".sweep.lock"
-# a sweep folder's own files before its marker exists (another worker may be opening the study)
-OWN_FILES = (MARKER, LOCK, *(DATABASE + end for end in ("", "-journal", "-wal", "-shm")))
+# a sweep folder's own files before its marker exists (another worker may be opening the study);
+# .sweep.lock: where earlier versions kept the database's lock
+OWN_FILES = (MARKER, ".sweep.lock", *(DATABASE + end for end in ("", "-journal", "-wal", "-shm")))
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
@@ -87,24 +90,45 @@ def open_study(sweep: Sweep) -> optuna.Study:
             load_if_exists=True,
         )
 
+    sweep.out.mkdir(parents=True, exist_ok=True)  # the default database's folder, and the results'
     with one_at_a_time(sweep):
         return connect(sweep.url, make)
 
 
 @contextlib.contextmanager
 def one_at_a_time(sweep: Sweep):
-    """The sweep folder's file lock, for what SQLite does not make atomic across processes: creating
-    the study's tables (two workers would both run the migrations), queueing the space's points,
-    and taking a queued trial (no SELECT FOR UPDATE: two workers both took trial 0)."""
-    if not sweep.url.startswith("sqlite"):
+    """A file lock on the SQLite database, for what SQLite does not make atomic across processes:
+    creating the study's tables (two workers would both run the migrations), queueing the space's
+    points, and taking a queued trial (no SELECT FOR UPDATE: two workers both took trial 0). A
+    server database (PostgreSQL) locks its own rows."""
+    path = lock_file(sweep)
+    if path is None:
         yield
         return
     import fcntl
 
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    with open(sweep.out / LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    except OSError as e:
+        raise StorageError(f"--storage {safe_url(sweep.url)}: cannot take its lock {path} ({e.strerror})") from None
+    try:
+        with contextlib.suppress(OSError):  # another user's workers on a shared database open it too
+            os.fchmod(fd, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
+
+
+def lock_file(sweep: Sweep) -> Path | None:
+    """The lock of a SQLite database: a file in the temporary folder named for the database's real
+    path, so every worker of this machine on that file takes turns, whatever its --out, and nothing
+    is written beside a user's database. None for a server database or SQLite in memory."""
+    db = sqlite_file(sweep.url)
+    if db is None:
+        return None
+    digest = hashlib.sha256(str(db.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"trainer-sweep-{digest}.lock"
 
 
 def suggest(trial: optuna.Trial, key: str, p) -> object:
