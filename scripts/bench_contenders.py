@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def data_config(args):
-    from trainer.config.schema import FolderData, Subset
+    from trainer.config.data_schema import FolderData, Subset
 
     subset = Subset(train=args.limit, valid=valid_limit(args.limit)) if args.limit else None
     return FolderData(layout="folder", path=args.data, valid="test", bs=args.bs, subset=subset)

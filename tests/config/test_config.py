@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import tiny_config
 from trainer.cli import app
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, Stage, load_config
 from trainer.train.plan import CONFIG_CHECKS
 
 runner = CliRunner()
@@ -64,6 +64,57 @@ def test_wrong_type_and_out_of_range(tmp_path, folder_data):
     msg = error_of(p)
     assert "train.stages.0.epochs" in msg and "valid integer" in msg
     assert "train.stages.0.lr: Input should be greater than 0" in msg
+
+
+def test_true_for_a_number_is_said_beside_its_sections_other_errors(tmp_path, folder_data):
+    # it was a check of the whole section, which stopped there: the other two went unsaid
+    p = write(tmp_path, tiny_config(folder_data).replace("bs: 8", "bs: true, channels: 7, sizee: 3"))
+    assert error_of(p).splitlines() == [
+        f"{p}:3: data.bs: takes a number, not true",
+        f"{p}:3: data.channels: Input should be 1 or 3",
+        f"{p}:3: data.sizee: unknown key; did you mean 'size'?",
+    ]
+    lrs = write(
+        tmp_path, tiny_config(folder_data, stages="\n    - {epochs: true, lr: [true, 0.1], shedule: sgdr}"), "s.yaml"
+    )
+    assert error_of(lrs).splitlines() == [
+        f"{lrs}:7: train.stages.0.epochs: takes a number, not true",
+        f"{lrs}:7: train.stages.0.lr: takes a number, not [true, 0.1]",
+        f"{lrs}:7: train.stages.0.shedule: unknown key; did you mean 'schedule'?",
+    ]
+    stage = Stage(epochs=1)
+    with pytest.raises(ValueError, match="takes a number, not true"):
+        stage.epochs = True  # an assignment is checked too (validate_assignment)
+
+
+@pytest.mark.parametrize(
+    "lr,said",
+    [
+        ("{max: -1}", ["train.stages.0.lr.max: Input should be greater than 0"]),
+        ("[0.1, -1]", ["train.stages.0.lr.1: Input should be greater than 0"]),
+        (
+            "{mx: 1}",
+            [
+                "train.stages.0.lr.max: required key is missing",
+                "train.stages.0.lr.mx: unknown key; did you mean 'max'?",
+            ],
+        ),
+    ],
+)
+def test_a_mapping_or_list_for_a_union_is_said_from_inside(tmp_path, folder_data, lr, said):
+    # the number member's "Input should be a valid number" about the whole value came first
+    p = write(tmp_path, tiny_config(folder_data, stages=f"\n    - {{epochs: 1, lr: {lr}}}"))
+    assert error_of(p).splitlines() == [f"{p}:7: {line}" for line in said]
+
+
+def test_a_misspelt_word_where_a_number_or_a_word_goes_gets_did_you_mean(tmp_path, folder_data):
+    # the number member's "unable to parse string as a number" came first, with no hint
+    p = write(tmp_path, tiny_config(folder_data, stages="\n    - {epochs: 1, lr: auot}"))
+    assert error_of(p).splitlines() == [
+        f"{p}:7: train.stages.0.lr: Input should be a number or 'auto'; did you mean 'auto'?"
+    ]
+    p = write(tmp_path, tiny_config(folder_data).replace("train:\n", "train:\n  checkpoint_every: epoc\n"))
+    assert "train.checkpoint_every: Input should be a number or 'epoch'; did you mean 'epoch'?" in error_of(p)
 
 
 def test_unknown_arch_hint(tmp_path, folder_data):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from tests.conftest import tiny_config
 from trainer.cli import app
 from trainer.config import load_config
-from trainer.config.schema import Transforms
+from trainer.config.data_schema import Transforms
 from trainer.data.augment import AugmentSpec, augment_batch, preset, random_erasing
 from trainer.data.auto_augment import (
     OPS,

@@ -18,7 +18,7 @@ from typer.testing import CliRunner  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.playbook_util import differs, learner_for, session, snapshot  # noqa: E402
 from trainer.cli import app  # noqa: E402
-from trainer.config.schema import IMAGENET_STATS, ModelConfig  # noqa: E402
+from trainer.config import IMAGENET_STATS, ModelConfig  # noqa: E402
 from trainer.models import create_model, input_stats  # noqa: E402
 from trainer.models import timm_models as T  # noqa: E402
 from trainer.models.backbones import BodyHead  # noqa: E402

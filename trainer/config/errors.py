@@ -8,7 +8,8 @@ from typing import Any, get_args, get_type_hints
 
 from pydantic import BaseModel
 
-from trainer.config.schema import Config, CsvData, FolderData, TextData
+from trainer.config.data_schema import CsvData, FolderData, TextData
+from trainer.config.schema import Config
 from trainer.config.yaml_text import LAYOUT_TAGS, key_spelling, node_at
 from trainer.registry import did_you_mean
 
@@ -31,6 +32,7 @@ def _clean_loc(loc: tuple) -> tuple:
 
 
 EMPTY, MISSING = "is empty; give a value", "required key is missing"
+NUMBER_PARSING = ("float_parsing", "int_parsing")
 
 
 def _model_for(loc: tuple, data: dict) -> type[BaseModel] | None:
@@ -117,12 +119,21 @@ def format_errors(errors: list[dict], data: dict, node, source: str, origins: di
     """One line per error: where (file:line, or the --set), the key, the problem, a hint. With
     `extends`, `chain` (extends.Chain) names the file of the chain that holds each key."""
     lines, seen = [], set()
-    for err in errors:
-        loc = _clean_loc(tuple(err["loc"]))
+    # a union's member for a mapping or list says what is wrong inside it: its scalar members'
+    # "Input should be a valid number" about the whole value is noise beside that
+    locs = [_clean_loc(tuple(err["loc"])) for err in errors]
+    inside = {loc[:i] for loc in locs for i in range(len(loc))}
+    # a word given where a number or certain words go (lr: auot, checkpoint_every: epoc): say both
+    words = {loc: err for err, loc in zip(errors, locs, strict=True) if err["type"] == "literal_error"}
+    numbers = {loc for err, loc in zip(errors, locs, strict=True) if err["type"] in NUMBER_PARSING}
+    for err, loc in zip(errors, locs, strict=True):
+        if isinstance(err.get("input"), dict | list) and loc in inside:
+            continue
+        if loc in words and loc in numbers and err["type"] in (*NUMBER_PARSING, "literal_error"):
+            said = words[loc]["msg"].removeprefix("Input should be ")
+            err = {**words[loc], "msg": f"Input should be a number or {said}"}
         if err["type"] == "union_tag_invalid":
             loc = loc + (err["ctx"]["discriminator"].strip("'"),)
-        if err["type"] == "bool_for_number":
-            loc = loc + (err["ctx"]["key"],)
         if loc in seen:
             continue  # a union reports once per member; its first complaint is the useful one
         seen.add(loc)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config.schema import IMAGENET_STATS, CsvData, FolderData
+from trainer.config.data_schema import IMAGENET_STATS, CsvData, FolderData
 from trainer.data.decode import Fit, decode_all, native_size
 from trainer.data.items import DataError, ImageItems, csv_items, folder_items, subsample
 

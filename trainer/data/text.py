@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config.schema import Config, TextData
+from trainer.config.data_schema import TextData
+from trainer.config.schema import Config
 from trainer.data.items import DataError
 
 UNK = "<unk>"

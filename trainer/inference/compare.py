@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import flat_keys
-from trainer.config.schema import LOWER_IS_BETTER, better_mode
+from trainer.config.base import LOWER_IS_BETTER, better_mode
 from trainer.inference.runs import RunInfo, finite, is_run_dir, read_run
 from trainer.run.plots import _figure, _save
 from trainer.storage import writable_picture

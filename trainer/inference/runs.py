@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from trainer.config import Config, ConfigError, parse_yaml, read_saved_config
-from trainer.config.schema import better_mode
+from trainer.config.base import better_mode
 from trainer.run.status import in_use
 from trainer.train.plan import outline
 

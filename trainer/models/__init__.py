@@ -7,7 +7,8 @@ import inspect
 import torch
 import torch.nn as nn
 
-from trainer.config.schema import IMAGENET_STATS, Config, ModelConfig
+from trainer.config.data_schema import IMAGENET_STATS
+from trainer.config.schema import Config, ModelConfig
 from trainer.models import backbones, course, efficientnet_lite, rnn, timm_models  # noqa: F401  (registers the archs)
 from trainer.models.registry import MODELS, Built, split
 from trainer.models.weights import WeightsError, header_only

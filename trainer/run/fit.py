@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from trainer.config import Config, dump_config
-from trainer.config.schema import better_mode
+from trainer.config.base import better_mode
 from trainer.run import distributed, state
 from trainer.run.early_stop import StoppedEarly
 from trainer.run.find_lr import find_lr

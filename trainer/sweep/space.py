@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, Discriminator, Field, Tag, ValidationError, model_validator
 
 from trainer.config import Config, ConfigError, node_at, parse_yaml, yaml_word
-from trainer.config.schema import Metric, Strict, better_mode
+from trainer.config.base import Metric, Strict, better_mode
 from trainer.config.yaml_text import key_spelling
 from trainer.registry import did_you_mean
 from trainer.run.checked import load_checked
@@ -307,6 +307,8 @@ def _located(e: ValidationError, node, source: str) -> str:
             msg = f"{loc_form(err)} takes no key '{k}'" + (" (one form per param)" if k in FORMS else "")
         elif inner:
             msg = f"{_which(inner)}: {msg[0].lower()}{msg[1:]}"
+        if err["type"] == "param_form" and isinstance(err["input"], dict):  # {lg: [...]}, {choices: [...]}
+            msg += next(filter(None, (_hint(str(k), FORMS) for k in err["input"])), "")
         if err["type"] == "extra_forbidden" and loc:
             msg += _hint(loc[-1], ["objective", "sampler", "pruner", "params", "enqueue"] if len(loc) == 1 else [])
         where = _key_line(node, loc, source) if err["type"] == "extra_forbidden" else _line(node, loc, source)
