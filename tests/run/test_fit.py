@@ -161,3 +161,22 @@ def test_predict_on_a_folder_per_class_gives_unique_ids(trained_run, folder_data
     res = runner.invoke(app, ["predict", str(trained_run), "--data", str(tmp_path / "data"), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert sorted(pd.read_csv(out, dtype={"id": str})["id"]) == sorted(f"{c}/0" for c in CLASSES)
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_of(tmp_path, folder_data, capsys, monkeypatch):
+    # emulated bf16 took 1.9x fp32's step time on such a CPU: a user asking for it to go faster should know
+    from trainer.config import load_config
+    from trainer.run.fit import fit
+    from trainer.train.precision import Precision, slow_here
+
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(tiny_config(folder_data, stages="[{epochs: 1, lr: 1.0e-2}]") + "amp: bf16\n")
+    run = fit(load_config(cfg_path), tmp_path / "run").run_dir
+    err = capsys.readouterr().err
+    assert err.count("warning: amp: bf16 on a CPU without bf16 instructions") == 1
+    assert "without bf16 instructions" in (run / "log.txt").read_text()
+    assert slow_here(Precision("cpu", None)) is None  # fp32 (amp: auto on the CPU) is never warned of
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert slow_here(Precision("cpu", torch.bfloat16)) is None  # with AMX bf16 is the fast path

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from trainer.config import Config, dump_config
-from trainer.config.schema import better_mode
+from trainer.config.base import better_mode
 from trainer.data.bundle import ImageBundle, build_bundle
 from trainer.data.text import TextBundle
 from trainer.models import Built, create_model, input_stats
@@ -29,7 +29,7 @@ from trainer.run.tracking import Trackers
 from trainer.train.loop import Callback
 from trainer.train.parallel import use_sync_bn
 from trainer.train.plan import Plan, make_plan, outline
-from trainer.train.precision import Precision, pick_precision
+from trainer.train.precision import Precision, pick_precision, slow_here
 from trainer.train.randomness import random_seed, seed_everything
 from trainer.train.tasks import Task, check_loss, make_task
 from trainer.train.world import SINGLE, World
@@ -122,6 +122,9 @@ def open_session(
         f"{n_params:,} parameters"
         + (f", {world.world_size} processes ({backend_for(cfg.distributed.backend, device)})" if world.enabled else "")
     )
+    if (slow := slow_here(precision)) and world.is_main:
+        log(slow)
+        say(slow)
     plan = make_plan(cfg, len(built.groups))
     sess = Session(cfg, plan, run, bundle, built, task, device, precision, world, smoke, log, console)
     sess.best, sess.top, sess.early = watchers(cfg, task)

@@ -46,3 +46,18 @@ def pick_precision(amp: str, device: torch.device) -> Precision:
     if amp == "fp16" and kind == "cpu":
         raise ValueError("amp: fp16 needs a CUDA GPU; use bf16 or off on the CPU")
     return Precision(kind, torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def slow_here(precision: Precision) -> str | None:
+    """A warning for bf16 autocast on a CPU without bf16 instructions, which emulates it: a bnresnet
+    step took 1.9x its fp32 time on such a CPU (AVX512 alone) and 0.54x on one with AMX
+    (scripts/bench_cpu_step.py, README: Speed)."""
+    if precision.device_type != "cpu" or precision.dtype != torch.bfloat16:
+        return None
+    has = [getattr(torch.cpu, f"_is_{x}_supported", lambda: True)() for x in ("amx_tile", "avx512_bf16")]
+    if any(has):
+        return None
+    return (
+        "warning: amp: bf16 on a CPU without bf16 instructions (AMX, AVX512_BF16) runs slower than fp32 "
+        "(1.9x the step time of the quickstart's bnresnet on one); python scripts/bench_cpu_step.py measures yours"
+    )
