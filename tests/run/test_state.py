@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from tests.conftest import make_folder_dataset, tiny_config
 from tests.runs import Crash, CrashAt, assert_same_run, metrics_without_seconds, resumable_config
@@ -108,6 +109,9 @@ def norm_of_the_time(self, x):
 
 
 def test_a_version_1_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    """Bitwise on the kind of CPU the fixture was made on; elsewhere (other kernels round otherwise)
+    within 1e-5 of the old code's uninterrupted run on an AVX2 CPU: the resumed weights were 3e-7
+    from it, and a checkpoint upgraded with its momentum lost 4e-2."""
     monkeypatch.setattr(BnLayer, "forward", norm_of_the_time)
     cfg, run = _v1_run(tmp_path)
     assert storage.load(run / "checkpoints" / "last.pt")["version"] == 1
@@ -120,9 +124,13 @@ def test_a_version_1_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, monke
     reference = json.loads((FIXTURE / "reference.json").read_text())
     assert metrics_without_seconds(run) == reference["metrics"]  # peak_lr included
     model = storage.load(run / "checkpoints" / "last.pt")["model"]
-    assert {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in model.items()} == reference[
-        "weights_sha256"
-    ]  # bitwise
+    uninterrupted = load_file(FIXTURE / "uninterrupted_avx2.safetensors")
+    assert model.keys() == uninterrupted.keys()
+    for k, v in model.items():
+        torch.testing.assert_close(v, uninterrupted[k], rtol=0, atol=1e-5, msg=k)
+    if torch.backends.cpu.get_cpu_capability() == reference["cpu_capability"]:
+        digests = {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in model.items()}
+        assert digests == reference["weights_sha256"]  # bitwise
 
 
 def test_a_checkpoint_of_an_unknown_version_is_refused_by_name(tmp_path):
