@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import mmap
 import multiprocessing
 import os
@@ -175,8 +176,8 @@ def decode_all(
         except (OSError, ValueError, KeyError):
             log(f"the image cache {arr_path} is damaged; decoding again")
     try:
-        out = np.empty((len(files), channels, size, size), dtype=np.uint8)
-    except MemoryError:
+        out = new_images((len(files), channels, size, size), shared=in_processes(len(files)))
+    except (MemoryError, OSError):
         gib = len(files) * channels * size * size / 2**30
         raise DataError(
             f"{len(files)} images at {size}px need {gib:,.1f} GiB of memory, more than this machine has; "
@@ -209,14 +210,29 @@ PROCESSES_FROM = 2000
 CHUNK = (256, 2000)  # images a worker decodes at a time, at least and at most
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def in_processes(n: int) -> bool:
+    """Whether n images are decoded in forked processes: a small image's decode is mostly Python
+    holding the GIL (60,000 Fashion-MNIST PNGs: 27.2 s on two threads, 7.6 s on two processes,
+    scripts/bench_decode.py); threads elsewhere (PIL releases the GIL inside the codec)."""
+    return n >= PROCESSES_FROM and _cores() > 1 and sys.platform == "linux"
+
+
+def new_images(shape: tuple[int, ...], shared: bool) -> np.ndarray:
+    """An uninitialised uint8 array; shared: in memory that forked children write into."""
+    if not shared:
+        return np.empty(shape, dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(-1, math.prod(shape)), dtype=np.uint8).reshape(shape)
+
+
 def _decode_into(out, square, files, size, channels, fit, skip_bad) -> list[int]:
-    """Fills out and square; the indices of bad images (skip_bad) or the first DataError.
-    Processes where fork exists: a small image's decode is mostly Python holding the GIL, so two
-    threads decoded 12,000 Fashion-MNIST PNGs in 5.2 s and two forked processes in 1.5 s
-    (scripts/bench_decode.py); threads elsewhere (PIL releases the GIL inside the codec)."""
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if len(files) >= PROCESSES_FROM and workers > 1 and sys.platform == "linux":
-        return _in_processes(out, square, files, size, channels, fit, skip_bad, workers)
+    """Fills out (from new_images, shared when in_processes) and square; the indices of the bad
+    images (skip_bad) or the first DataError."""
+    if in_processes(len(files)):
+        return _in_processes(out, square, files, size, channels, fit, skip_bad, _cores())
     bad: list[int] = []
 
     def work(i: int):
@@ -227,7 +243,7 @@ def _decode_into(out, square, files, size, channels, fit, skip_bad) -> list[int]
                 raise
             bad.append(i)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=_cores()) as pool:
         list(pool.map(work, range(len(files))))
     return sorted(bad)
 
@@ -235,12 +251,11 @@ def _decode_into(out, square, files, size, channels, fit, skip_bad) -> list[int]
 def _in_processes(out, square, files, size, channels, fit, skip_bad, workers) -> list[int]:
     step = min(CHUNK[1], max(CHUNK[0], -(-len(files) // (workers * 8))))  # small enough to balance the cores
     starts = range(0, len(files), step)
-    shared = np.frombuffer(mmap.mmap(-1, out.nbytes), dtype=np.uint8).reshape(out.shape)  # seen by forked children
     bad: list[int] = []
     with warnings.catch_warnings():
         # Python 3.12+ warns of fork in a threaded process (torch's threads): the children run no torch
         warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-        _SHARED[0] = shared
+        _SHARED[0] = out
         pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=_ignore_interrupts)
         try:
             jobs = [(i, files[i : i + step], size, channels, fit, skip_bad) for i in starts]
@@ -250,7 +265,6 @@ def _in_processes(out, square, files, size, channels, fit, skip_bad, workers) ->
         finally:  # Ctrl-C or a bad image: the chunks not started are dropped
             pool.shutdown(wait=True, cancel_futures=True)
             _SHARED[0] = None
-    out[:] = shared
     return bad
 
 
