@@ -164,7 +164,7 @@ def test_predict_on_a_folder_per_class_gives_unique_ids(trained_run, folder_data
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_of(tmp_path, folder_data, capsys, monkeypatch):
-    # emulated bf16 took 1.9x fp32's step time on such a CPU: a user asking for it to go faster should know
+    # emulated bf16 took 1.9x to 23x fp32's step time on such CPUs: a user asking for it to go faster should know
     from trainer.config import load_config
     from trainer.run.fit import fit
     from trainer.train.precision import Precision, slow_here

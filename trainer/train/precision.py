@@ -50,8 +50,8 @@ def pick_precision(amp: str, device: torch.device) -> Precision:
 
 def slow_here(precision: Precision) -> str | None:
     """A warning for bf16 autocast on a CPU without bf16 instructions, which emulates it: a bnresnet
-    step took 1.9x its fp32 time on such a CPU (AVX512 alone) and 0.54x on one with AMX
-    (scripts/bench_cpu_step.py, README: Speed)."""
+    step took 1.9x its fp32 time on an Intel CPU with AVX512 alone, 23x on an AMD EPYC with AVX2,
+    and 0.54x on one with AMX (scripts/bench_cpu_step.py, README: Speed)."""
     if precision.device_type != "cpu" or precision.dtype != torch.bfloat16:
         return None
     has = [getattr(torch.cpu, f"_is_{x}_supported", lambda: True)() for x in ("amx_tile", "avx512_bf16")]
@@ -59,5 +59,6 @@ def slow_here(precision: Precision) -> str | None:
         return None
     return (
         "warning: amp: bf16 on a CPU without bf16 instructions (AMX, AVX512_BF16) runs slower than fp32 "
-        "(1.9x the step time of the quickstart's bnresnet on one); python scripts/bench_cpu_step.py measures yours"
+        "(the quickstart's bnresnet took 1.9x to 23x the fp32 step time on two such CPUs); "
+        "python scripts/bench_cpu_step.py measures yours"
     )
