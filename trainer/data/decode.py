@@ -256,7 +256,9 @@ def _in_processes(out, square, files, size, channels, fit, skip_bad, workers) ->
         # Python 3.12+ warns of fork in a threaded process (torch's threads): the children run no torch
         warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
         _SHARED[0] = out
-        pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=_ignore_interrupts)
+        pool = ProcessPoolExecutor(
+            min(workers, len(starts)), multiprocessing.get_context("fork"), initializer=_ignore_interrupts
+        )  # no more processes than chunks
         try:
             jobs = [(i, files[i : i + step], size, channels, fit, skip_bad) for i in starts]
             for i, (sq, chunk_bad) in zip(starts, pool.map(_decode_chunk, jobs), strict=True):
