@@ -3,6 +3,8 @@ a live one running), epochs, best monitored metric and wall time, newest first; 
 half-written runs listed as damaged with the reason, never a traceback."""
 
 import json
+import os
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -190,6 +192,24 @@ def test_device_and_start_of_an_old_run_come_from_its_log(tmp_path):
     info = read_run(run)
     assert info.device == "cpu"  # the last session's
     assert info.started.strftime("%H:%M:%S") == "09:15:00"
+
+
+@pytest.mark.parametrize(
+    "files_at, first_line, started",
+    [
+        ("2026-12-02 06:04:10", "06:04:12", "2026-12-02 06:04:12"),  # the log's first line after config.yaml
+        ("2026-12-02 00:10:00", "23:50:00", "2026-12-01 23:50:00"),  # started before midnight
+    ],
+)
+def test_the_start_of_a_run_without_status_takes_its_date_from_its_files(tmp_path, files_at, first_line, started):
+    run = tmp_path / "out"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_text(tmp_path))
+    (run / "log.txt").write_text(f"{first_line} run out: seed 0, device cpu (2 CPU threads), amp fp32, 1 parameters\n")
+    stamp = datetime.strptime(files_at, "%Y-%m-%d %H:%M:%S").timestamp()
+    for f in run.iterdir():
+        os.utime(f, (stamp, stamp + 2 * (f.name == "log.txt")))
+    assert read_run(run).started == datetime.strptime(started, "%Y-%m-%d %H:%M:%S")
 
 
 def test_wall_time_reads_at_a_glance():

@@ -263,7 +263,8 @@ def first_file_time(path: Path) -> datetime | None:
     except (OSError, ValueError):
         return earliest
     started = datetime.combine(earliest.date(), clock)
-    return started - timedelta(days=1) if started > earliest else started
+    # config.yaml is written a moment before log.txt's first line; an hour later is the day before
+    return started - timedelta(days=1) if started > earliest + timedelta(hours=1) else started
 
 
 def log_device(path: Path) -> str | None:
