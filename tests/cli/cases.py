@@ -3,6 +3,8 @@ running it must give the exit code and the messages, never a traceback, never co
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import yaml
@@ -83,6 +85,7 @@ def check(entry: tuple, name: str, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     build, code, messages = entry
     argv = build(tmp_path)
+    made = argv[:1] == ["fit"] and "--out" in argv and not Path(argv[argv.index("--out") + 1]).exists()
     res = runner.invoke(app, argv)
     assert res.exit_code == code, f"{name}: exit {res.exit_code}\n{res.output}"
     assert res.exception is None or isinstance(res.exception, SystemExit), f"{name}: {res.exception!r}"
@@ -90,3 +93,7 @@ def check(entry: tuple, name: str, tmp_path: Path, monkeypatch) -> None:
     for m in messages:
         assert m in res.output, f"{name}: {m!r} not in\n{res.output}"
     assert not (tmp_path / "pwned").exists()
+    out = Path(argv[argv.index("--out") + 1]) if made else None
+    if out is not None and code == 2 and out.exists():  # refused: no folder, or a run failed with its cause
+        status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {}
+        assert status.get("status") == "failed", f"{name}: left {out} holding {sorted(os.listdir(out))}"

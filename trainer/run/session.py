@@ -3,6 +3,8 @@ the data, the model, the stage plan, the task, the machine's settings)."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -78,57 +80,76 @@ def open_session(
     seed_everything(seed)
     set_deterministic(cfg.deterministic)
     threads = set_threads()
+    fresh = world.from_main(lambda: out is None or not Path(out).exists())  # a folder this call makes
     if smoke and out is None:
         out = world.from_main(lambda: tempfile.mkdtemp(prefix=f"trainer-smoke-{cfg.name}-"))
     run = RunDir(world.from_main(lambda: new_run_dir(cfg.name, out)), writes=world.is_main)
-    run.write_text("config.yaml", dump_config(cfg))
-    log = run.log
+    with discarded_on_failure(run, fresh):
+        run.write_text("config.yaml", dump_config(cfg))
+        log = run.log
 
-    stages = outline(cfg)
-    with world.local_main_first():  # one decode per machine into the image cache
-        bundle = build_bundle(
-            cfg,
-            seed,
-            device,
-            stages.image_sizes,
-            max(stages.batch_sizes) if smoke else None,
-            log=lambda m: (log(m), world.is_main and say(m)),
-            model_stats=input_stats(cfg.model),
+        stages = outline(cfg)
+        with world.local_main_first():  # one decode per machine into the image cache
+            bundle = build_bundle(
+                cfg,
+                seed,
+                device,
+                stages.image_sizes,
+                max(stages.batch_sizes) if smoke else None,
+                log=lambda m: (log(m), world.is_main and say(m)),
+                model_stats=input_stats(cfg.model),
+            )
+        built = create_model(cfg.model, bundle.n_out, bundle.in_channels, stages.first_size or _decoded_size(bundle))
+        for note in built.notes:
+            log(note)
+            if world.is_main:
+                say(note)
+        synced = use_sync_bn(cfg.train.sync_bn, built, device, world)
+        if synced is not None:  # torch BatchNorm (CUDA) and the course's BnLayer (any backend)
+            log(f"sync_bn: {synced} BatchNorm layer(s) now compute their statistics over every process's batch")
+        if world.rank > 0:  # every rank built the same weights; each draws its own dropout masks from here
+            torch.manual_seed((seed + world.rank) % 2**63)
+        for name, data in bundle.files_to_save().items():
+            run.write_json(name, data)
+        _place(built.model, cfg, device, smoke, log)
+        check_loss(cfg.train.loss, bundle.task_kind)
+        task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
+        task = make_task(
+            {"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
+            cfg.train.label_smoothing,
+            cfg.train.threshold,
         )
-    built = create_model(cfg.model, bundle.n_out, bundle.in_channels, stages.first_size or _decoded_size(bundle))
-    for note in built.notes:
-        log(note)
-        if world.is_main:
-            say(note)
-    synced = use_sync_bn(cfg.train.sync_bn, built, device, world)
-    if synced is not None:  # torch BatchNorm (CUDA) and the course's BnLayer (any backend)
-        log(f"sync_bn: {synced} BatchNorm layer(s) now compute their statistics over every process's batch")
-    if world.rank > 0:  # every rank built the same weights; each draws its own dropout masks from here
-        torch.manual_seed((seed + world.rank) % 2**63)
-    for name, data in bundle.files_to_save().items():
-        run.write_json(name, data)
-    _place(built.model, cfg, device, smoke, log)
-    check_loss(cfg.train.loss, bundle.task_kind)
-    task_kind = cfg.train.loss if cfg.train.loss != "auto" else bundle.task_kind
-    task = make_task(
-        {"cross_entropy": "single_label", "bce": "multi_label"}.get(task_kind, task_kind),
-        cfg.train.label_smoothing,
-        cfg.train.threshold,
-    )
-    n_params = sum(p.numel() for p in built.model.parameters())
-    precision = pick_precision(cfg.amp, device)
-    log(
-        f"run {run.path}: seed {seed}, device {device} ({threads} CPU threads), amp {precision.name}, "
-        f"{n_params:,} parameters"
-        + (f", {world.world_size} processes ({backend_for(cfg.distributed.backend, device)})" if world.enabled else "")
-    )
-    if (slow := slow_here(precision)) and world.is_main:
-        log(slow)
-        say(slow)
-    plan = make_plan(cfg, len(built.groups))
-    sess = Session(cfg, plan, run, bundle, built, task, device, precision, world, smoke, log, console)
-    sess.best, sess.top, sess.early = watchers(cfg, task)
-    return sess
+        n_params = sum(p.numel() for p in built.model.parameters())
+        precision = pick_precision(cfg.amp, device)
+        log(
+            f"run {run.path}: seed {seed}, device {device} ({threads} CPU threads), amp {precision.name}, "
+            f"{n_params:,} parameters"
+            + (
+                f", {world.world_size} processes ({backend_for(cfg.distributed.backend, device)})"
+                if world.enabled
+                else ""
+            )
+        )
+        if (slow := slow_here(precision)) and world.is_main:
+            log(slow)
+            say(slow)
+        plan = make_plan(cfg, len(built.groups))
+        sess = Session(cfg, plan, run, bundle, built, task, device, precision, world, smoke, log, console)
+        sess.best, sess.top, sess.early = watchers(cfg, task)
+        return sess
+
+
+@contextlib.contextmanager
+def discarded_on_failure(run: RunDir, fresh: bool):
+    """A run that fails before its first step (bad data, Ctrl-C while decoding) leaves no folder:
+    nothing was done to keep, and `trainer runs` would list it forever as not started. Only a
+    folder this call made, so never one of the user's, nor a resumed run's."""
+    try:
+        yield
+    except BaseException:
+        if fresh and run.writes:
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
 
 
 def watchers(cfg: Config, task: Task) -> tuple[BestSoFar, TopK | None, EarlyStopState | None]:
