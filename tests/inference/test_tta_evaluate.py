@@ -120,7 +120,7 @@ def run_dir(tmp_path_factory, folder_data):
     tmp = tmp_path_factory.mktemp("eval")
     cfg = tmp / "c.yaml"
     cfg.write_text(tiny_config(folder_data, stages="[{epochs: 3, lr: 2.0e-2}]") + "transforms: {preset: side_on}\n")
-    res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp / "run")])
+    res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp / "run"), "--set", "train.label_smoothing=0.1"])
     assert res.exit_code == 0, res.output
     return tmp / "run"
 
@@ -138,6 +138,7 @@ def test_evaluate_from_the_run_directory(run_dir, tmp_path):
     metrics = pd.read_csv(run_dir / "metrics.csv")
     best = metrics.loc[metrics["valid_loss"].idxmin()]
     assert report["metrics"]["accuracy"] == pytest.approx(best["accuracy"], abs=1e-6)
+    assert report["metrics"]["valid_loss"] == pytest.approx(best["valid_loss"], abs=1e-5)  # smoothed, as in fit
     assert [r["class"] for r in report["per_class"]] == CLASSES
 
 

@@ -41,7 +41,9 @@ class LoadedRun:
         return outline(self.cfg).last_size or self.stats["size"]
 
     def task(self) -> Task:
-        return make_task("multi_label" if self.multi_label else "single_label", threshold=self.cfg.train.threshold)
+        # the run's label smoothing too: valid_loss means here what it meant in metrics.csv
+        kind = "multi_label" if self.multi_label else "single_label"
+        return make_task(kind, self.cfg.train.label_smoothing, self.cfg.train.threshold)
 
     def thresholds(self) -> torch.Tensor:
         """The multi-label threshold of each tag."""
