@@ -142,6 +142,13 @@ def test_evaluate_from_the_run_directory(run_dir, tmp_path):
     assert [r["class"] for r in report["per_class"]] == CLASSES
 
 
+def test_evaluate_decodes_the_validation_images_alone(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAINER_CACHE", str(tmp_path / "cache"))  # cold: whatever it needs is decoded
+    res = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    assert "decoding 18 images" in res.output and "decoding 36 images" not in res.output  # valid, not train
+
+
 def test_evaluate_replaces_its_own_files_never_a_users(run_dir, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +90,23 @@ def cache_size_for(cfg: FolderData | CsvData, stage_sizes: list[int], files: lis
 
 
 def load_images(
-    cfg: FolderData | CsvData, seed: int, stage_sizes: list[int] = (), log=print, items: ImageItems | None = None
+    cfg: FolderData | CsvData,
+    seed: int,
+    stage_sizes: list[int] = (),
+    log=print,
+    items: ImageItems | None = None,
+    valid_only: bool = False,
 ) -> ImageSet:
+    """valid_only: the training images are not decoded (evaluate needs the validation set alone)."""
     items = items or list_items(cfg, seed)
     size = cache_size_for(cfg, list(stage_sizes), items.train_files)
     skip = cfg.on_bad_image == "skip"
     fit = fit_of(cfg)
-    tx, tbad, tn = decode_all(items.train_files, size, cfg.channels, skip, cfg.cache_dir, log, fit)
+    if valid_only:
+        items = replace(items, train_files=[], train_labels=[])
+        tx, tbad, tn = np.empty((0, cfg.channels, size, size), np.uint8), [], 0
+    else:
+        tx, tbad, tn = decode_all(items.train_files, size, cfg.channels, skip, cfg.cache_dir, log, fit)
     vx, vbad, vn = decode_all(items.valid_files, size, cfg.channels, skip, cfg.cache_dir, log, fit)
     if tbad or vbad:
         log(f"skipped {len(tbad) + len(vbad)} unreadable image(s) (data.on_bad_image: skip)")
@@ -104,7 +114,7 @@ def load_images(
         n = len(items.train_files) + len(items.valid_files)
         log(f"{tn + vn} of {n} images are not square; data.resize: {fit.mode} {fit.describe()}")
     train_labels, valid_labels = _keep(items.train_labels, tbad), _keep(items.valid_labels, vbad)
-    if len(train_labels) == 0 or len(valid_labels) == 0:
+    if (len(train_labels) == 0 and not valid_only) or len(valid_labels) == 0:
         raise DataError(f"{cfg.path}: no readable images left in the training or validation set")
     n = len(items.classes)
     return ImageSet(

@@ -50,7 +50,7 @@ def validation_batches(run: LoadedRun, data_path: str | Path | None = None, bs: 
         raise DataError(
             f"{data.path}: the run's data folder is not here (run from the folder you trained in, or pass --data PATH)"
         )
-    images = load_images(data, run.cfg.seed or 0, list(outline(run.cfg).image_sizes), log)
+    images = load_images(data, run.cfg.seed or 0, list(outline(run.cfg).image_sizes), log, valid_only=True)
     if images.classes != run.classes:
         raise DataError(f"{data.path}: its classes differ from the run's classes.json")
     return ImageBatches(
