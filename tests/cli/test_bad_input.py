@@ -521,6 +521,12 @@ def predict_empty_folder(tmp):
     return ["predict", str(run), "--data", str(tmp / "empty")]
 
 
+@case(2, "--data", "nowhere: no such file or folder")
+def predict_data_that_does_not_exist(tmp):
+    _, run = fake_run(tmp)
+    return ["predict", str(run), "--data", str(tmp / "nowhere")]
+
+
 def test_the_corpus_is_large():
     assert sum(code == 2 for _, code, _ in CASES.values()) >= 30
 

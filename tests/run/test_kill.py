@@ -174,4 +174,4 @@ def test_ctrl_c_before_training_starts_is_a_clean_exit(setup, tmp_path, monkeypa
 
     monkeypatch.setattr(spine, "open_session", interrupted)
     res = runner.invoke(app, ["fit", str(cfg), "--out", str(tmp_path / "run")])
-    assert res.exit_code == 130 and "interrupted before training started: nothing to save" in res.output
+    assert res.exit_code == 130 and "interrupted before training started: nothing to save" in res.stderr

@@ -36,6 +36,8 @@ def predict(
 
     if labels and probs:
         fail("--labels and --probs exclude each other")
+    if not data.exists():
+        fail(f"--data {data}: no such file or folder")
 
     def work():
         target = writable_file(out or run_dir / "predictions.csv")  # checked before any work

@@ -81,7 +81,7 @@ def fit(
             common.console.print(f"{e}\nresume with: {command}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        common.console.print("interrupted before training started: nothing to save", highlight=False)
+        common.errors.print("interrupted before training started: nothing to save", highlight=False)
         raise typer.Exit(130) from None
     if main and throwaway:
         shutil.rmtree(result.run_dir, ignore_errors=True)

@@ -118,7 +118,7 @@ def _download(name: str, url: str | None, cache: Path) -> Path:
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
         raise GetDataError(
-            f"could not download {url} ({getattr(e, 'reason', e)}); offline? pass --source DIR pointing at local copies"
+            f"could not download {url} ({getattr(e, 'reason', e)}); offline? pass --source DIR pointing at local copies (make data DATA_SOURCE=DIR)"
         ) from None
     os.replace(part, target)
     return target
