@@ -26,11 +26,10 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 def decode_with(files: list[Path], size: int, channels: int, processes: bool) -> tuple[float, np.ndarray]:
-    decode.PROCESSES_FROM = 0 if processes else len(files) + 1
     out = decode.new_images((len(files), channels, size, size), shared=processes)
     square = np.ones(len(files), dtype=bool)
     t = time.perf_counter()
-    decode._decode_into(out, square, files, size, channels, decode.Fit(), False)
+    decode._decode_into(out, square, files, size, channels, decode.Fit(), False, processes)
     return time.perf_counter() - t, out
 
 

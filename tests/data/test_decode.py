@@ -35,11 +35,10 @@ def mixed_images(root, n=30):
 
 
 def decoded(files, monkeypatch, processes: bool, skip_bad: bool = True):
-    monkeypatch.setattr(decode, "PROCESSES_FROM", 1 if processes else 10**9)
     monkeypatch.setattr(decode, "CHUNK", (4, 4))  # several chunks: their offsets are checked too
     out = decode.new_images((len(files), 3, 16, 16), shared=processes)
     square = np.ones(len(files), dtype=bool)
-    bad = decode._decode_into(out, square, files, 16, 3, decode.Fit(), skip_bad)
+    bad = decode._decode_into(out, square, files, 16, 3, decode.Fit(), skip_bad, processes)
     return out, square, bad
 
 

@@ -175,8 +175,9 @@ def decode_all(
             return np.load(arr_path, mmap_mode="r"), meta["bad"], meta["non_square"]
         except (OSError, ValueError, KeyError):
             log(f"the image cache {arr_path} is damaged; decoding again")
+    processes = in_processes(len(files))
     try:
-        out = new_images((len(files), channels, size, size), shared=in_processes(len(files)))
+        out = new_images((len(files), channels, size, size), shared=processes)
     except (MemoryError, OSError):
         gib = len(files) * channels * size * size / 2**30
         raise DataError(
@@ -185,7 +186,7 @@ def decode_all(
         ) from None
     log(f"decoding {len(files)} images at {size}px (once; cached in {root})")
     square = np.ones(len(files), dtype=bool)
-    bad = _decode_into(out, square, files, size, channels, fit, skip_bad)
+    bad = _decode_into(out, square, files, size, channels, fit, skip_bad, processes)
     non_square = int((~square).sum())
     if bad:
         out = np.delete(out, bad, axis=0)
@@ -228,49 +229,39 @@ def new_images(shape: tuple[int, ...], shared: bool) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, math.prod(shape)), dtype=np.uint8).reshape(shape)
 
 
-def _decode_into(out, square, files, size, channels, fit, skip_bad) -> list[int]:
-    """Fills out (from new_images, shared when in_processes) and square; the indices of the bad
-    images (skip_bad) or the first DataError."""
-    if in_processes(len(files)):
-        return _in_processes(out, square, files, size, channels, fit, skip_bad, _cores())
+def _decode_into(out, square, files, size, channels, fit, skip_bad, processes: bool) -> list[int]:
+    """Fills out (from new_images, shared when processes) and square, a chunk of files per job;
+    the indices of the bad images (skip_bad) or the first DataError."""
+    workers = _cores()
+    least = CHUNK[0] if processes else 1  # a thread takes a file at a time: large JPEGs free the GIL
+    step = min(CHUNK[1], max(least, -(-len(files) // (workers * 8))))  # small enough to balance the cores
+    jobs = [(i, files[i : i + step], size, channels, fit, skip_bad) for i in range(0, len(files), step)]
     bad: list[int] = []
-
-    def work(i: int):
-        try:
-            out[i], square[i] = read_image_shape(files[i], size, channels, fit)
-        except DataError:
-            if not skip_bad:
-                raise
-            bad.append(i)
-
-    with ThreadPoolExecutor(max_workers=_cores()) as pool:
-        list(pool.map(work, range(len(files))))
-    return sorted(bad)
-
-
-def _in_processes(out, square, files, size, channels, fit, skip_bad, workers) -> list[int]:
-    step = min(CHUNK[1], max(CHUNK[0], -(-len(files) // (workers * 8))))  # small enough to balance the cores
-    starts = range(0, len(files), step)
-    bad: list[int] = []
-    with warnings.catch_warnings():
-        # Python 3.12+ warns of fork in a threaded process (torch's threads): the children run no torch
-        warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-        _SHARED[0] = out
-        pool = ProcessPoolExecutor(
-            min(workers, len(starts)), multiprocessing.get_context("fork"), initializer=_ignore_interrupts
-        )  # no more processes than chunks
-        try:
-            jobs = [(i, files[i : i + step], size, channels, fit, skip_bad) for i in starts]
-            for i, (sq, chunk_bad) in zip(starts, pool.map(_decode_chunk, jobs), strict=True):
-                square[i : i + len(sq)] = sq
-                bad += [i + j for j in chunk_bad]
-        finally:  # Ctrl-C or a bad image: the chunks not started are dropped
-            pool.shutdown(wait=True, cancel_futures=True)
-            _SHARED[0] = None
+    with _pool(out, min(workers, len(jobs)), processes) as pool:
+        for (i, *_), (sq, chunk_bad) in zip(jobs, pool.map(_decode_chunk, jobs), strict=True):
+            square[i : i + len(sq)] = sq
+            bad += [i + j for j in chunk_bad]
     return bad
 
 
-_SHARED: list = [None]  # the array the forked children write into (inherited, never pickled)
+_SHARED: list = [None]  # the array the jobs write into (forked children inherit it, never pickled)
+
+
+@contextlib.contextmanager
+def _pool(out, workers: int, processes: bool):
+    _SHARED[0] = out
+    with warnings.catch_warnings():
+        # Python 3.12+ warns of fork in a threaded process (torch's threads): the children run no torch
+        warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+        if processes:
+            pool = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=_ignore_interrupts)
+        else:
+            pool = ThreadPoolExecutor(max(1, workers))
+        try:
+            yield pool
+        finally:  # Ctrl-C or a bad image: the jobs not started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
+            _SHARED[0] = None
 
 
 def _ignore_interrupts() -> None:
