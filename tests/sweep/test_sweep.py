@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -442,7 +443,7 @@ def test_the_pruner_is_asked_after_every_epoch_but_the_last():
     from types import SimpleNamespace
 
     from trainer.run.early_stop import StoppedEarly
-    from trainer.sweep.study import ReportEpochs
+    from trainer.sweep.epochs import ReportEpochs
 
     class AlwaysPrune:  # a trial whose pruner always says stop
         def __init__(self):
@@ -463,6 +464,81 @@ def test_the_pruner_is_asked_after_every_epoch_but_the_last():
     with pytest.raises(StoppedEarly):
         early.after_epoch(learn)
     assert early.pruned.startswith("pruned after epoch 1")
+
+
+def test_the_time_budget_prunes_a_trial_on_course_to_break_it_and_one_that_did():
+    from trainer.run.early_stop import StoppedEarly
+    from trainer.sweep.epochs import ReportEpochs
+
+    class Keep:  # a pruner that never stops a trial: only the budget does
+        def report(self, value, step):
+            pass
+
+        def should_prune(self):
+            return False
+
+    learn = SimpleNamespace(state=SimpleNamespace(valid={"accuracy": 0.5}, train_loss=1.0))
+    clock = [0.0]
+
+    def epochs(report: ReportEpochs, seconds: list[float]) -> None:
+        clock[0] = 5.0  # building the data and the model: 5 s, counted
+        for s in seconds:
+            report.before_epoch(learn)
+            clock[0] += s
+            report.after_epoch(learn)
+
+    # 5 s + 40 s, then two more epochs of 40 s: on course for 125 s against 100
+    tight = ReportEpochs(Keep(), "accuracy", 3, max_seconds=100, started=0.0, clock=lambda: clock[0])
+    with pytest.raises(StoppedEarly):
+        epochs(tight, [40, 40, 40])
+    assert (
+        tight.pruned
+        == "pruned after epoch 1: on course for 125 s, over the time budget of 100 s (objective.max_seconds)"
+    )
+    # on course for 125 s against 130 until the last epoch is slow: finished, then over
+    late = ReportEpochs(Keep(), "accuracy", 3, max_seconds=130, started=0.0, clock=lambda: clock[0])
+    epochs(late, [40, 40, 50])
+    assert late.pruned is None and late.over == "took 135 s, over the time budget of 130 s (objective.max_seconds)"
+    kept = ReportEpochs(Keep(), "accuracy", 3, max_seconds=130, started=0.0, clock=lambda: clock[0])
+    epochs(kept, [40, 40, 40])
+    assert kept.pruned is None and kept.over is None
+    # a resumed trial: 60 s spent by the lost process (started 60 s before this one) count
+    resumed = ReportEpochs(Keep(), "accuracy", 3, (0.4,), max_seconds=130, started=-60.0, clock=lambda: clock[0])
+    with pytest.raises(StoppedEarly):
+        epochs(resumed, [40, 40])
+    assert resumed.pruned.startswith("pruned after epoch 2: on course for 145 s")
+
+
+BUDGET = """objective: {monitor: valid_loss, max_seconds: 50}
+sampler: {name: grid}
+pruner: {name: none}
+params:
+  train.stages.0.epochs: {choice: [3, 1]}
+"""
+
+
+def test_a_sweep_with_a_time_budget_prunes_the_trial_that_would_break_it(tmp_path, folder_data, monkeypatch):
+    from trainer.sweep import epochs
+    from trainer.train.loop import Learner
+
+    clock, step = [0.0], Learner._one_batch
+
+    def ten_seconds(self, xb, yb):  # each training step takes 10 s on the sweep's clock: 3 steps an epoch
+        clock[0] += 10.0
+        return step(self, xb, yb)
+
+    monkeypatch.setattr(epochs, "now", lambda: clock[0])
+    monkeypatch.setattr(Learner, "_one_batch", ten_seconds)
+    cfg, space = files(tmp_path, folder_data, BUDGET, epochs=1)
+    res = sweep(cfg, "--space", space, "--trials", 2, "--out", tmp_path / "sw")
+    assert res.exit_code == 0, res.output
+    by_epochs = {t.params["train.stages.0.epochs"]: t for t in trials(tmp_path / "sw")}
+    assert by_epochs[1].state.name == "COMPLETE" and len(by_epochs[1].intermediate_values) == 1
+    long = by_epochs[3]  # 30 s an epoch: on course for 90 s after its first
+    assert long.state.name == "PRUNED" and len(long.intermediate_values) == 1, long
+    note = "pruned after epoch 1: on course for 90 s, over the time budget of 50 s (objective.max_seconds)"
+    assert long.user_attrs["note"] == note and note in res.output
+    assert "epochs: 1" in (tmp_path / "sw" / "best.yaml").read_text()  # the best kept the budget
 
 
 def test_a_did_you_mean_needs_the_last_part_close_too():

@@ -25,6 +25,9 @@ Number = Annotated[float, Field(allow_inf_nan=False)]
 class Objective(Strict):
     monitor: Metric = "valid_loss"  # the trial's value: the best value of this metric over its epochs
     mode: Literal["auto", "min", "max"] = "auto"
+    # a time budget per trial: one on course to take longer (wall seconds from its start, projected
+    # from its epochs so far) is stopped and recorded as pruned, and so is one that finished over it
+    max_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
 
     @property
     def direction(self) -> str:

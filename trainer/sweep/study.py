@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +23,16 @@ from pathlib import Path
 import optuna
 
 from trainer.config import ConfigError
-from trainer.run.checkpoints import monitored
-from trainer.run.early_stop import StoppedEarly
 from trainer.run.fit import fit
 from trainer.run.resume import ResumeError, resolve
 from trainer.run.rundir import read_table
 from trainer.run.signals import Interrupted
 from trainer.storage import atomic_write_text, sqlite_file
+from trainer.sweep import epochs
 from trainer.sweep.database import DATABASE, INTERRUPTED, StorageError, connect, counted, lost, retry_lost, safe_url
+from trainer.sweep.epochs import ReportEpochs
 from trainer.sweep.samplers import choice_key, make_pruner, make_sampler
 from trainer.sweep.space import Choice, IntRange, LogRange, Space, outside, trial_config
-from trainer.train.loop import Callback, Learner
 from trainer.train.plan import outline
 
 HEARTBEAT, GRACE = 30, 120  # s: a trial silent this long belongs to a dead process and is marked failed
@@ -174,37 +172,13 @@ def fixed(space: Space, point: dict) -> dict:
     return {k: as_stored.get(type(space.params[k]), float)(v) for k, v in point.items()}
 
 
-class ReportEpochs(Callback):
-    """The monitored metric to the trial after every epoch; the pruner's verdict ends the run as an
-    early stop (its files complete, status "stopped"), and the trial is then recorded as pruned.
-    The last epoch is never pruned: its cost is spent, and its value is a finished trial's."""
-
-    order = 40  # after the epoch's checkpoint, row and early-stopping verdict
-
-    def __init__(self, trial: optuna.Trial, monitor: str, last_epoch: int, earlier: tuple[float, ...] = ()):
-        self.trial, self.monitor, self.last_epoch, self.epochs, self.pruned = trial, monitor, last_epoch, 0, None
-        for value in earlier:  # a resumed trial's epochs before it was lost: the pruner compares whole curves
-            self.epochs += 1
-            if math.isfinite(value):
-                trial.report(value, self.epochs)
-
-    def after_epoch(self, learn: Learner) -> None:
-        self.epochs += 1
-        value = monitored(learn, self.monitor)
-        if math.isfinite(value):
-            self.trial.report(value, self.epochs)
-        if self.epochs < self.last_epoch and self.trial.should_prune():
-            self.pruned = f"pruned after epoch {self.epochs} ({self.monitor} {value:.4g})"
-            raise StoppedEarly(self.pruned)
-
-
 def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     values, stale = sampled(sweep, trial)
     monitor = sweep.space.objective.monitor
     resume = resumable(trial.user_attrs.get("resume"))
     run_dir = resume or sweep.out / "trials" / str(trial.number)
     trial.set_user_attr("run_dir", str(run_dir))
-    sweep.started[trial.number] = time.monotonic()
+    sweep.started[trial.number] = epochs.now()
     retry = trial.user_attrs.get("retry_of")
     again = "" if retry is None else f" (trial {retry} again" + (", from its checkpoint)" if resume else ")")
     again = again or (" (queued in the space file)" if trial.user_attrs.get("queued") else "")
@@ -216,7 +190,11 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     except ConfigError as e:
         raise _failed(trial, f"the sampled config is invalid: {e}") from None
     earlier = epoch_values(resume, monitor) if resume else ()
-    report = ReportEpochs(trial, monitor, sum(outline(cfg).epochs), earlier)
+    spent = sum(epoch_values(resume, "seconds")) if resume else 0.0  # the lost process's epochs count too
+    budget = sweep.space.objective.max_seconds
+    report = ReportEpochs(
+        trial, monitor, sum(outline(cfg).epochs), earlier, budget, sweep.started[trial.number] - spent, epochs.now
+    )
     try:
         result = fit(cfg, None if resume else run_dir, console=sweep.console, resume=resume, callbacks=[report])
     except Interrupted as e:  # Ctrl-C: the run saved its checkpoint; the trial ends failed, the sweep stops
@@ -224,9 +202,10 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
         raise KeyboardInterrupt from None
     except (RuntimeError, ValueError, OSError) as e:  # a diverged run, bad data, a full disk
         raise _failed(trial, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    if report.pruned:
-        trial.set_user_attr("note", report.pruned)
-        raise optuna.TrialPruned(report.pruned)
+    if report.pruned or report.over:
+        note = report.pruned or f"pruned: {report.over}"
+        trial.set_user_attr("note", note)
+        raise optuna.TrialPruned(note)
     values_seen = [*earlier, *(float(r[monitor]) for r in result.metrics if monitor in r)]
     finite = [v for v in values_seen if math.isfinite(v)]
     if not finite:
