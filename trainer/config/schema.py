@@ -170,6 +170,8 @@ class ModelConfig(Strict):
     layers: list[PosInt] | None = None
     ps: Annotated[float, Field(ge=0, lt=1)] | None = None
     pretrained: bool | str = False
+    # residual layers after each stride-2 layer (bnresnet, bnresnet2d): one number for every stage, or one per stage
+    blocks: Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] | None = None
     n_fac: PosInt | None = None
     n_hidden: PosInt | None = None
     n_layers: PosInt | None = None

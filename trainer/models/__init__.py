@@ -10,7 +10,7 @@ import torch.nn as nn
 from trainer.config.data_schema import IMAGENET_STATS
 from trainer.config.schema import Config, ModelConfig
 from trainer.models import backbones, course, efficientnet_lite, rnn, timm_models  # noqa: F401  (registers the archs)
-from trainer.models.registry import MODELS, Built, split
+from trainer.models.registry import MODELS, Built, OptionError, split
 from trainer.models.weights import WeightsError, header_only
 from trainer.registry import did_you_mean
 
@@ -124,6 +124,12 @@ def check_model(cfg: Config) -> list[tuple[str, str]]:
                 )
                 for k in bad
             ]
+        if MODELS.get(arch).__module__ == course.__name__:  # options that do not fit together
+            try:
+                with torch.device("meta"):  # builds the net's shape only: no weights allocated
+                    create_model(cfg.model, 2, getattr(cfg.data, "channels", 3))
+            except OptionError as e:
+                return [(e.key, e.message)]
     return _check_weights_file(cfg)
 
 

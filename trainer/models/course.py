@@ -7,7 +7,7 @@ from itertools import pairwise
 import torch.nn as nn
 
 from trainer.models.layers import BnLayer, ResnetLayer
-from trainer.models.registry import MODELS, Built, split
+from trainer.models.registry import MODELS, Built, OptionError, split
 
 
 def _halves(layers: list[nn.Module]) -> list[nn.Module]:
@@ -101,13 +101,28 @@ def bnconvnet(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), **_) -
     return _built(_ConvNet(convs, layers[-1], n_out))
 
 
+def stage_blocks(blocks, layers) -> list[int]:
+    """ResnetLayers per stage (each width after the stem's): one number for all, or one each."""
+    n = len(layers) - 1
+    if isinstance(blocks, int):
+        return [blocks] * n
+    if len(blocks) != n:
+        raise OptionError(
+            "model.blocks",
+            f"{list(blocks)} has {len(blocks)} number(s), and layers {list(layers)} has {n} stage(s) "
+            "after the stem: give one number each, or one for all",
+        )
+    return list(blocks)
+
+
 @MODELS.register("bnresnet")
-def bnresnet(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), ps: float = 0.0, **_) -> Built:
-    """The course's Resnet: a stem, then per width a stride-2 BnLayer and two ResnetLayers."""
+def bnresnet(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), ps: float = 0.0, blocks=2, **_) -> Built:
+    """The course's Resnet: a stem, then per width a stride-2 BnLayer and `blocks` ResnetLayers
+    (the course's two; fewer make a cheaper net, 0 a bnconvnet with this one's layout)."""
     stem = nn.Sequential(nn.Conv2d(in_channels, layers[0], 5, stride=1, padding=2), nn.ReLU(inplace=True))
     convs: list[nn.Module] = [stem]
-    for a, b in pairwise(layers):
-        convs.append(nn.Sequential(BnLayer(a, b), ResnetLayer(b, b, 1), ResnetLayer(b, b, 1)))
+    for (a, b), n in zip(pairwise(layers), stage_blocks(blocks, layers), strict=True):
+        convs.append(nn.Sequential(BnLayer(a, b), *(ResnetLayer(b, b, 1) for _ in range(n))))
     return _built(_ConvNet(convs, layers[-1], n_out, p=ps))
 
 
@@ -130,13 +145,13 @@ class _Residual(nn.Module):
 
 
 @MODELS.register("bnresnet2d")
-def bnresnet2d(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), ps: float = 0.0, **_) -> Built:
+def bnresnet2d(n_out: int, in_channels: int, layers=(10, 20, 40, 80, 160), ps: float = 0.0, blocks=2, **_) -> Built:
     """bnresnet with nn.BatchNorm2d in place of the hand-written BnLayer: the same shape of net
     (and the one scripts/bench.py times), with one fused kernel per norm instead of several."""
     stem = nn.Sequential(nn.Conv2d(in_channels, layers[0], 5, stride=1, padding=2), nn.ReLU(inplace=True))
     convs: list[nn.Module] = [stem]
-    for a, b in pairwise(layers):
-        convs.append(nn.Sequential(_conv_bn(a, b, 2), _Residual(_conv_bn(b, b)), _Residual(_conv_bn(b, b))))
+    for (a, b), n in zip(pairwise(layers), stage_blocks(blocks, layers), strict=True):
+        convs.append(nn.Sequential(_conv_bn(a, b, 2), *(_Residual(_conv_bn(b, b)) for _ in range(n))))
     return _built(_ConvNet(convs, layers[-1], n_out, p=ps))
 
 
@@ -161,7 +176,7 @@ def resnet9(n_out: int, in_channels: int, layers=(64, 128, 256, 512), **_) -> Bu
         return nn.Sequential(*mods, nn.MaxPool2d(2)) if pool else nn.Sequential(*mods)
 
     if len(layers) != 4:
-        raise ValueError(f"resnet9 takes 4 widths in model.layers (got {len(layers)})")
+        raise OptionError("model.layers", f"resnet9 takes 4 widths (got {len(layers)})")
     w0, w1, w2, w3 = layers
     convs = [
         block(in_channels, w0),

@@ -24,6 +24,15 @@ class Built:
 MODELS: Registry = Registry("architecture")
 
 
+class OptionError(ValueError):
+    """A factory's options that do not fit together, with the config key to name (the config check
+    builds the course's archs on the meta device to find these before any work)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
 def split(features: nn.Module, head: nn.Module, cam_layer: nn.Module | None = None) -> dict:
     """model(x) == head(features(x)) in eval mode, where `features` ends in the parameter-free
     pooling (so cached activations are small vectors) and `head` holds every parameter after it.
