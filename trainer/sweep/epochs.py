@@ -69,10 +69,10 @@ class ReportEpochs(Callback):
     def over_budget(self) -> str | None:
         """Why the trial breaks its time budget (None: it keeps it): the seconds so far, plus the
         epochs left at the mean of this process's epochs."""
-        now = self.clock()
-        first = now if self.first_epoch_at is None else self.first_epoch_at
-        per_epoch = (now - first) / max(1, self.epochs_here)
-        spent = now - self.started
+        t = self.clock()
+        first = t if self.first_epoch_at is None else self.first_epoch_at
+        per_epoch = (t - first) / max(1, self.epochs_here)
+        spent = t - self.started
         total = spent + per_epoch * max(0, self.last_epoch - self.epochs)
         if total <= self.max_seconds:
             return None
