@@ -440,8 +440,6 @@ def test_tpe_models_after_its_startup_trials():
 
 
 def test_the_pruner_is_asked_after_every_epoch_but_the_last():
-    from types import SimpleNamespace
-
     from trainer.run.early_stop import StoppedEarly
     from trainer.sweep.epochs import ReportEpochs
 

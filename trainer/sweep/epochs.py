@@ -35,11 +35,14 @@ class ReportEpochs(Callback):
         earlier: tuple[float, ...] = (),
         max_seconds: float | None = None,
         started: float | None = None,
-        clock=now,
+        clock=None,
     ):
         self.trial, self.monitor, self.last_epoch, self.epochs, self.pruned = trial, monitor, last_epoch, 0, None
-        self.max_seconds, self.clock, self.over = max_seconds, clock, None
-        self.started = clock() if started is None else started  # the trial's start (earlier processes' time included)
+        self.max_seconds, self.over = max_seconds, None
+        self.clock = clock or (lambda: now())  # looked up when called: a test may replace the module's clock
+        self.started = (
+            self.clock() if started is None else started
+        )  # the trial's start, earlier processes' time included
         self.first_epoch_at, self.epochs_here = None, 0
         for value in earlier:  # a resumed trial's epochs before it was lost: the pruner compares whole curves
             self.epochs += 1

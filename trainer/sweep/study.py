@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -59,7 +59,6 @@ class Sweep:
     timeout: float | None = None
     say: object = print
     console: object = None
-    started: dict = field(default_factory=dict)  # trial number -> start time
 
     @property
     def url(self) -> str:
@@ -178,7 +177,7 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
     resume = resumable(trial.user_attrs.get("resume"))
     run_dir = resume or sweep.out / "trials" / str(trial.number)
     trial.set_user_attr("run_dir", str(run_dir))
-    sweep.started[trial.number] = epochs.now()
+    started = epochs.now()  # the trial's time budget counts from here
     retry = trial.user_attrs.get("retry_of")
     again = "" if retry is None else f" (trial {retry} again" + (", from its checkpoint)" if resume else ")")
     again = again or (" (queued in the space file)" if trial.user_attrs.get("queued") else "")
@@ -189,12 +188,11 @@ def objective(sweep: Sweep, trial: optuna.Trial) -> float:
         cfg = trial_config(sweep.config, sweep.sets, values)
     except ConfigError as e:
         raise _failed(trial, f"the sampled config is invalid: {e}") from None
-    earlier = epoch_values(resume, monitor) if resume else ()
-    spent = sum(epoch_values(resume, "seconds")) if resume else 0.0  # the lost process's epochs count too
+    rows = epoch_rows(resume) if resume else []
+    earlier = tuple(float(r[monitor]) for r in rows if r.get(monitor) not in (None, ""))
+    spent = sum(float(r["seconds"]) for r in rows if r.get("seconds"))  # the lost process's epochs count too
     budget = sweep.space.objective.max_seconds
-    report = ReportEpochs(
-        trial, monitor, sum(outline(cfg).epochs), earlier, budget, sweep.started[trial.number] - spent, epochs.now
-    )
+    report = ReportEpochs(trial, monitor, sum(outline(cfg).epochs), earlier, budget, started - spent)
     try:
         result = fit(cfg, None if resume else run_dir, console=sweep.console, resume=resume, callbacks=[report])
     except Interrupted as e:  # Ctrl-C: the run saved its checkpoint; the trial ends failed, the sweep stops
@@ -223,11 +221,10 @@ def resumable(run_dir: str | None) -> Path | None:
         return None
 
 
-def epoch_values(run_dir: Path, monitor: str) -> tuple[float, ...]:
-    """The monitored metric of each epoch the run finished (metrics.csv)."""
+def epoch_rows(run_dir: Path) -> list[dict]:
+    """The rows of the epochs the run finished (metrics.csv)."""
     path = run_dir / "metrics.csv"
-    rows = read_table(path) if path.is_file() else []
-    return tuple(float(r[monitor]) for r in rows if r.get(monitor) not in (None, ""))
+    return read_table(path) if path.is_file() else []
 
 
 def _failed(trial: optuna.Trial, message: str) -> TrialFailed:
